@@ -1,0 +1,295 @@
+"""The DeepSeek-V2/V3 transformer: MLA attention, DeepSeekMoE, Multi-Token Prediction.
+
+One class per paper concept, module and weight names as in the Hugging Face checkpoint
+(`self_attn.kv_a_proj_with_mqa`, `mlp.gate`, ...), so `checkpoint.py` only renames the stacked expert
+weights. The MoE lives in `moe.py`.
+
+    model = Transformer(get_preset("tiny"))
+    logits = model(input_ids)  # (B, T, vocab), float
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, yarn_mscale
+from .moe import MLP, MoE
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 whatever the activation dtype, then scale in it (as DeepSeek does).
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * y
+
+
+# ---- rotary embedding ---------------------------------------------------------------------------
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the decoupled RoPE dims, with YaRN (DeepSeek-V2 appendix B) if set.
+
+    Returns (inv_freq of shape (qk_rope_head_dim/2,), attention_factor applied to cos and sin).
+    """
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv_freq, 1.0
+    factor = float(rs["factor"])
+    original = rs.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        # The dim whose wavelength fits `rotations` times into the original context.
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    # High-frequency dims (ramp 0) keep their frequency; low-frequency ones are interpolated.
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        if rs.get("mscale") and rs.get("mscale_all_dim"):
+            attention_factor = yarn_mscale(factor, rs["mscale"]) / yarn_mscale(factor, rs["mscale_all_dim"])
+        else:
+            attention_factor = yarn_mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions; computed per forward (cheap) so meta-device builds allocate nothing."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv_freq, self.attention_factor = rope_frequencies(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.interleave = cfg.rope_interleave
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq.float()  # (..., T, rope/2)
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+    def reset_parameters(self, cfg: ModelConfig) -> None:
+        self.inv_freq.copy_(rope_frequencies(cfg)[0])
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x (B, T, H, rope) by position. cos/sin: (B or 1, T, rope/2).
+
+    interleave=True: the dims are adjacent pairs (x0, x1), (x2, x3)... rotated as complex numbers, the
+    layout of DeepSeek's checkpoints and official code; the output keeps that layout. False: the
+    "rotate half" layout, pairs (x_i, x_{i+rope/2}).
+    """
+    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ---- Multi-head Latent Attention ------------------------------------------------------------------
+class MLA(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2 §2.1, eqs. 9-19).
+
+    Keys and values are rebuilt per head from a shared latent c_kv (kv_lora_rank wide) by kv_b_proj;
+    position rides on a separate RoPE key k_pe (qk_rope_head_dim) shared by all heads. A cache needs
+    only c_kv and k_pe: 576 values a token for V3 instead of 40,960. This is the expanded form used for
+    training and prefill; the absorbed form for decoding folds kv_b_proj into the query and output.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        self.rope_interleave = cfg.rope_interleave
+        qk_dim, bias = cfg.qk_head_dim, cfg.attention_bias
+        if self.q_lora_rank == 0:
+            self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)  # eps 1e-6 as in DeepSeek's code, not rms_norm_eps
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)  # normalizes the latent only, never k_pe
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, cfg.hidden_size, bias=bias)
+
+    def project_q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries split into (q_nope (B,T,H,nope), q_pe (B,T,H,rope)), q_pe not yet rotated."""
+        q = self.q_proj(x) if self.q_lora_rank == 0 else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(*x.shape[:2], self.n_heads, -1)
+        return q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+    def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a cache holds: the normalized latent c_kv (B,T,r) and the rotated k_pe (B,T,rope)."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.rope_interleave)[:, :, 0]
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). mask: None for causal, else a bool (B or 1, 1, T, T) keep-mask."""
+        B, T, _ = x.shape
+        q_nope, q_pe = self.project_q(x)
+        q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)
+        c_kv, k_pe = self.project_latent(x, cos, sin)
+        kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, nope+rope)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+        )  # (B, H, T, v_head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+# ---- blocks ---------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Pre-norm decoder layer: x + MLA(norm x), then + FFN(norm x); the FFN is dense or DeepSeekMoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's own final norm; the output head itself is the main model's (V3 §2.2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPBlock(Block):
+    """One Multi-Token Prediction module (DeepSeek-V3 §2.2, eq. 21-23).
+
+    Depth k combines the previous depth's hidden state at position i with the embedding of token i+k:
+    h' = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i)]) (that order, as the released checkpoints expect),
+    runs one transformer block and predicts token i+k+1 through shared_head.norm and the shared head.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h)), dim=-1))
+        return super().forward(x, cos, sin, mask)
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V2/V3 causal LM. `forward(input_ids)` returns logits (B, T, vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(cfg)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ---- initialization ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """N(0, initializer_range) for matrices, ones for norms, zero correction bias, as HF does."""
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if isinstance(p, nn.Parameter) and p.dim() == 1:
+                if name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.fill_(1.0)  # norm weights
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std)
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.reset_buffers()
+        self.rotary.reset_parameters(self.config)
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normalized hidden states (B, T, D), the input of the head and of MTP depth 1."""
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(self._positions(input_ids, positions))
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.norm(h)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, positions)).float()
+
+    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every MTP depth k = 1..D (DeepSeek-V3 eq. 21-23).
+
+        h: main-model hidden states (B, T, D) for input_ids (B, T). Depth k's logits have length T-k;
+        position i predicts token i+k+1 (the main head predicts i+1). Train with targets
+        `labels[:, k:]` where labels are the input ids shifted by one.
+        """
+        out = []
+        T = input_ids.shape[1]
+        for k, block in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            cos, sin = self.rotary(self._positions(input_ids[:, : T - k], None))
+            h = block(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos, sin)
+            out.append(self.lm_head(block.shared_head.norm(h)).float())
+        return out
+
+    @staticmethod
+    def _positions(input_ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        return positions
+
+    # ---- MoE bookkeeping --------------------------------------------------------------------------
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def aux_loss(self) -> torch.Tensor | float:
+        """Sum of the sequence-wise balance losses of the last training forward (0 when α = 0)."""
+        return sum((m.aux_loss for m in self.moe_layers() if m.aux_loss is not None), 0.0)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def save_pretrained(self, path, **kwargs) -> None:
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
