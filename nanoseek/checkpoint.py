@@ -185,14 +185,13 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
+    model.tie_weights()
     model.to(dtype)
     files = SafetensorsDir(root)
     used: set[str] = set()
     state = _native_state(model)
     with torch.no_grad():
         for native, param in state.items():
-            if native in ("rotary.inv_freq",) or native.endswith("tokens_per_expert"):
-                continue
             names = hf_names(cfg, native, cfg.n_routed_experts)
             for name in names:
                 if name not in files:
@@ -209,11 +208,8 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     _check_unexpected(cfg, files, used, root)
     for moe in model.moe_layers():
         moe.tokens_per_expert.zero_()
-        if moe.gate.e_score_correction_bias is not None:
-            moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
-    model.rotary.reset_parameters(cfg)
-    model.rotary.inv_freq.data = model.rotary.inv_freq.float()
     return model.eval()
+
 
 
 def _check_unexpected(cfg: ModelConfig, files: SafetensorsDir, used: set[str], root: Path) -> None:

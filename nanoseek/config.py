@@ -169,7 +169,8 @@ class ModelConfig:
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
         kw["rope_theta"], kw["rope_scaling"] = _read_rope(d, kw.get("rope_theta"))
-        dtype = d.pop("torch_dtype", None) or d.pop("dtype", None)
+        dtype = d.pop("dtype", None)
+        dtype = d.pop("torch_dtype", None) or dtype
         if dtype:
             kw["torch_dtype"] = str(dtype).replace("torch.", "")
         d.pop("rope_parameters", None)

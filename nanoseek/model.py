@@ -39,7 +39,8 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     Returns (inv_freq of shape (qk_rope_head_dim/2,), attention_factor applied to cos and sin).
     """
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    # Explicitly on the CPU, so a model built under torch.device("meta") still has real frequencies.
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     rs = cfg.rope_scaling
     if not rs:
         return inv_freq, 1.0
@@ -57,7 +58,7 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     # High-frequency dims (ramp 0) keep their frequency; low-frequency ones are interpolated.
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     attention_factor = rs.get("attention_factor")
@@ -70,20 +71,21 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for positions; computed per forward (cheap) so meta-device builds allocate nothing."""
+    """cos/sin for positions, computed per forward (cheap: one outer product shared by all layers).
+
+    The frequencies are a plain fp32 tensor, not a buffer: nothing to load or save, and `.to(bf16)`
+    on the model cannot round them.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        inv_freq, self.attention_factor = rope_frequencies(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.interleave = cfg.rope_interleave
+        self.inv_freq, self.attention_factor = rope_frequencies(cfg)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq.float()  # (..., T, rope/2)
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * self.inv_freq  # (B or 1, T, rope/2)
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
-
-    def reset_parameters(self, cfg: ModelConfig) -> None:
-        self.inv_freq.copy_(rope_frequencies(cfg)[0])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
@@ -219,14 +221,18 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(cfg)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
     # ---- initialization ---------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """Share the embedding with the head if configured (again after `to_empty`, which unties)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """N(0, initializer_range) for matrices, ones for norms, zero correction bias, as HF does."""
@@ -243,7 +249,6 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, MoE):
                 module.reset_buffers()
-        self.rotary.reset_parameters(self.config)
 
     # ---- forward ----------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

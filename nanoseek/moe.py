@@ -33,8 +33,26 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Gate(nn.Module):
+class FP32Buffers(nn.Module):
+    """A module whose named buffers stay float32 through `.to(dtype)`, `.half()` or `to_empty()`:
+    only their device follows the parameters. Like transformers' _keep_in_fp32_modules."""
+
+    fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: self._buffers[n] for n in self.fp32_buffers if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        device = next(self.parameters()).device
+        for n, buf in kept.items():
+            self._buffers[n] = (torch.zeros(buf.shape, device=device) if buf.is_meta
+                                else buf.to(device=device, dtype=torch.float32))
+        return self
+
+
+class Gate(FP32Buffers):
     """Router: token -> (weights (N, k), expert indices (N, k), scores (N, E)). Scores in fp32."""
+
+    fp32_buffers = ("e_score_correction_bias",)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -115,8 +133,10 @@ class Experts(nn.Module):
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
 
-class MoE(nn.Module):
+class MoE(FP32Buffers):
     """DeepSeekMoE layer (DeepSeek-V3 eq. 12-16): shared experts + weighted top-k routed experts."""
+
+    fp32_buffers = ("tokens_per_expert",)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
