@@ -61,7 +61,6 @@ def _physical_memory() -> int:
 def cmd_init(args: argparse.Namespace) -> None:
     from .model import Transformer
     from .stats import model_stats
-    from .tokenizer import train_tokenizer
 
     cfg = get_preset(args.preset)
     stats = model_stats(cfg)
@@ -69,14 +68,15 @@ def cmd_init(args: argparse.Namespace) -> None:
     if need > 0.8 * _physical_memory():
         raise ConfigError(f"preset {args.preset} needs {need / 2**30:.0f} GiB for fp32 weights; this machine has "
                           f"{_physical_memory() / 2**30:.0f} GiB. Use `nanoseek info {args.preset}` to inspect it instead.")
+    from .tokenizer import train_tokenizer
+
     texts = Path(args.corpus).read_text(encoding="utf-8").splitlines() if args.corpus else _default_corpus()
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
     cfg = cfg.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     torch.manual_seed(args.seed)
-    model = Transformer(cfg)
-    model.init_weights(seed=args.seed)
+    model = Transformer(cfg)  # initialized from the seeded generator
     out = Path(args.out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

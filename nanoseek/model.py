@@ -234,18 +234,17 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """N(0, initializer_range) for matrices, ones for norms, zero correction bias, as HF does."""
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    def init_weights(self) -> None:
+        """N(0, initializer_range) for matrices, ones for norms, zero biases, as HF does.
+        Draws from torch's global generator: seed it with torch.manual_seed for reproducible weights."""
         std = self.config.initializer_range
         for name, p in self.named_parameters():
-            if isinstance(p, nn.Parameter) and p.dim() == 1:
-                if name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.fill_(1.0)  # norm weights
+            if p.dim() == 1 and name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:  # norm weights
+                p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std)
+                p.normal_(0.0, std)
         for module in self.modules():
             if isinstance(module, MoE):
                 module.reset_buffers()
