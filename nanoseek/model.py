@@ -11,6 +11,7 @@ weights. The MoE lives in `moe.py`.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -104,17 +105,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 # ---- Multi-head Latent Attention ------------------------------------------------------------------
+class LatentCache(Protocol):
+    """What MLA needs from a KV cache (the engine's paged cache implements it).
+
+    `update` stores the new tokens' c_kv (B, T, r) and k_pe (B, T, rope) for one layer and returns every
+    cached entry the queries may see, (B, S, r) and (B, S, rope), with a keep-mask (B, 1, T, S).
+    `absorb` selects the absorbed form (decode) over the expanded one (prefill).
+    """
+
+    absorb: bool
+
+    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2 §2.1, eqs. 9-19).
 
     Keys and values are rebuilt per head from a shared latent c_kv (kv_lora_rank wide) by kv_b_proj;
     position rides on a separate RoPE key k_pe (qk_rope_head_dim) shared by all heads. A cache needs
-    only c_kv and k_pe: 576 values a token for V3 instead of 40,960. This is the expanded form used for
-    training and prefill; the absorbed form for decoding folds kv_b_proj into the query and output.
+    only c_kv and k_pe: 576 values a token for V3 instead of 40,960.
+
+    Two forms of the same attention, as in DeepSeek's inference code: `expanded` rebuilds per-head keys
+    and values from the latent (cheaper for training and prefill, where queries are many); `absorbed`
+    folds kv_b_proj's key half W_UK into the query and its value half W_UV into the output, so decoding
+    attends straight over the cached latent, an MQA with one 576-wide key head (V2 §2.1.2, "absorb").
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_heads = cfg.num_attention_heads
         self.q_lora_rank = cfg.q_lora_rank
         self.kv_lora_rank = cfg.kv_lora_rank
@@ -147,21 +167,47 @@ class MLA(nn.Module):
         return self.kv_a_layernorm(c_kv), k_pe
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D). mask: None for causal, else a bool (B or 1, 1, T, T) keep-mask."""
-        B, T, _ = x.shape
+                mask: torch.Tensor | None = None, cache: LatentCache | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D).
+
+        Without a cache the T tokens attend causally among themselves (mask: None, or a bool keep-mask
+        (B or 1, 1, T, T)). With one, they attend over everything the cache returns for this layer.
+        """
         q_nope, q_pe = self.project_q(x)
         q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)
         c_kv, k_pe = self.project_latent(x, cos, sin)
-        kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+        if cache is not None:
+            c_kv, k_pe, mask = cache.update(self.layer_idx, c_kv, k_pe)
+            if cache.absorb:
+                return self.o_proj(self.absorbed(q_nope, q_pe, c_kv, k_pe, mask))
+        return self.o_proj(self.expanded(q_nope, q_pe, c_kv, k_pe, mask))
+
+    def expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Per-head attention over keys/values rebuilt from the latent. Returns (B, T, H*v)."""
+        B, T, S = q_nope.shape[0], q_nope.shape[1], c_kv.shape[1]
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, nope+rope)
-        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1)  # (B, S, H, nope+rope)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
-        )  # (B, H, T, v_head_dim)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            attn_mask=mask, is_causal=mask is None and T > 1, scale=self.softmax_scale,
+        )  # (B, H, T, v)
+        return out.transpose(1, 2).reshape(B, T, -1)
+
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Attention over the latent itself: q_nope·W_UK·c_kv + q_pe·k_pe, then ·c_kv·W_UV. (B, T, H*v)."""
+        B, T = q_nope.shape[:2]
+        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]  # (H, nope, r), (H, v, r)
+        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)  # queries moved into latent space
+        q = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1)  # (B, H, T, r+rope)
+        k = torch.cat((c_kv, k_pe), dim=-1)[:, None]  # (B, 1, S, r+rope): one key head shared by all
+        out_lat = F.scaled_dot_product_attention(
+            q, k.expand(-1, self.n_heads, -1, -1), c_kv[:, None].expand(-1, self.n_heads, -1, -1),
+            attn_mask=mask, is_causal=mask is None and T > 1, scale=self.softmax_scale,
+        )  # (B, H, T, r)
+        return torch.einsum("bhtr,hvr->bthv", out_lat, w_uv).reshape(B, T, -1)
 
 
 # ---- blocks ---------------------------------------------------------------------------------------
@@ -172,13 +218,13 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg)
+        self.self_attn = MLA(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+                mask: torch.Tensor | None = None, cache: LatentCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -206,9 +252,9 @@ class MTPBlock(Block):
         self.shared_head = SharedHead(cfg)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache: LatentCache | None = None) -> torch.Tensor:
         x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h)), dim=-1))
-        return super().forward(x, cos, sin, mask)
+        return super().forward(x, cos, sin, mask, cache)
 
 
 class Transformer(nn.Module):
@@ -250,16 +296,19 @@ class Transformer(nn.Module):
                 module.reset_buffers()
 
     # ---- forward ----------------------------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normalized hidden states (B, T, D), the input of the head and of MTP depth 1."""
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: LatentCache | None = None) -> torch.Tensor:
+        """Final normalized hidden states (B, T, D), the input of the head and of MTP depth 1.
+        positions: (B or 1, T), default 0..T-1; with a cache, the tokens' absolute positions."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(self._positions(input_ids, positions))
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, cache=cache)
         return self.norm(h)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, positions)).float()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: LatentCache | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, positions, cache)).float()
 
     def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every MTP depth k = 1..D (DeepSeek-V3 eq. 21-23).

@@ -80,3 +80,44 @@ def test_tied_embeddings_share_storage(tmp_path):
     x = torch.randint(0, 256, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), loaded(x))
+
+
+class DenseLatentCache:
+    """The smallest LatentCache: per-layer tensors grown by concatenation (the engine pages them)."""
+
+    def __init__(self, n_layers: int, absorb: bool = False):
+        self.c_kv, self.k_pe, self.absorb = [None] * n_layers, [None] * n_layers, absorb
+
+    def update(self, i, c_kv, k_pe):
+        self.c_kv[i] = c_kv if self.c_kv[i] is None else torch.cat([self.c_kv[i], c_kv], 1)
+        self.k_pe[i] = k_pe if self.k_pe[i] is None else torch.cat([self.k_pe[i], k_pe], 1)
+        S, T = self.c_kv[i].shape[1], c_kv.shape[1]
+        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
+        return self.c_kv[i], self.k_pe[i], mask
+
+
+def test_absorbed_decode_equals_expanded_attention(config_name):
+    """Prefill 12 tokens, then decode 8 one at a time over the latent cache, in the expanded and in
+    the absorbed form: both equal the uncached forward within 1e-4 (fp32)."""
+    from conftest import CONFIGS
+
+    model = random_model(CONFIGS[config_name]).eval()
+    x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(x)
+        for absorb in (False, True):
+            cache = DenseLatentCache(len(model.layers))
+            steps = [model(x[:, :12], cache=cache)]
+            cache.absorb = absorb
+            for t in range(12, 20):
+                steps.append(model(x[:, t : t + 1], positions=torch.tensor([[t]]), cache=cache))
+            diff = (torch.cat(steps, 1) - full).abs().max().item()
+            assert diff < 1e-4, f"absorb={absorb}: {diff:.2e}"
+        # and one absorbed step against one expanded step on the same cache contents
+        q = torch.randn(2, 1, model.config.hidden_size)
+        attn = model.layers[1].self_attn
+        c_kv, k_pe = torch.randn(2, 15, attn.kv_lora_rank), torch.randn(2, 15, attn.qk_rope_head_dim)
+        q_nope, q_pe = attn.project_q(q)
+        mask = torch.ones(2, 1, 1, 15, dtype=torch.bool)
+        torch.testing.assert_close(attn.absorbed(q_nope, q_pe, c_kv, k_pe, mask),
+                                   attn.expanded(q_nope, q_pe, c_kv, k_pe, mask), atol=1e-5, rtol=1e-4)
