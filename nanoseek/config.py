@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import NanoseekError
+
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 
 
-class ConfigError(ValueError):
+class ConfigError(NanoseekError):
     """A config.json or preset that cannot describe a DeepSeek model."""
 
 

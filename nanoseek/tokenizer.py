@@ -28,6 +28,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from .errors import NanoseekError
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
@@ -71,7 +73,7 @@ CHAT_TEMPLATES = {
 }
 
 
-class TokenizerError(ValueError):
+class TokenizerError(NanoseekError):
     """A tokenizer directory that cannot be loaded, or a chat message that cannot be rendered."""
 
 
@@ -116,31 +118,8 @@ class Tokenizer:
     # ---- chat --------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             template: str | None = None) -> str:
-        """Render messages ({"role": system|user|assistant, "content": str}) as the model's prompt text."""
-        name = template or self.chat_template
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise TokenizerError(f"message {i} must have a role of system, user or assistant")
-            if not isinstance(m.get("content"), str):
-                raise TokenizerError(f"message {i} must have string content")
-        if name == "deepseek":
-            out = BOS + "".join(m["content"] for m in messages if m["role"] == "system")
-            for m in messages:
-                if m["role"] == "user":
-                    out += USER + m["content"]
-                elif m["role"] == "assistant":
-                    out += ASSISTANT + m["content"].split("</think>")[-1].strip() + EOS
-            return out + (ASSISTANT if add_generation_prompt else "")
-        if name == "r1_zero":
-            systems = [m["content"] for m in messages if m["role"] == "system"]
-            out = BOS + (systems[-1] if systems else R1_ZERO_PREAMBLE)
-            for m in messages:
-                if m["role"] == "user":
-                    out += " User: " + m["content"]
-                elif m["role"] == "assistant":
-                    out += " Assistant: " + m["content"].strip() + EOS
-            return out + (" Assistant:" if add_generation_prompt else "")
-        raise TokenizerError(f"unknown chat template {name!r}; known: {', '.join(CHAT_TEMPLATES)}")
+        """Render messages with this tokenizer's template (or another by name); see `render_chat`."""
+        return render_chat(messages, template or self.chat_template, add_generation_prompt)
 
     # ---- files ------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -184,6 +163,34 @@ class Tokenizer:
 
     def with_chat_template(self, name: str) -> "Tokenizer":
         return Tokenizer(self.tk, chat_template=name)
+
+
+def render_chat(messages: list[dict], template: str = "deepseek", add_generation_prompt: bool = True) -> str:
+    """Messages ({"role": system|user|assistant, "content": str}) as prompt text, exactly as the Jinja source
+    CHAT_TEMPLATES[template] renders them. Needs no trained tokenizer (corpus building uses it first)."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise TokenizerError(f"message {i} must have a role of system, user or assistant")
+        if not isinstance(m.get("content"), str):
+            raise TokenizerError(f"message {i} must have string content")
+    if template == "deepseek":
+        out = BOS + "".join(m["content"] for m in messages if m["role"] == "system")
+        for m in messages:
+            if m["role"] == "user":
+                out += USER + m["content"]
+            elif m["role"] == "assistant":
+                out += ASSISTANT + m["content"].split("</think>")[-1].strip() + EOS
+        return out + (ASSISTANT if add_generation_prompt else "")
+    if template == "r1_zero":
+        systems = [m["content"] for m in messages if m["role"] == "system"]
+        out = BOS + (systems[-1] if systems else R1_ZERO_PREAMBLE)
+        for m in messages:
+            if m["role"] == "user":
+                out += " User: " + m["content"]
+            elif m["role"] == "assistant":
+                out += " Assistant: " + m["content"].strip() + EOS
+        return out + (" Assistant:" if add_generation_prompt else "")
+    raise TokenizerError(f"unknown chat template {template!r}; known: {', '.join(CHAT_TEMPLATES)}")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,

@@ -1,0 +1,72 @@
+"""What every verifiable task provides: generated problems, an exact verifier, a worked solution, a fixed split.
+
+A task is generated, never downloaded. One generator per task is shared by the pretraining corpus, GRPO
+and eval, so they all see the same distribution; which problems are held out is decided by a hash of the
+problem's canonical `key`, not by a seed, so no training run, whatever its seed, can draw a held-out
+problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Split = Literal["train", "heldout"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    task: str  # the task's name
+    question: str  # what the user is asked; goes into the prompt template
+    answer: str  # the reference answer as text (for display and for answer-only corpus lines)
+    key: str  # canonical identity: equal keys are the same problem; decides the split
+    data: dict[str, Any] = field(default_factory=dict, compare=False)  # what the verifier needs
+
+
+def split_of(key: str, heldout_percent: float) -> Split:
+    """'heldout' for a fixed `heldout_percent` of all keys, by hash: stable across seeds, runs and machines."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return "heldout" if (h % 10_000) < heldout_percent * 100 else "train"
+
+
+class Task(ABC):
+    """A closed, verifiable task. Subclasses set `name`, take difficulty knobs in __init__ and implement
+    `generate`, `verify` and `solution`."""
+
+    name: str = ""
+    heldout_percent: float = 10.0
+
+    @abstractmethod
+    def generate(self, rng: random.Random) -> Problem:
+        """One problem drawn from the task's distribution (either split)."""
+
+    @abstractmethod
+    def verify(self, problem: Problem, answer: str) -> bool:
+        """Is `answer` (the text inside <answer>...</answer>) exactly right? Never raises, never evals."""
+
+    @abstractmethod
+    def solution(self, problem: Problem) -> str:
+        """A correct step-by-step reasoning trace (the text inside <think>...</think>) for pretraining."""
+
+    def sample(self, rng: random.Random, split: Split = "train") -> Problem:
+        """A problem from one split; train and heldout never share a key."""
+        for _ in range(100_000):
+            p = self.generate(rng)
+            if split_of(p.key, self.heldout_percent) == split:
+                return p
+        raise RuntimeError(f"{self.name}: could not draw a {split} problem; is the problem space too small?")
+
+    def heldout(self, n: int, seed: int = 0) -> list[Problem]:
+        """n distinct held-out problems, the same for the same (n, seed): the eval set."""
+        rng, seen, out = random.Random(f"{self.name}-heldout-{seed}"), set(), []
+        for _ in range(n * 100):
+            p = self.sample(rng, "heldout")
+            if p.key not in seen:
+                seen.add(p.key)
+                out.append(p)
+                if len(out) == n:
+                    return out
+        raise RuntimeError(f"{self.name}: only {len(out)} distinct held-out problems at this difficulty")
