@@ -1,5 +1,19 @@
-"""Closed, verifiable tasks: generated problems with exact verifiers (see base.py for the interface)."""
+"""Closed, verifiable tasks for R1-Zero: generated problems with exact verifiers, worked solutions, a fixed
+held-out split, the R1-Zero prompt/response format and rule-based rewards. See docs/tasks.md.
 
-from .base import Problem, Split, Task, split_of
+    from nanoseek.tasks import get_task, pretraining_documents, score
+    task = get_task("arithmetic", max_digits=3)
+    p = task.sample(random.Random(0))                    # a train-split Problem
+    score(p, " <think> ... </think> <answer> 42 </answer>").total
+"""
 
-__all__ = ["Problem", "Split", "Task", "split_of"]
+from .base import Problem, Split, Task, TaskError, split_of
+from .registry import TASKS, get_task
+from .rewards import RewardBreakdown, RewardWeights, accuracy_reward, format_reward, score, score_batch
+from .template import Parsed, format_response, parse_completion, pretraining_documents, prompt_text
+
+__all__ = [
+    "Parsed", "Problem", "RewardBreakdown", "RewardWeights", "Split", "TASKS", "Task", "TaskError",
+    "accuracy_reward", "format_response", "format_reward", "get_task", "parse_completion",
+    "pretraining_documents", "prompt_text", "score", "score_batch", "split_of",
+]

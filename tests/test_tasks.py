@@ -1,0 +1,232 @@
+"""Verifiable tasks: generators, exact verifiers (right, wrong, malformed, adversarial answers), worked
+solutions that verify, the hash-based held-out split, the registry and the pretraining documents."""
+
+import random
+import re
+
+import pytest
+
+from nanoseek.errors import NanoseekError
+from nanoseek.tasks import (TASKS, TaskError, format_response, get_task, parse_completion, pretraining_documents,
+                            prompt_text, split_of)
+from nanoseek.tasks.arithmetic import ArithmeticTask, trace
+from nanoseek.tokenizer import BOS, EOS, R1_ZERO_PREAMBLE
+
+# How many generated problems each task's generic tests check (the program task runs a sandbox per check).
+N_CHECK = {"arithmetic": 400, "countdown": 200, "program": 40}
+
+
+def _problems(name, n, seed=0, **knobs):
+    task = get_task(name, **knobs)
+    rng = random.Random(seed)
+    return task, [task.sample(rng) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- every task
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_reference_answer_and_solution_verify(name):
+    task, problems = _problems(name, N_CHECK.get(name, 100))
+    answers = [p.answer for p in problems]
+    assert all(task.verify_batch(problems, answers)), "a reference answer failed its own verifier"
+    for p in problems:
+        sol = task.solution(p)
+        assert sol.strip() and "<think>" not in sol and "</answer>" not in sol
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_verifier_rejects_wrong_empty_and_junk(name):
+    task, problems = _problems(name, 30, seed=1)
+    junk = ["", " ", "\n", "None", "<answer>", "</answer>", "__import__('os').system('true')", "9**9**9",
+            "(" * 500 + "1" + ")" * 500, "1" * 10_000, "٣", "x" * 100_000]
+    for p in problems:
+        others = [q.answer for q in problems if q.key != p.key and q.answer != p.answer][:3]
+        bad = junk + others
+        assert not any(task.verify_batch([p] * len(bad), bad)), f"{p.key}: accepted one of {bad!r}"
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_split_is_by_key_not_seed(name):
+    task = get_task(name)
+    heldout_keys = {p.key for p in task.heldout(20, seed=0)}
+    assert all(split_of(k, task.heldout_percent) == "heldout" for k in heldout_keys)
+    for seed in range(3):  # training draws, whatever the seed, never hit a held-out key
+        rng = random.Random(seed)
+        train = [task.sample(rng, "train") for _ in range(300)]
+        assert all(split_of(p.key, task.heldout_percent) == "train" for p in train)
+        assert not heldout_keys & {p.key for p in train}
+    # the eval set is reproducible, and distinct problems
+    again = task.heldout(20, seed=0)
+    assert [p.key for p in again] == [p.key for p in task.heldout(20, seed=0)]
+    assert len({p.key for p in again}) == 20
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_generation_is_seeded(name):
+    _, a = _problems(name, 20, seed=5)
+    _, b = _problems(name, 20, seed=5)
+    assert [p.key for p in a] == [p.key for p in b] and [p.question for p in a] == [p.question for p in b]
+
+
+def test_heldout_set_is_fixed_over_whole_space():
+    """On a problem space small enough to enumerate (1-digit +), the held-out keys are a fixed, hash-given
+    ~10% and sampling the train split from any seed never yields one."""
+    task = ArithmeticTask(min_digits=1, max_digits=1, ops="+")
+    space = {f"{a}+{b}" for a in range(10) for b in range(10)}
+    heldout = {k for k in space if split_of(k, task.heldout_percent) == "heldout"}
+    assert 2 <= len(heldout) <= 25
+    for seed in (0, 1, 123):
+        rng = random.Random(seed)
+        seen = {task.sample(rng, "train").key for _ in range(2000)}
+        assert seen == space - heldout  # the whole train side is reachable, nothing else
+        assert {p.key for p in task.heldout(len(heldout), seed=seed)} == heldout
+
+
+def test_registry_and_knob_errors():
+    assert {"arithmetic"} <= set(TASKS)
+    assert get_task("arithmetic", max_digits=5).max_digits == 5
+    with pytest.raises(NanoseekError, match="unknown task 'nope'"):
+        get_task("nope")
+    with pytest.raises(TaskError, match="no knob 'digitz'"):
+        get_task("arithmetic", digitz=3)
+    with pytest.raises(TaskError, match="min_digits"):
+        get_task("arithmetic", min_digits=4, max_digits=2)
+    with pytest.raises(TaskError, match="ops"):
+        get_task("arithmetic", ops="/")
+    with pytest.raises(TaskError, match="held-out"):
+        ArithmeticTask(min_digits=1, max_digits=1, ops="+").heldout(50)
+
+
+# ---------------------------------------------------------------- arithmetic
+
+_ADD = re.compile(r"(\d)\+(\d)\+(\d)=(\d+) c(\d) \| (\d+)")
+_SUB = re.compile(r"(\d)-(\d)-(\d)(?: -> 1\d-\d-\d)?=(\d) b(\d) \| (\d+)")
+_MUL = re.compile(r"(\d)\*(\d)\+(\d)=(\d+) c(\d) \| (\d+)")
+
+
+def _check_trace_lines(text):
+    """Every column line is right and continues the one above: its carry-in is the previous carry-out and
+    its digits-so-far are the previous ones with one digit put in front."""
+    prev = None  # (carry_out, so_far) of the previous column line of the same block
+    for line in text.splitlines():
+        m = _ADD.fullmatch(line) or _MUL.fullmatch(line) or _SUB.fullmatch(line)
+        if not m:
+            prev = None
+            continue
+        x, y, c_in, s, c_out, so_far = m.groups()
+        x, y, c_in, s, c_out = map(int, (x, y, c_in, s, c_out))
+        if m.re is _ADD:
+            assert s == x + y + c_in and c_out == s // 10, line
+        elif m.re is _MUL:
+            assert s == x * y + c_in and c_out == s // 10, line
+        else:
+            assert (x - y - c_in) % 10 == s and c_out == int(x - y - c_in < 0), line
+        assert so_far[0] == str(s % 10), line
+        if prev is not None:
+            assert c_in == prev[0] and so_far[1:] == prev[1], line
+        else:
+            assert c_in == 0 and len(so_far) == 1, line
+        prev = (c_out, so_far)
+
+
+def test_arithmetic_trace_lines_are_each_right():
+    task = ArithmeticTask(min_digits=1, max_digits=5)
+    rng = random.Random(3)
+    for _ in range(300):
+        p = task.sample(rng)
+        sol = task.solution(p)
+        _check_trace_lines(sol)
+        assert sol.splitlines()[-1] == f"{p.data['a']}{p.data['op']}{p.data['b']}={p.answer}"
+
+
+def test_arithmetic_trace_examples():
+    assert trace(4832, "+", 957).splitlines() == [
+        "4832+957", "2+7+0=9 c0 | 9", "3+5+0=8 c0 | 89", "8+9+0=17 c1 | 789", "4+0+1=5 c0 | 5789",
+        "4832+957=5789"]
+    assert trace(95, "+", 7).splitlines()[-2:] == ["0+0+1=1 c0 | 102", "95+7=102"]
+    assert trace(1000, "-", 999).splitlines()[-1] == "1000-999=1"
+    assert trace(3, "-", 10).splitlines() == ["3-10 = -(10-3)", "10-3", "0-3-0 -> 10-3-0=7 b1 | 7",
+                                             "1-0-1=0 b0 | 07", "10-3=7", "3-10=-7"]
+    mul = trace(4832, "*", 57).splitlines()
+    assert "4832*5=24160, shift 1: 241600" in mul and "33824+241600=275424" in mul
+    assert mul[-1] == "4832*57=275424"
+    assert trace(12, "*", 0) == "12*0=0"
+    assert "4832*0=0" in trace(4832, "*", 507)
+
+
+def test_arithmetic_verifier_rules():
+    task = ArithmeticTask()
+    p = task.generate(random.Random(0))
+    p = type(p)(task="arithmetic", question="What is 12 - 30?", answer="-18", key="12-30",
+                data={"a": 12, "op": "-", "b": 30})
+    for good in ["-18", " -18 ", "\n-18\n", "-018"]:
+        assert task.verify(p, good), good
+    for bad in ["18", "-18.0", "-1 8", "−18", "-18=", "12-30=-18", "-١٨", "-18\x00", "--18", "-0x12", "1e1",
+                "-" + "0" * 60 + "18"]:
+        assert not task.verify(p, bad), bad
+    assert not task.verify(type(p)(task="arithmetic", question="", answer="", key="?", data={}), "1")
+
+
+def test_arithmetic_knobs():
+    task = ArithmeticTask(min_digits=3, max_digits=3, ops="*")
+    for p in _problems("arithmetic", 50, min_digits=3, max_digits=3, ops="*")[1]:
+        assert p.data["op"] == "*" and 100 <= p.data["a"] <= 999 and 100 <= p.data["b"] <= 999
+    assert task.knobs() == {"min_digits": 3, "max_digits": 3, "ops": "*"}
+
+
+# ---------------------------------------------------------------- documents and the prompt
+
+
+def test_prompt_is_r1_zero_template():
+    p = get_task("arithmetic").generate(random.Random(0))
+    assert prompt_text(p) == f"{BOS}{R1_ZERO_PREAMBLE} User: {p.question} Assistant:"
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_pretraining_documents(name):
+    task = get_task(name)
+    docs = list(pretraining_documents(task, 40, seed=0, reasoning_fraction=0.5))
+    n_reasoning = 0
+    for doc in docs:
+        assert doc.startswith(BOS + R1_ZERO_PREAMBLE) and doc.endswith(EOS) and doc.count(EOS) == 1
+        prompt, response = doc.split(" Assistant:", 1)
+        parsed = parse_completion(response)
+        assert parsed.well_formed and parsed.answer
+        q = prompt.split(" User: ", 1)[1]
+        p = next(p for p in _problems_for_question(task, docs) if p.question == q)
+        assert task.verify(p, parsed.answer)
+        assert split_of(p.key, task.heldout_percent) == "train"
+        n_reasoning += bool(parsed.think)
+        if parsed.think:
+            assert parsed.think == task.solution(p)
+    assert 8 <= n_reasoning <= 32
+    # same problems whatever the reasoning fraction; none or all reasoning at the ends
+    q = [d.split(" Assistant:")[0] for d in docs]
+    none = list(pretraining_documents(task, 40, seed=0, reasoning_fraction=0.0))
+    assert [d.split(" Assistant:")[0] for d in none] == q
+    assert all(" <think> </think> <answer> " in d for d in none)
+    every = list(pretraining_documents(name, 5, seed=0))
+    assert all(parse_completion(d.split(" Assistant:", 1)[1]).think for d in every)
+    with pytest.raises(TaskError):
+        next(pretraining_documents(task, 1, seed=0, reasoning_fraction=1.5))
+
+
+_CACHE = {}
+
+
+def _problems_for_question(task, docs):
+    """The problems behind the documents (regenerated with the corpus's own seeding)."""
+    key = (task.name, len(docs))
+    if key not in _CACHE:
+        rng = random.Random(f"{task.name}-corpus-train-0")
+        _CACHE[key] = [task.sample(rng, "train") for _ in range(len(docs))]
+    return _CACHE[key]
+
+
+def test_format_response_round_trip():
+    for think, answer in [("a\nb", "42"), ("", "7"), ("  x  ", " def f(x):\n    return x ")]:
+        r = format_response(think, answer)
+        parsed = parse_completion(r + EOS)
+        assert parsed.well_formed and parsed.think == think.strip() and parsed.answer == answer.strip()
+    assert format_response("", "1") == " <think> </think> <answer> 1 </answer>"
