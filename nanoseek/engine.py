@@ -56,6 +56,8 @@ class TokenEvent:
     index: int
     token_id: int
     finish_reason: str | None
+    logprob: float | None = None  # with params.logprobs or params.top_logprobs
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
 
 
 @dataclass
@@ -317,12 +319,19 @@ class Engine:
         token = sample(logits, seq.params, seq.generator)
         seq.tokens.append(token)
         self.stats.generated_tokens += 1
-        if seq.params.logprobs:
-            seq.logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+        logprob = top = None
+        if seq.params.logprobs or seq.params.top_logprobs:
+            logp = torch.log_softmax(logits.float(), -1)
+            logprob = float(logp[token])
+            if seq.params.logprobs:
+                seq.logprobs.append(logprob)
+            if seq.params.top_logprobs:
+                values, ids = logp.topk(min(seq.params.top_logprobs, logp.shape[-1]))
+                top = list(zip(ids.tolist(), values.tolist()))
         seq.finish_reason = self._finish_reason(seq, token)
         if seq.finish_reason:
             self._free(seq)
-        return TokenEvent(seq.request_id, seq.index, token, seq.finish_reason)
+        return TokenEvent(seq.request_id, seq.index, token, seq.finish_reason, logprob, top)
 
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
         p = seq.params

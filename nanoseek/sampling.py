@@ -19,6 +19,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False  # return the log-probability of each chosen token
+    top_logprobs: int = 0  # also report the k most likely tokens of each step (TokenEvent.top_logprobs)
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -32,6 +33,8 @@ class SamplingParams:
             bad(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             bad(f"top_k must be >= 0, got {self.top_k}")
+        if not isinstance(self.top_logprobs, int) or self.top_logprobs < 0:
+            bad(f"top_logprobs must be a non-negative integer, got {self.top_logprobs!r}")
         if not isinstance(self.n, int) or self.n < 1:
             bad(f"n must be a positive integer, got {self.n!r}")
         if isinstance(self.stop, str):
