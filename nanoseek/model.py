@@ -297,33 +297,38 @@ class Transformer(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      cache: LatentCache | None = None) -> torch.Tensor:
+                      cache: LatentCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final normalized hidden states (B, T, D), the input of the head and of MTP depth 1.
-        positions: (B or 1, T), default 0..T-1; with a cache, the tokens' absolute positions."""
+        positions: (B or 1, T), default 0..T-1; with a cache, the tokens' absolute positions.
+        mask: optional bool keep-mask (B or 1, 1, T, T) replacing plain causal attention (no cache), e.g.
+        packed documents that must not see each other."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(self._positions(input_ids, positions))
         for layer in self.layers:
-            h = layer(h, cos, sin, cache=cache)
+            h = layer(h, cos, sin, mask, cache)
         return self.norm(h)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: LatentCache | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, positions, cache)).float()
+                cache: LatentCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, positions, cache, mask)).float()
 
-    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every MTP depth k = 1..D (DeepSeek-V3 eq. 21-23).
+    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
+                   depth: int | None = None) -> list[torch.Tensor]:
+        """Logits of every MTP depth k = 1..D (DeepSeek-V3 eq. 21-23), or of the first `depth` only.
 
         h: main-model hidden states (B, T, D) for input_ids (B, T). Depth k's logits have length T-k;
         position i predicts token i+k+1 (the main head predicts i+1). Train with targets
-        `labels[:, k:]` where labels are the input ids shifted by one.
+        `labels[:, k:]` where labels are the input ids shifted by one. mask: as in `hidden_states`
+        (depth k uses its leading (T-k, T-k) block).
         """
         out = []
         T = input_ids.shape[1]
-        for k, block in enumerate(self.mtp, start=1):
+        for k, block in enumerate(self.mtp[:depth], start=1):
             if T - k <= 0:
                 break
             cos, sin = self.rotary(self._positions(input_ids[:, : T - k], None))
-            h = block(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos, sin)
+            m = None if mask is None else mask[..., : T - k, : T - k]
+            h = block(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos, sin, m)
             out.append(self.lm_head(block.shared_head.norm(h)).float())
         return out
 
