@@ -230,3 +230,58 @@ def test_format_response_round_trip():
         parsed = parse_completion(r + EOS)
         assert parsed.well_formed and parsed.think == think.strip() and parsed.answer == answer.strip()
     assert format_response("", "1") == " <think> </think> <answer> 1 </answer>"
+
+
+# ---------------------------------------------------------------- countdown
+
+
+def _countdown(numbers, target):
+    from nanoseek.tasks import Problem
+    return Problem(task="countdown", question="", answer="", key="", data={"numbers": numbers, "target": target})
+
+
+def test_countdown_accepts_any_correct_expression():
+    task = get_task("countdown")
+    p = _countdown([25, 37, 40, 12], 90)
+    for good in ["(40+37+25)-12", "40+37+25-12", " 40 + 37 + 25 - 12 ", "((40+37)+25)-12 = 90",
+                 "25+37+40-12", "40 + 37 + 25 − 12", "(40+37+25)-12=90"]:
+        assert task.verify(p, good), good
+    assert task.verify(_countdown([3, 4, 6], 8), "6/(3/4)")  # exact fractions in between
+    assert task.verify(_countdown([3, 4, 6], 18), "6×3")  # a subset: each number at most once
+    assert task.verify(_countdown([3, 4, 6], 2), "6÷3")
+    assert task.verify(_countdown([5, 5, 2], 50), "5*5*2")  # a repeated number may be used as often as given
+
+
+def test_countdown_rejects_wrong_malformed_and_adversarial():
+    task = get_task("countdown")
+    p = _countdown([25, 37, 40, 12], 90)
+    bad = [
+        "40+37+25-12=91", "40+37+25-12=90=90", "40+37+25", "40+40+10", "37+37+16",  # wrong / reuse / not given
+        "90", "(40+37+25)-12)", "((40+37+25)-12", "40+37+25-12.0", "40+37+25-1_2", "-12+40+37+25",
+        "40+37+25-(+12)", "2**5+58", "9**9**9", "40//1+50", "40%7", "__import__('os').system('echo hi')",
+        "x", "print(90)", "(lambda: 90)()", "[90][0]", "40+37+25-12 if 1 else 0", "40+37+25-12;", "0x5a",
+        "４０+37+25-12", "٤٠+37+25-12", "1e2-10", "90j", "True+89", "40 37 25 12", "",
+        "(" * 17 + "40" + ")" * 17 + "+37+25-12",  # nesting beyond the bound
+        "(" * 100_000 + ")" * 100_000, "1" * 100_000, "12" * 101, "40+37+25-12" + " " * 200,
+        "999999999999999999999-999999999999999999909",  # enormous literals
+    ]
+    for b in bad:
+        assert not task.verify(p, b), b
+    assert not task.verify(_countdown([5, 3, 3], 5), "5/(3-3)")  # division by zero
+    assert not task.verify(_countdown([1000] * 6, 1), "1000*1000*1000*1000*1000/1000")  # intermediate bound
+    assert not task.verify(_countdown([5, 3, 3], 5), "5/(3-3)=5")
+    assert not task.verify(_countdown([2, 3], 6), "2*3" + "=6" * 2)
+
+
+def test_countdown_search_trace():
+    from nanoseek.tasks.countdown import search
+    lines, expr = search([23, 3, 7, 19], 38, 100)
+    assert lines[0] == "23 3 7 19: 23+19=42 -> 3 7 42" and lines[-1].endswith("-> 38 done")
+    assert "7 39: 39-7=32 -> 32 x" in lines and expr == "((23+19)-7)+3"
+    task = get_task("countdown", max_search_steps=5)
+    rng = random.Random(0)
+    for _ in range(50):
+        p = task.sample(rng)
+        sol = task.solution(p).splitlines()
+        assert len(sol) <= 5 + 2 and sol[-1] == f"so {p.answer}={p.data['target']}"
+        assert p.data["target"] not in p.data["numbers"] and 3 <= len(p.data["numbers"]) <= 4

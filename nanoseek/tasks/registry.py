@@ -10,8 +10,9 @@ import dataclasses
 
 from .arithmetic import ArithmeticTask
 from .base import Task, TaskError
+from .countdown import CountdownTask
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ArithmeticTask,)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ArithmeticTask, CountdownTask)}
 
 
 def get_task(name: str, **knobs) -> Task:
