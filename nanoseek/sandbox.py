@@ -22,6 +22,7 @@ Runs are independent processes, so many can run at once: `run_many` runs them fr
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import selectors
@@ -85,13 +86,15 @@ def run_python(code: str, stdin: str = "", config: SandboxConfig = SandboxConfig
         program.write_text(code, encoding="utf-8", errors="surrogatepass")
         stdin_path.write_text(stdin, encoding="utf-8")
         status_r, status_w = os.pipe()
-        cfg = {**asdict(config), "program": str(program), "host_dir": host_dir, "status_fd": status_w,
+        cfg = {**asdict(config), "cpu_seconds": math.ceil(config.cpu_seconds), "program": program,
+               "host_dir": host_dir, "status_fd": status_w,
                "uid": 100_000 + secrets.randbelow(1_000_000)}  # a uid no one else uses (when root)
+        args = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in cfg.items() if k != "wall_seconds"]
         start = time.monotonic()
         try:
             with open(stdin_path, "rb") as stdin_f:
                 proc = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-X", "utf8", str(CHILD), json.dumps(cfg)],
+                    [sys.executable, "-I", "-S", "-X", "utf8", str(CHILD), *args],
                     stdin=stdin_f, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(status_w,),
                     start_new_session=True, cwd=host_dir, env={"PATH": "/usr/bin:/bin"})
         finally:
@@ -170,14 +173,14 @@ def _collect(proc: subprocess.Popen, status_r: int, config: SandboxConfig, start
     duration = time.monotonic() - start
 
     defences, end, error = [], {}, None
-    for line in bufs[status_r].decode("utf-8", "replace").splitlines():
-        try:
-            msg = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        defences += msg.get("layers", [])
-        error = msg.get("error", error)
-        end = msg if ("exit" in msg or "signal" in msg) else end
+    for line in bufs[status_r].decode("utf-8", "replace").splitlines():  # see sandbox_child._report
+        kind, _, text = line.partition(" ")
+        if kind == "layer":
+            defences.append(text)
+        elif kind == "error":
+            error = text
+        elif kind in ("exit", "signal") and text.isdigit():
+            end = {kind: int(text)}
     returncode = end.get("exit")
     if killed is None and "signal" in end:
         sig = end["signal"]

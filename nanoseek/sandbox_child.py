@@ -1,6 +1,6 @@
 """The sandbox's child side. Never imported: nanoseek/sandbox.py runs it as
 
-    python -I -S -X utf8 nanoseek/sandbox_child.py CONFIG_JSON
+    python -I -S -X utf8 nanoseek/sandbox_child.py key=value ...
 
 as the first code of a fresh interpreter, before any untrusted code. It locks the process down in layers,
 each one that this machine permits (which ones took effect is reported to the parent on the status pipe):
@@ -27,16 +27,15 @@ stragglers. The audit hook is a second layer, not a boundary on its own (CPython
 """
 
 import ctypes
-import json
 import os
 import resource
-import signal
 import sys
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+SIGKILL = 9  # not signal.SIGKILL: importing signal (enum, functools) triples our start-up time
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 1, 24, 38, 47
 WORKDIR = "/tmp/work"  # the working directory inside the namespaces
 SHARED_WRITABLE = ("/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")  # hidden under read-only tmpfs
@@ -252,7 +251,7 @@ def lock_down(cfg: dict, mode: str) -> list[str]:
         layers.append("no capabilities")
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
         layers.append("no_new_privs")
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setresuid, which clears it
+    libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # after setresuid, which clears it
     os.environ.clear()
     for name in [m for m in sys.modules if m == "ctypes" or m.startswith("ctypes.")]:
         del sys.modules[name]
@@ -267,9 +266,10 @@ def run_worker(cfg: dict, mode: str, code: str, status_w: int) -> int:
     try:
         layers = lock_down(cfg, mode)
     except BaseException as e:  # never run the program half-locked
-        _report(status_w, {"error": f"worker setup: {type(e).__name__}: {e}"})
+        _report(status_w, "error", f"worker setup: {type(e).__name__}: {e}")
         return 125
-    _report(status_w, {"layers": layers})
+    for layer in layers:
+        _report(status_w, "layer", layer)
     os.close(status_w)
     sys.argv = ["program.py"]
     glb = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "program.py"}
@@ -293,8 +293,9 @@ def run_worker(cfg: dict, mode: str, code: str, status_w: int) -> int:
     return status & 0xFF
 
 
-def _report(fd: int, obj: dict) -> None:
-    os.write(fd, (json.dumps(obj) + "\n").encode())
+def _report(fd: int, kind: str, text: object) -> None:
+    """One status line for the parent: "layer <what>", "exit <n>", "signal <n>" or "error <what>"."""
+    os.write(fd, f"{kind} {text}".replace("\n", " ").encode() + b"\n")
 
 
 def init(cfg: dict, mode: str, code: str, status_w: int) -> None:
@@ -304,7 +305,8 @@ def init(cfg: dict, mode: str, code: str, status_w: int) -> None:
     if mode != "none":
         layers.append("namespaces: mount, network, pid, ipc, uts" + (" (user namespace)" if mode == "userns" else ""))
         layers += setup_mounts(cfg, cfg["uid"] if mode == "root" else 0)
-    _report(status_w, {"layers": layers})
+    for layer in layers:
+        _report(status_w, "layer", layer)
     pid = os.fork()
     if pid == 0:
         os._exit(run_worker(cfg, mode, code, status_w))
@@ -315,16 +317,27 @@ def init(cfg: dict, mode: str, code: str, status_w: int) -> None:
         except ChildProcessError:
             break
         if got == pid:
-            _report(status_w, {"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status)
-                    else {"exit": os.WEXITSTATUS(status)})
+            if os.WIFSIGNALED(status):
+                _report(status_w, "signal", os.WTERMSIG(status))
+            else:
+                _report(status_w, "exit", os.WEXITSTATUS(status))
             break
     os._exit(0)
 
 
+def parse_config(argv: list[str]) -> dict:
+    """key=value arguments; values that look like integers are integers (no json: it costs startup time)."""
+    cfg = {}
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        cfg[key] = int(value) if value.lstrip("-").isdigit() else value
+    return cfg
+
+
 def main() -> None:
-    cfg = json.loads(sys.argv[1])
+    cfg = parse_config(sys.argv[1:])
     status_w = cfg["status_fd"]
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # if the parent dies, so do we
+    libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # if the parent dies, so do we
     with open(cfg["program"], encoding="utf-8") as f:
         code = f.read()
     mode = unshare_namespaces() if cfg["isolate"] else "none"
@@ -333,7 +346,7 @@ def main() -> None:
         try:
             init(cfg, mode, code, status_w)
         except BaseException as e:  # a setup failure: say so, never run the program half-locked
-            _report(status_w, {"error": f"sandbox setup: {type(e).__name__}: {e}"})
+            _report(status_w, "error", f"sandbox setup: {type(e).__name__}: {e}")
             os._exit(125)
     os.close(status_w)
     _, status = os.waitpid(pid, 0)

@@ -79,3 +79,18 @@ def test_score_batch_matches_score_across_tasks():
     assert batch == [score(P, c) for c in completions]
     with pytest.raises(ValueError):
         score_batch([P], [])
+
+
+def test_score_batch_program_task_in_the_sandbox():
+    from nanoseek.sandbox import SandboxConfig
+    from nanoseek.tasks import format_response, get_task
+    task = get_task("program", kinds="list", sandbox=SandboxConfig(cpu_seconds=1, wall_seconds=20))
+    p = task._problem("list|mul:2::|max:0::")
+    right = format_response("double, then the largest", "def f(xs):\n    return max([2 * x for x in xs], default=0)")
+    wrong = format_response("x", "def f(xs):\n    return max(xs, default=0)")
+    hacks = [" <think> x </think> <answer></answer>", right.replace("</answer>", "") + " <answer>0</answer>",
+             " <think> x </think> " + p.answer, "<answer>" + p.answer + "</answer> <answer>x</answer>"]
+    got = score_batch([p] * 6, [right, wrong, *hacks], tasks={"program": task})
+    assert [g.accuracy for g in got] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert [g.format for g in got] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert score(p, right, task=task).total == pytest.approx(1.1)

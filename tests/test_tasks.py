@@ -7,6 +7,7 @@ import re
 import pytest
 
 from nanoseek.errors import NanoseekError
+from nanoseek.sandbox import SandboxConfig
 from nanoseek.tasks import (TASKS, TaskError, format_response, get_task, parse_completion, pretraining_documents,
                             prompt_text, split_of)
 from nanoseek.tasks.arithmetic import ArithmeticTask, trace
@@ -16,8 +17,12 @@ from nanoseek.tokenizer import BOS, EOS, R1_ZERO_PREAMBLE
 N_CHECK = {"arithmetic": 400, "countdown": 200, "program": 40}
 
 
+# The program task's sandbox with a shorter CPU limit: junk like 9**9**9 runs until it hits the limit.
+KNOBS = {"program": {"sandbox": SandboxConfig(cpu_seconds=1, wall_seconds=20)}}
+
+
 def _problems(name, n, seed=0, **knobs):
-    task = get_task(name, **knobs)
+    task = get_task(name, **{**KNOBS.get(name, {}), **knobs})
     rng = random.Random(seed)
     return task, [task.sample(rng) for _ in range(n)]
 
@@ -37,7 +42,7 @@ def test_reference_answer_and_solution_verify(name):
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_verifier_rejects_wrong_empty_and_junk(name):
-    task, problems = _problems(name, 30, seed=1)
+    task, problems = _problems(name, 2 if name == "program" else 30, seed=1)
     junk = ["", " ", "\n", "None", "<answer>", "</answer>", "__import__('os').system('true')", "9**9**9",
             "(" * 500 + "1" + ")" * 500, "1" * 10_000, "٣", "x" * 100_000]
     for p in problems:
@@ -84,7 +89,7 @@ def test_heldout_set_is_fixed_over_whole_space():
 
 
 def test_registry_and_knob_errors():
-    assert {"arithmetic"} <= set(TASKS)
+    assert set(TASKS) == {"arithmetic", "countdown", "program"}
     assert get_task("arithmetic", max_digits=5).max_digits == 5
     with pytest.raises(NanoseekError, match="unknown task 'nope'"):
         get_task("nope")
@@ -187,7 +192,7 @@ def test_prompt_is_r1_zero_template():
 def test_pretraining_documents(name):
     task = get_task(name)
     docs = list(pretraining_documents(task, 40, seed=0, reasoning_fraction=0.5))
-    n_reasoning = 0
+    n_reasoning, checks = 0, []
     for doc in docs:
         assert doc.startswith(BOS + R1_ZERO_PREAMBLE) and doc.endswith(EOS) and doc.count(EOS) == 1
         prompt, response = doc.split(" Assistant:", 1)
@@ -195,11 +200,12 @@ def test_pretraining_documents(name):
         assert parsed.well_formed and parsed.answer
         q = prompt.split(" User: ", 1)[1]
         p = next(p for p in _problems_for_question(task, docs) if p.question == q)
-        assert task.verify(p, parsed.answer)
+        checks.append((p, parsed.answer))
         assert split_of(p.key, task.heldout_percent) == "train"
         n_reasoning += bool(parsed.think)
         if parsed.think:
             assert parsed.think == task.solution(p)
+    assert all(task.verify_batch([p for p, _ in checks], [a for _, a in checks]))
     assert 8 <= n_reasoning <= 32
     # same problems whatever the reasoning fraction; none or all reasoning at the ends
     q = [d.split(" Assistant:")[0] for d in docs]
@@ -285,3 +291,69 @@ def test_countdown_search_trace():
         sol = task.solution(p).splitlines()
         assert len(sol) <= 5 + 2 and sol[-1] == f"so {p.answer}={p.data['target']}"
         assert p.data["target"] not in p.data["numbers"] and 3 <= len(p.data["numbers"]) <= 4
+
+
+# ---------------------------------------------------------------- program (answers run in the sandbox)
+
+def _program_problem():
+    task = get_task("program", kinds="list", **KNOBS["program"])
+    key = "list|add:3::|even:0::|sum:0::"
+    return task, task._problem(key)
+
+
+def test_program_question_tests_and_reference():
+    task, p = _program_problem()
+    assert p.question.startswith("Write a Python function f(xs) that takes a list of integers, adds 3 to "
+                                 "every element, then keeps the even elements, then returns their sum.")
+    assert p.answer == ("def f(xs):\n    xs = [x + 3 for x in xs]\n    xs = [x for x in xs if x % 2 == 0]\n"
+                        "    return sum(xs)")
+    assert len(p.data["tests"]) == 8 and [[]] in p.data["tests"]
+    for (xs,), want in zip(p.data["tests"], p.data["expected"]):
+        assert want == sum(x + 3 for x in xs if (x + 3) % 2 == 0)
+    assert p == task._problem(p.key) and p.data == task._problem(p.key).data  # tests belong to the key
+    sol = task.solution(p).splitlines()
+    assert sol[0] == "f(xs): adds 3 to every element; keeps the even elements; returns their sum"
+    assert sol[-4:] == p.answer.splitlines()
+
+
+def test_program_verifier_runs_answers_in_the_sandbox():
+    task, p = _program_problem()
+    good = [
+        p.answer,
+        "def f(xs):\n    return sum(x + 3 for x in xs if (x + 3) % 2 == 0)",
+        "```python\ndef f(xs):\n    return sum(y for y in (x + 3 for x in xs) if y % 2 == 0)\n```",
+        "import math\n\ndef helper(x):\n    return x + 3\n\ndef f(xs):\n    print('debug output is fine')\n"
+        "    return sum(filter(lambda y: y % 2 == 0, map(helper, xs)))",
+    ]
+    bad = [
+        "def f(xs):\n    return sum(x + 3 for x in xs)",  # wrong
+        "def f(xs):\n    return float(sum(x + 3 for x in xs if (x + 3) % 2 == 0))",  # 10.0 is not 10
+        "def g(xs):\n    return 0",  # no f
+        "def f(xs):\n    return sum(",  # syntax error
+        "def f(xs):\n    while True:\n        pass",  # never returns: CPU limit
+        "import sys\nsys.exit(0)",  # exits before the harness reports
+        "import sys\nsys.stdout.write('\\n@@nanoseek-results@@[\"0\", \"0\"]\\n')\nsys.exit(0)",  # forged report
+        "print('all tests passed')\ndef f(xs):\n    return 0",
+        "__import__('os').system('touch /tmp/nanoseek-pwned')",
+        "import os\ndef f(xs):\n    os.fork()\n    return 0",
+        "import socket\ndef f(xs):\n    socket.socket()\n    return 0",
+        "def f(xs):\n    return open('/etc/passwd').read()",
+        "x = 'a' * (10 ** 10)",  # memory
+        "while True:\n    print('x' * 10000)",  # output flood
+        "", "   ", "x" * 5000, "def f(xs): return 0\n" * 300,
+    ]
+    ok = task.verify_batch([p] * (len(good) + len(bad)), good + bad)
+    assert ok == [True] * len(good) + [False] * len(bad), [a for a, o in zip(good + bad, ok)]
+    assert not __import__("os").path.exists("/tmp/nanoseek-pwned")
+
+
+def test_program_verify_batch_runs_each_distinct_answer_once(monkeypatch):
+    import nanoseek.tasks.program as program
+    task, p = _program_problem()
+    calls = []
+    real = program.run_many
+    monkeypatch.setattr(program, "run_many", lambda codes, *a, **k: calls.append(len(codes)) or real(codes, *a, **k))
+    wrong = "def f(xs):\n    return 0"
+    assert task.verify_batch([p] * 6, [p.answer, wrong, p.answer, wrong, "", p.answer]) == [
+        True, False, True, False, False, True]
+    assert calls == [2]

@@ -11,8 +11,9 @@ import dataclasses
 from .arithmetic import ArithmeticTask
 from .base import Task, TaskError
 from .countdown import CountdownTask
+from .program import ProgramTask
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ArithmeticTask, CountdownTask)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ArithmeticTask, CountdownTask, ProgramTask)}
 
 
 def get_task(name: str, **knobs) -> Task:
