@@ -15,7 +15,7 @@ import sys
 
 from .errors import NanoseekError
 
-COMMAND_MODULES = ("model",)
+COMMAND_MODULES = ("model", "rl")
 
 
 def build_parser() -> argparse.ArgumentParser:
