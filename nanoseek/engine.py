@@ -28,7 +28,7 @@ import torch
 
 from .kv_cache import CacheFull, PagedLatentCache
 from .model import Transformer
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import RowParams, SamplingParams, make_generator, sample_rows, verify_draft
 
 
 @dataclass
@@ -72,6 +72,8 @@ class _Sequence:
     blocks: list[int] = field(default_factory=list)
     n_cached: int = 0  # tokens whose latents are in the cache
     logprobs: list[float] = field(default_factory=list)
+    draft: int | None = None  # MTP's guess of the token after the last one
+    draft_probs: torch.Tensor | None = None  # (V,) the distribution the draft was drawn from
     finish_reason: str | None = None
     stop_text_end: int | None = None  # where a stop string cut the text
 
@@ -85,6 +87,7 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
+    decode_steps: int = 0  # batched decode forwards (a speculative step verifies and drafts in one)
     draft_tokens: int = 0
     accepted_tokens: int = 0
 
@@ -227,7 +230,7 @@ class Engine:
         events += self._admit()
         decoding = [s for s in decoding if s in self.running and not s.finish_reason]
         if decoding:
-            events += self._decode(decoding)
+            events += self._speculate(decoding) if self.use_mtp else self._decode(decoding)
         self.running = [s for s in self.running if not s.finish_reason]
         return events
 
@@ -253,26 +256,44 @@ class Engine:
         return events
 
     def _prefill(self, group: list[_Sequence]) -> list[TokenEvent]:
-        """Prefill the shared prefix once, copy its latents to every sample, sample each first token."""
-        lead = group[0]
+        """Prefill the shared prefix once, copy its latents to every sample, sample each first token.
+        With MTP, also run the MTP module over the prompt and draft each sample's second token."""
+        lead, dev = group[0], self.device
         T = len(lead.tokens)
         self.cache.grow(lead.blocks, T)
         self.cache.prepare([lead.blocks], [0], T, absorb=False)
-        ids = torch.tensor([lead.tokens], device=self.device)
-        h = self.model.hidden_states(ids, torch.arange(T, device=self.device)[None], self.cache)
-        logits = self.model.lm_head(h[0, -1]).float()
+        ids = torch.tensor([lead.tokens], device=dev)
+        positions = torch.arange(T, device=dev)[None]
+        h = self.model.hidden_states(ids, positions, self.cache)  # (1, T, D)
+        logits = self.model.lm_head(h[:, -1]).float().expand(len(group), -1)  # (n, V)
         self.stats.prompt_tokens += T
+        rows = RowParams.of([s.params for s in group], dev)
+        tokens = rows.sample(logits, [s.generator for s in group])
+        if self.use_mtp and T > 1:
+            # MTP entries 0..T-2 pair h_i with prompt token i+1: the same for every sample.
+            self.cache.prepare([lead.blocks], [0], T - 1, absorb=False)
+            self._mtp_hidden(h[:, :-1], ids[:, 1:], positions[:, :-1])
         for s in group[1:]:
             self.cache.grow(s.blocks, T)
             self.cache.copy_prefix(lead.blocks, s.blocks, T)
         events = []
-        for s in group:
+        for s, token, logprob in zip(group, tokens.tolist(), self._logprobs(group, logits, tokens)):
             s.n_cached = T
             self.running.append(s)
-            events.append(self._append(s, logits))
+            events.append(self._append(s, token, logprob))
+        if self.use_mtp:
+            alive = [i for i, s in enumerate(group) if not s.finish_reason]
+            if alive:
+                # Entry T-1 pairs h_{T-1} with each sample's own first token and drafts its second.
+                seqs = [group[i] for i in alive]
+                self.cache.prepare([s.blocks for s in seqs], [T - 1] * len(seqs), 1, absorb=True)
+                x = self._mtp_hidden(h[:, -1:].expand(len(seqs), -1, -1), tokens[alive, None],
+                                     positions[:, -1:].expand(len(seqs), -1))
+                self._draft(seqs, x[:, 0], rows if len(seqs) == len(group) else RowParams.of([s.params for s in seqs], dev))
         return events
 
     def _decode(self, seqs: list[_Sequence]) -> list[TokenEvent]:
+        """One token for every running sequence: one batched forward in the absorbed form."""
         seqs = self._reserve(seqs, lambda s: len(s.tokens))
         if not seqs:
             return []
@@ -280,12 +301,82 @@ class Engine:
         self.cache.prepare([s.blocks for s in seqs], starts, 1, absorb=True)
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         pos = torch.tensor(starts, device=self.device)[:, None]
-        logits = self.model(ids, pos, self.cache)[:, -1]
+        logits = self.model(ids, pos, self.cache)[:, -1]  # (B, V)
+        tokens = RowParams.of([s.params for s in seqs], self.device).sample(logits, [s.generator for s in seqs])
+        self.stats.decode_steps += 1
         events = []
-        for s, row in zip(seqs, logits):
+        for s, token, logprob in zip(seqs, tokens.tolist(), self._logprobs(seqs, logits, tokens)):
             s.n_cached += 1
-            events.append(self._append(s, row))
+            events.append(self._append(s, token, logprob))
         return events
+
+    # ---- MTP self-speculative decoding (DeepSeek-V3 §2.2, §5.4.3) ------------------------------
+    def _speculate(self, seqs: list[_Sequence]) -> list[TokenEvent]:
+        """Verify every sequence's draft with one main-model forward over [last token, draft].
+
+        Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): with p the target distribution at
+        the last token and q the draft's, the draft d is kept with probability min(1, p(d)/q(d)), else a
+        token is drawn from max(p - q, 0) renormalized; after a kept draft the forward's second position
+        gives one more token from its own p for free. The output distribution is exactly that of plain
+        sampling. Greedy rows have one-hot p and q, which makes this "keep d iff d == argmax p", so greedy
+        output equals plain greedy decoding token for token. Then the MTP module drafts the next token.
+        """
+        seqs = self._reserve(seqs, lambda s: len(s.tokens) + 1)
+        if not seqs:
+            return []
+        dev, B = self.device, len(seqs)
+        starts = [s.n_cached for s in seqs]  # = position of each sequence's last token
+        self.cache.prepare([s.blocks for s in seqs], starts, 2, absorb=True)
+        drafts = torch.tensor([s.draft for s in seqs], device=dev)
+        ids = torch.stack((torch.tensor([s.tokens[-1] for s in seqs], device=dev), drafts), dim=1)  # (B, 2)
+        pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(2, device=dev)  # (B, 2)
+        h = self.model.hidden_states(ids, pos, self.cache)  # (B, 2, D)
+        logits = self.model.lm_head(h).float()  # (B, 2, V)
+        rows = RowParams.of([s.params for s in seqs], dev)
+        gens = [s.generator for s in seqs]
+        p, p_next = rows.probs(logits[:, 0]), rows.probs(logits[:, 1])  # (B, V) each
+        q = torch.stack([s.draft_probs for s in seqs])  # (B, V)
+        u_keep, u = rows.uniform(gens), rows.uniform(gens)
+        first, keep = verify_draft(p, q, drafts, u_keep, u)
+        second = sample_rows(p_next, u)  # only used after a kept draft, when u was not used by `first`
+        self.stats.decode_steps += 1
+        self.stats.draft_tokens += B
+        self.stats.accepted_tokens += int(keep.sum())
+        lp_first = self._logprobs(seqs, logits[:, 0], first)
+        lp_second = self._logprobs(seqs, logits[:, 1], second)
+        events = []
+        for i, (s, kept, t1, t2) in enumerate(zip(seqs, keep.tolist(), first.tolist(), second.tolist())):
+            s.n_cached += 1
+            events.append(self._append(s, t1, lp_first[i]))
+            if kept and not s.finish_reason:
+                s.n_cached += 1
+                events.append(self._append(s, t2, lp_second[i]))
+        # MTP over the same two positions (the layout is unchanged): entry n-1 pairs h_{n-1} with the
+        # verified token, entry n pairs h_n with the bonus token (a placeholder when the draft was
+        # rejected; it is overwritten next step). The row that ends the sequence drafts the next token.
+        x = self._mtp_hidden(h, torch.stack((first, torch.where(keep, second, first)), dim=1), pos)
+        alive = [i for i, s in enumerate(seqs) if not s.finish_reason]
+        if alive:
+            idx = torch.tensor(alive, device=dev)
+            last = x[idx, keep[idx].long()]  # (A, D)
+            sub = rows if len(alive) == B else RowParams.of([seqs[i].params for i in alive], dev)
+            self._draft([seqs[i] for i in alive], last, sub)
+        return events
+
+    def _mtp_hidden(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """MTP depth 1 over the prepared cache layout: h (B, T, D) main hidden states at `positions`,
+        next_ids (B, T) the token after each. Returns the module's hidden states (B, T, D)."""
+        block = self.model.mtp[0]
+        cos, sin = self.model.rotary(positions)
+        return block(h, self.model.embed_tokens(next_ids), cos, sin, cache=self.cache)
+
+    def _draft(self, seqs: list[_Sequence], x: torch.Tensor, rows: RowParams) -> None:
+        """Draft each sequence's next token from the MTP hidden state x (B, D); keep q for verification."""
+        logits = self.model.lm_head(self.model.mtp[0].shared_head.norm(x)).float()  # (B, V)
+        q = rows.probs(logits)
+        drafts = sample_rows(q, rows.uniform([s.generator for s in seqs]))
+        for s, d, q_row in zip(seqs, drafts.tolist(), q):
+            s.draft, s.draft_probs = d, q_row
 
     def _reserve(self, seqs: list[_Sequence], need_tokens) -> list[_Sequence]:
         """Give each sequence the blocks its next step writes to, preempting the youngest when full."""
@@ -313,21 +404,34 @@ class Engine:
     def _free(self, seq: _Sequence) -> None:
         self.cache.release(seq.blocks)
         seq.n_cached = 0
+        seq.draft = seq.draft_probs = None
 
     # ---- tokens in, stop rules ----------------------------------------------------------------
-    def _append(self, seq: _Sequence, logits: torch.Tensor) -> TokenEvent:
-        token = sample(logits, seq.params, seq.generator)
+    @staticmethod
+    def _logprobs(seqs: list[_Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> list[tuple | None]:
+        """Per row, (log p(token), top_logprobs or None) under the model's untempered distribution, for
+        the rows that asked for either; None for the others. One log_softmax for the batch."""
+        k = max(s.params.top_logprobs for s in seqs)
+        if not k and not any(s.params.logprobs for s in seqs):
+            return [None] * len(seqs)
+        logp = torch.log_softmax(logits.float(), -1)  # (B, V)
+        chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
+        if k:
+            values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+            values, ids = values.tolist(), ids.tolist()
+        out = []
+        for i, s in enumerate(seqs):
+            n = s.params.top_logprobs
+            wants = s.params.logprobs or n
+            out.append((chosen[i], list(zip(ids[i][:n], values[i][:n])) if n else None) if wants else None)
+        return out
+
+    def _append(self, seq: _Sequence, token: int, scores: tuple[float, list] | None) -> TokenEvent:
         seq.tokens.append(token)
         self.stats.generated_tokens += 1
-        logprob = top = None
-        if seq.params.logprobs or seq.params.top_logprobs:
-            logp = torch.log_softmax(logits.float(), -1)
-            logprob = float(logp[token])
-            if seq.params.logprobs:
-                seq.logprobs.append(logprob)
-            if seq.params.top_logprobs:
-                values, ids = logp.topk(min(seq.params.top_logprobs, logp.shape[-1]))
-                top = list(zip(ids.tolist(), values.tolist()))
+        logprob, top = scores or (None, None)
+        if seq.params.logprobs:
+            seq.logprobs.append(logprob)
         seq.finish_reason = self._finish_reason(seq, token)
         if seq.finish_reason:
             self._free(seq)

@@ -3,8 +3,12 @@ k_pe (qk_rope_head_dim), 576 values for V3, stored in fixed-size blocks handed o
 
 The engine gives each sequence a block table (list of block ids). Before a forward it calls `prepare`
 with the sequences of the step; MLA then calls `update(layer, c_kv, k_pe)` (the `LatentCache` protocol in
-model.py), which writes the new tokens into their slots and gathers each sequence's cached latents,
-padded to the longest, with the matching attention mask.
+model.py), which writes the new tokens into their slots and returns each sequence's cached latents,
+padded to a whole number of blocks, with the matching attention mask.
+
+Everything a step needs (slots to write, blocks to read, mask) is built once in `prepare` with a handful
+of tensor ops and shared by every layer; each layer then costs one `index_copy_` and one block-wise
+`index_select` (contiguous block_size x 576 rows, a memcpy each) over the pool.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ class CacheFull(RuntimeError):
 @dataclass
 class StepLayout:
     write_slots: torch.Tensor  # (B*T,) pool rows that receive the step's new tokens
-    gather_slots: torch.Tensor  # (B, S) pool rows each sequence attends over (padded with row 0)
-    mask: torch.Tensor  # (B, 1, T, S) bool: key j visible to query t
+    read_blocks: torch.Tensor | None  # (B*nb,) blocks each sequence attends over, padded; None: only the new tokens
+    n_seqs: int
+    n_keys: int  # S: keys per sequence after the gather (trailing padding is masked)
+    mask: torch.Tensor | None  # (B, 1, T, S) bool, key j visible to query t; None: causal over the new tokens
 
 
 class PagedLatentCache:
@@ -31,8 +37,9 @@ class PagedLatentCache:
     def __init__(self, n_layers: int, n_blocks: int, block_size: int, kv_lora_rank: int, rope_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.block_size, self.n_blocks, self.kv_lora_rank = block_size, n_blocks, kv_lora_rank
-        # (layers, slots, r + rope): one row per cached token per layer
-        self.pool = torch.zeros(n_layers, n_blocks * block_size, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        self.width = kv_lora_rank + rope_dim
+        # (layers, blocks, block_size, r + rope): one row per cached token per layer
+        self.pool = torch.zeros(n_layers, n_blocks, block_size, self.width, dtype=dtype, device=device)
         self.free: list[int] = list(range(n_blocks - 1, -1, -1))
         self.absorb = False
         self.layout: StepLayout | None = None
@@ -58,34 +65,44 @@ class PagedLatentCache:
         table.clear()
 
     def copy_prefix(self, src: list[int], dst: list[int], n_tokens: int) -> None:
-        """Copy the first n_tokens cached entries of one sequence into another's blocks (n > 1 samples)."""
-        rows_src, rows_dst = self._slots(src, 0, n_tokens), self._slots(dst, 0, n_tokens)
-        self.pool[:, rows_dst] = self.pool[:, rows_src]
-
-    def _slots(self, table: list[int], start: int, stop: int) -> torch.Tensor:
-        pos = torch.arange(start, stop)
-        blocks = torch.tensor(table, dtype=torch.long)[pos // self.block_size]
-        return (blocks * self.block_size + pos % self.block_size).to(self.pool.device)
+        """Copy the first n_tokens cached entries of one sequence into another's blocks (n > 1 samples).
+        Whole blocks are copied: slots past n_tokens are rewritten before anything reads them."""
+        nb = self.blocks_for(n_tokens)
+        idx = torch.tensor(src[:nb], device=self.pool.device)
+        self.pool[:, dst[:nb]] = self.pool.index_select(1, idx)
 
     # ---- one forward step -------------------------------------------------------------------------
     def prepare(self, tables: list[list[int]], starts: list[int], n_new: int, absorb: bool) -> None:
         """Lay out a step where sequence b writes n_new tokens at positions starts[b].. and attends
         over positions 0..starts[b]+n_new-1 (causally among the new ones)."""
-        lengths = [s + n_new for s in starts]
-        S = max(lengths)
-        write = torch.cat([self._slots(t, s, s + n_new) for t, s in zip(tables, starts)])
-        gather = torch.zeros(len(tables), S, dtype=torch.long, device=self.pool.device)
-        for b, (t, n) in enumerate(zip(tables, lengths)):
-            gather[b, :n] = self._slots(t, 0, n)
-        key_pos = torch.arange(S, device=self.pool.device)
-        query_pos = torch.tensor(starts, device=self.pool.device)[:, None] + torch.arange(n_new, device=self.pool.device)
-        mask = key_pos[None, None, :] <= query_pos[:, :, None]  # causal; also hides padding past each length
-        self.layout = StepLayout(write, gather, mask[:, None])
+        dev, bs = self.pool.device, self.block_size
+        B, S = len(tables), max(starts) + n_new
+        nb = self.blocks_for(S)
+        padded = [t[:nb] + [0] * (nb - len(t[:nb])) for t in tables]  # block 0 pads; the mask hides it
+        table = torch.tensor(padded, device=dev)  # (B, nb)
+        start = torch.tensor(starts, device=dev)[:, None]
+        pos = start + torch.arange(n_new, device=dev)  # (B, T) positions written
+        write = (table.gather(1, pos // bs) * bs + pos % bs).flatten()
+        if max(starts) == 0 and B == 1:
+            # A fresh prefill: the new tokens are all there is to see, no gather needed.
+            self.layout = StepLayout(write, None, B, n_new, None)
+        elif n_new == 1 and min(starts) == max(starts):
+            # Decode where every sequence has the same length: cut the padding instead of masking it.
+            self.layout = StepLayout(write, table.flatten(), B, S, None)
+        else:
+            mask = torch.arange(nb * bs, device=dev) <= pos[:, :, None]  # (B, T, nb*bs): causal, hides padding
+            self.layout = StepLayout(write, table.flatten(), B, nb * bs, mask[:, None])
         self.absorb = absorb
 
     def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        """Store the step's (B, T, r) latents and (B, T, rope) keys of one layer; return what the queries
+        see: c_kv (B, S, r), k_pe (B, S, rope) and the keep-mask (B, 1, T, S) or None (causal)."""
         lay = self.layout
-        pool = self.pool[layer_idx]
-        pool[lay.write_slots] = torch.cat((c_kv, k_pe), dim=-1).reshape(-1, pool.shape[-1]).to(pool.dtype)
-        seen = pool[lay.gather_slots]  # (B, S, r + rope)
-        return seen[..., : self.kv_lora_rank].to(c_kv.dtype), seen[..., self.kv_lora_rank :].to(c_kv.dtype), lay.mask
+        pool = self.pool[layer_idx]  # (blocks, block_size, width)
+        new = torch.cat((c_kv, k_pe), dim=-1)
+        pool.view(-1, self.width).index_copy_(0, lay.write_slots, new.reshape(-1, self.width).to(pool.dtype))
+        if lay.read_blocks is None:
+            return c_kv, k_pe, None
+        seen = pool.index_select(0, lay.read_blocks).view(lay.n_seqs, -1, self.width)[:, : lay.n_keys]
+        seen = seen.to(c_kv.dtype)
+        return seen[..., : self.kv_lora_rank], seen[..., self.kv_lora_rank :], lay.mask

@@ -196,18 +196,29 @@ class MLA(nn.Module):
         return out.transpose(1, 2).reshape(B, T, -1)
 
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Attention over the latent itself: q_nope·W_UK·c_kv + q_pe·k_pe, then ·c_kv·W_UV. (B, T, H*v)."""
-        B, T = q_nope.shape[:2]
-        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        """Attention over the latent itself: q_nope·W_UK·c_kv + q_pe·k_pe, then ·c_kv·W_UV. (B, T, H*v).
+
+        W_UK and W_UV are views into kv_b_proj.weight (no copy, so never stale after a weight update).
+        All heads share one key (c_kv; k_pe) and one value (c_kv), so the H*T queries of a sequence are
+        rows of a single matmul against it: MQA with one 576-wide key head for V3.
+        """
+        B, T, H = q_nope.shape[:3]
+        S, r = c_kv.shape[1], self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, r)
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]  # (H, nope, r), (H, v, r)
-        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)  # queries moved into latent space
-        q = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1)  # (B, H, T, r+rope)
-        k = torch.cat((c_kv, k_pe), dim=-1)[:, None]  # (B, 1, S, r+rope): one key head shared by all
-        out_lat = F.scaled_dot_product_attention(
-            q, k.expand(-1, self.n_heads, -1, -1), c_kv[:, None].expand(-1, self.n_heads, -1, -1),
-            attn_mask=mask, is_causal=mask is None and T > 1, scale=self.softmax_scale,
-        )  # (B, H, T, r)
-        return torch.einsum("bhtr,hvr->bthv", out_lat, w_uv).reshape(B, T, -1)
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)  # (H, B*T, r): queries in latent space
+        q_lat = q_lat.view(H, B, T, r).transpose(0, 1).reshape(B, H * T, r)
+        q_pe = q_pe.transpose(1, 2).reshape(B, H * T, -1)  # (B, H*T, rope)
+        scale = self.softmax_scale
+        scores = torch.baddbmm(torch.bmm(q_pe, k_pe.transpose(1, 2)), q_lat, c_kv.transpose(1, 2),
+                               beta=scale, alpha=scale).view(B, H, T, S)
+        if mask is None and T > 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out_lat = torch.bmm(scores.softmax(dim=-1).view(B, H * T, S), c_kv)  # (B, H*T, r)
+        out = torch.bmm(out_lat.view(B, H, T, r).transpose(0, 1).reshape(H, B * T, r), w_uv.transpose(1, 2))
+        return out.view(H, B, T, -1).permute(1, 2, 0, 3).reshape(B, T, -1)  # (B, T, H*v)
 
 
 # ---- blocks ---------------------------------------------------------------------------------------

@@ -1,4 +1,16 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Sampling parameters and the batched sampler: greedy, temperature, top-k, top-p, per-request seeds.
+
+The sampler works on a whole decode batch at once: one softmax, one sort (only when a row asks for
+top-p), one cumulative sum and one `searchsorted` for all rows. Randomness is per row: each sample of
+each request owns a `torch.Generator` and draws one uniform number from it per token (inverse-CDF
+sampling), so a seeded request gets the same tokens alone or in any batch.
+
+    rows = RowParams.of([seq.params for seq in batch], device)
+    tokens = rows.sample(logits, generators)          # (B,) token ids: argmax, or one draw per sampled row
+    probs = rows.probs(logits)                        # (B, V), the distribution each row samples from
+
+Speculative decoding (engine.py) uses the same `probs` for the target and the draft distributions.
+"""
 
 from __future__ import annotations
 
@@ -55,18 +67,84 @@ def make_generator(seed: int | None, sample_index: int) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from a (vocab,) fp32 logits row."""
-    if params.greedy:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1).cpu()
-    return int(torch.multinomial(probs, 1, generator=generator))
+@dataclass
+class RowParams:
+    """The sampling settings of a batch's rows as tensors, built once per step."""
+
+    greedy_rows: list[bool]  # temperature 0: the distribution is one-hot on the argmax
+    greedy: torch.Tensor  # (B, 1) bool, the same as a tensor
+    temperature: torch.Tensor  # (B, 1); greedy rows hold 1
+    top_k: torch.Tensor  # (B,) long, 0 = off
+    top_p: torch.Tensor  # (B, 1)
+    all_greedy: bool
+    max_top_k: int  # largest top_k of the batch (0: no row cuts)
+    any_top_p: bool
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> "RowParams":
+        temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
+        greedy = [p.greedy for p in params]
+        return cls(greedy, torch.tensor(greedy, device=device)[:, None], torch.tensor(temps, device=device)[:, None],
+                   torch.tensor([p.top_k for p in params], device=device),
+                   torch.tensor([p.top_p for p in params], device=device)[:, None],
+                   all(greedy), max(p.top_k for p in params), any(p.top_p < 1 for p in params))
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits -> (B, V) fp32 probabilities after temperature, top-k and top-p; one-hot on
+        the argmax for greedy rows (so speculative sampling needs no greedy special case)."""
+        one_hot = torch.zeros_like(logits, dtype=torch.float32).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+        if self.all_greedy:
+            return one_hot
+        logits = logits.float() / self.temperature
+        V = logits.shape[-1]
+        if 0 < self.max_top_k:
+            k = self.top_k.clamp(max=V)  # (B,)
+            top = logits.topk(min(self.max_top_k, V), dim=-1).values  # (B, max k), descending
+            kth = top.gather(1, (k - 1).clamp(min=0)[:, None])  # (B, 1): each row's k-th largest logit
+            kth = kth.masked_fill(k[:, None] == 0, float("-inf"))  # rows without a cut keep everything
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if self.any_top_p:
+            # Keep the smallest set of most likely tokens whose mass reaches top_p (nucleus sampling).
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
+            probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        return torch.where(self.greedy, one_hot, probs)
+
+    def sample(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """(B, V) logits -> (B,) tokens: the argmax for greedy rows, a draw from `probs` for the others."""
+        if self.all_greedy:
+            return logits.argmax(dim=-1)
+        return sample_rows(self.probs(logits), self.uniform(generators))
+
+    def uniform(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """(B,) U[0, 1) numbers, each from its row's generator; greedy rows draw nothing (they get 0.5)."""
+        u = torch.cat([torch.full((1,), 0.5) if greedy else torch.rand(1, generator=gen)
+                       for greedy, gen in zip(self.greedy_rows, generators)])
+        return u.to(self.greedy.device)
+
+
+def sample_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: row b takes the first token whose cumulative probability exceeds u[b] times
+    the row's total mass (rows need not be normalized). probs (B, V), u (B,) in [0, 1) -> (B,) long."""
+    cdf = probs.cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return idx.clamp(max=probs.shape[-1] - 1)
+
+
+def verify_draft(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_keep: torch.Tensor, u: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling's accept/resample rule (Leviathan et al. 2023, Chen et al. 2023).
+
+    p, q (B, V): the target's and the draft's distributions at the draft's position; drafts (B,) drawn
+    from q. Row b keeps its draft with probability min(1, p(d)/q(d)) (u_keep[b] < p(d)/q(d)); otherwise
+    it draws from the residual max(p - q, 0), renormalized, with u[b]. Either way the token is
+    distributed exactly as p. Returns (token (B,), kept (B,) bool). One-hot p and q (greedy) keep
+    d iff d == argmax p and otherwise return argmax p.
+    """
+    rows = torch.arange(p.shape[0], device=p.device)
+    keep = u_keep * q[rows, drafts] < p[rows, drafts]
+    residual = (p - q).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q: never rejected anyway
+    return torch.where(keep, drafts, sample_rows(residual, u)), keep
