@@ -23,7 +23,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from .errors import NanoseekError
@@ -112,15 +112,14 @@ class ExpertParallelExperts(Experts):
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send.contiguous(), group=self.group)  # recv[src, e]: from src, for my e
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-        x_recv = dist_nn.all_to_all_single(
-            x.new_empty(sum(recv_splits), x.shape[1]), x, recv_splits, send_splits, group=self.group)
+        group = self.group or dist.group.WORLD
+        x_recv = funcol.all_to_all_single_autograd(x.contiguous(), recv_splits, send_splits, group)
         # Received rows are ordered (source rank, local expert); the experts want them by local expert.
         local_expert = torch.arange(El, device=x.device).repeat(W).repeat_interleave(recv.flatten())
         order = local_expert.argsort(stable=True)
         y = super().forward(x_recv[order], recv.sum(0))
         y_recv = torch.empty_like(y).index_copy(0, order, y)
-        return dist_nn.all_to_all_single(
-            x.new_empty(x.shape[0], x.shape[1]), y_recv, send_splits, recv_splits, group=self.group)
+        return funcol.all_to_all_single_autograd(y_recv, send_splits, recv_splits, group)
 
 
 def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> list[str]:
@@ -173,14 +172,14 @@ def local_slice(model: nn.Module, name: str, full: torch.Tensor) -> torch.Tensor
 def wrap_ddp(model: nn.Module, device: str = "cpu") -> nn.Module:
     """DistributedDataParallel over everything but expert-parallel slices (which differ per rank).
 
-    broadcast_buffers=False: the MoE token counters are per-rank until `update_bias` sums them, and the
+    forward_sync_buffers=False: the MoE token counters are per-rank until `update_bias` sums them, and the
     correction bias is updated identically on every rank, so there is nothing to broadcast.
     """
     sliced = list(expert_parallel_params(model))
     if sliced:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sliced)
     device_ids = [torch.device(device).index or 0] if device.startswith("cuda") else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
 
 
 def finish_expert_grads(model: nn.Module) -> None:
