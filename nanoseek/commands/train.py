@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -56,6 +57,9 @@ SWITCHES = {  # argparse dest -> (TrainConfig field, value when the flag is give
     "compile": ("compile", True),
     "expert_parallel": ("expert_parallel", True),
 }
+
+
+LAUNCH_FIELDS = ("device", "compile", "expert_parallel")
 
 
 def _train_config(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
@@ -103,7 +107,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             raise TrainError(f"--resume continues the run's own model and data; drop --{' --'.join(sources)}")
         ckpt = check_run_dir(run_dir, args.resume)
         saved = json.loads((ckpt / "trainer_state.json").read_text())["state"]
-        base = TrainConfig.from_dict(saved["train_config"])
+        # How the run was launched (device, compile, expert parallelism) is for this launch's flags to say.
+        base = dataclasses.replace(TrainConfig.from_dict(saved["train_config"]),
+                                   **{f: getattr(TrainConfig(), f) for f in LAUNCH_FIELDS})
         cfg = _train_config(args, base)
         model = load_config(ckpt)
         data = saved["dataset"]
@@ -115,6 +121,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         cfg = _train_config(args, TrainConfig())
         cfg.validate()
         check_run_dir(run_dir, False)  # refuse to overwrite a run before any tokenizing starts
+        if cfg.expert_parallel and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise TrainError("--expert-parallel needs several processes: launch with torchrun --nproc_per_node N")
         if bool(args.preset) == bool(args.init):
             raise TrainError("give the model as exactly one of --preset NAME or --init CHECKPOINT")
         if sum(bool(x) for x in (args.corpus, args.task, args.data)) != 1:
