@@ -15,7 +15,7 @@ import sys
 
 from .errors import NanoseekError
 
-COMMAND_MODULES = ("model", "rl", "train")
+COMMAND_MODULES = ("model", "serve", "rl", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

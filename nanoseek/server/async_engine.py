@@ -1,0 +1,245 @@
+"""The engine behind the server: one thread owns the synchronous Engine; asyncio code talks to it by message.
+
+    aengine = AsyncEngine(engine); aengine.start()
+    stream = await aengine.add_request("chatcmpl-1", prompt_ids, params)   # raises RequestRefused
+    async for events in stream: ...                                         # list[TokenEvent] per step
+    aengine.stop()
+
+The thread loops: take new requests and aborts from a thread-safe inbox, call `engine.step()`, and hand
+each request's events to its asyncio queue with `loop.call_soon_threadsafe`, so the event loop never waits
+on torch. A stream that is closed early (client gone) aborts its request: the thread drops it before the
+next step, freeing its batch slot and cache blocks. A request the engine refuses fails alone; an exception
+inside a step fails the requests that step touched (and is logged), and the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+from ..engine import Engine, TokenEvent
+from ..sampling import SamplingParams
+
+log = logging.getLogger("nanoseek.server")
+
+
+class RequestRefused(ValueError):
+    """The engine cannot serve this request (the message says why): the client's fault, a 400."""
+
+
+class GenerationFailed(RuntimeError):
+    """The engine failed while generating this request: the server's fault, a 500."""
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What /metrics reports, published by the engine thread after each step (read without locks)."""
+
+    waiting_requests: int = 0
+    running_requests: int = 0
+    running_sequences: int = 0
+    cache_blocks_used: int = 0
+    cache_blocks_total: int = 0
+    steps: int = 0
+    preemptions: int = 0
+    aborted: int = 0
+    failed_steps: int = 0
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    admitted: asyncio.Future
+    events: asyncio.Queue
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _Stop:
+    pass
+
+
+_DONE = None  # queue item after a request's last events
+
+
+class RequestStream:
+    """The events of one admitted request, as lists of TokenEvent (one list per engine step)."""
+
+    def __init__(self, aengine: AsyncEngine, request_id: str, events: asyncio.Queue):
+        self.aengine, self.request_id, self.events = aengine, request_id, events
+        self.done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> list[TokenEvent]:
+        if self.done:
+            raise StopAsyncIteration
+        item = await self.events.get()
+        if item is _DONE:
+            self.done = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop generating (the client went away); a no-op once the request has finished."""
+        if not self.done:
+            self.done = True
+            self.aengine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, idle_poll_s: float = 0.5):
+        self.engine = engine
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.idle_poll_s = idle_poll_s
+        self.snapshot = EngineSnapshot(cache_blocks_total=engine.cache.n_blocks)
+        self._active: dict[str, _Add] = {}  # owned by the engine thread
+        self._thread: threading.Thread | None = None
+        self._steps = self._aborted = self._failed_steps = 0
+
+    # ---- asyncio side -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self.inbox.put(_Stop())
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Queue a request and wait until the engine has taken it (or refused it: RequestRefused)."""
+        if not self.alive:
+            raise GenerationFailed("the engine is not running")
+        loop = asyncio.get_running_loop()
+        admitted, events = loop.create_future(), asyncio.Queue()
+        self.inbox.put(_Add(request_id, prompt_ids, params, loop, admitted, events))
+        try:
+            await admitted
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        return RequestStream(self, request_id, events)
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(_Abort(request_id))
+
+    # ---- engine thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            try:
+                if not self._handle_inbox():
+                    break
+                if self.engine.has_unfinished():
+                    self._step()
+                self._publish()
+            except Exception as e:  # a bug outside step(): fail what is in flight, keep the thread alive
+                log.exception("engine loop error")
+                for rid in list(self._active):
+                    self._fail(rid, GenerationFailed(f"engine error: {e}"))
+        for rid in list(self._active):
+            self._fail(rid, GenerationFailed("the server is shutting down"))
+
+    def _handle_inbox(self) -> bool:
+        """Apply queued adds and aborts; waits for one when idle. False on stop."""
+        block = not self.engine.has_unfinished()
+        while True:
+            try:
+                msg = self.inbox.get(timeout=self.idle_poll_s) if block else self.inbox.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            if isinstance(msg, _Stop):
+                return False
+            if isinstance(msg, _Abort):
+                if self._active.pop(msg.request_id, None) is not None:
+                    self.engine.abort(msg.request_id)
+                    self._aborted += 1
+                continue
+            try:
+                self.engine.add_request(msg.prompt_ids, msg.params, request_id=msg.request_id)
+            except ValueError as e:
+                _call(msg.loop, _settle, msg.admitted, RequestRefused(str(e)))
+                continue
+            self._active[msg.request_id] = msg
+            _call(msg.loop, _settle, msg.admitted, None)
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as e:
+            self._failed_steps += 1
+            log.exception("engine step failed; failing the requests it touched")
+            self._fail_touched(e)
+            return
+        self._steps += 1
+        per_request: dict[str, list[TokenEvent]] = {}
+        for ev in events:
+            per_request.setdefault(ev.request_id, []).append(ev)
+        for rid, evs in per_request.items():
+            if rid in self._active:
+                req = self._active[rid]
+                _call(req.loop, req.events.put_nowait, evs)
+        # A sample can also finish without an event (the scheduler found no room for it at all).
+        for rid in [r for r in self._active if self.engine.is_finished(r)]:
+            req = self._active.pop(rid)
+            self.engine.pop_output(rid)
+            _call(req.loop, req.events.put_nowait, _DONE)
+
+    def _fail_touched(self, error: Exception) -> None:
+        """After a failed step: fail every request except those still wholly waiting (untouched by it)."""
+        waiting = Counter(s.request_id for s in self.engine.waiting)
+        for rid, req in list(self._active.items()):
+            if waiting[rid] < req.params.n:
+                self._fail(rid, GenerationFailed(f"generation failed: {type(error).__name__}: {error}"))
+
+    def _fail(self, rid: str, error: Exception) -> None:
+        req = self._active.pop(rid)
+        try:
+            self.engine.abort(rid)
+        except Exception:
+            log.exception("abort of %s failed", rid)
+        _call(req.loop, req.events.put_nowait, error)
+
+    def _publish(self) -> None:
+        e = self.engine
+        self.snapshot = EngineSnapshot(
+            waiting_requests=len({s.request_id for s in e.waiting} - {s.request_id for s in e.running}),
+            running_requests=len({s.request_id for s in e.running}),
+            running_sequences=len(e.running),
+            cache_blocks_used=e.cache.n_blocks - e.cache.n_free,
+            cache_blocks_total=e.cache.n_blocks,
+            steps=self._steps, preemptions=e.stats.preemptions, aborted=self._aborted,
+            failed_steps=self._failed_steps,
+        )
+
+
+def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """Run fn(*args) on the event loop (from the engine thread); a loop that has closed is ignored."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
+
+
+def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
+    if not fut.done():  # the waiting handler may have been cancelled
+        fut.set_exception(error) if error else fut.set_result(None)
