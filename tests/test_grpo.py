@@ -230,9 +230,10 @@ def test_shared_prompt_forward_equals_full_forward_and_engine_logprobs():
     real = batch.token_mask
     assert float((logps.detach() - batch.sample_logps)[real].abs().max()) < 1e-4
     # a temperature divides the logits
-    hot, _ = sequence_logprobs(model, batch, temperature=0.5)
     r = rs[0]
-    full = (model(torch.tensor([r.prompt_ids + r.completion_ids])) / 0.5).log_softmax(-1)[0]
+    with torch.no_grad():
+        hot, _ = sequence_logprobs(model, batch, temperature=0.5)
+        full = (model(torch.tensor([r.prompt_ids + r.completion_ids])) / 0.5).log_softmax(-1)[0]
     assert float(hot[0, 0]) == pytest.approx(float(full[len(r.prompt_ids) - 1, r.completion_ids[0]]), abs=1e-5)
 
 
@@ -393,9 +394,10 @@ def test_grpo_cli_on_arithmetic(tmp_path, capsys):
     assert main(base + ["--max-steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "step 2" in out and (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "plots" / "reward.png").exists()
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     assert main(base + ["--max-steps", "3"]) == 2  # the run exists: refused without --resume
     assert "already holds a run" in capsys.readouterr().err
-    assert main(base + ["--max-steps", "3", "--resume"]) == 0
+    assert main(base + ["--max-steps", "3", "--resume", "--no-plot"]) == 0
     assert "step 3" in capsys.readouterr().out
     assert main(base[:7] + ["--loss-type", "ppo"]) == 2

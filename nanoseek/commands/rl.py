@@ -132,11 +132,17 @@ def cmd_grpo(args: argparse.Namespace) -> None:
 
     result = train_grpo(model, tokenizer, task, cfg, args.out, resume=args.resume, progress=args.progress,
                         on_step=None if args.progress else report)
+    if args.plot and result.history:
+        from ..metrics import plot_run
+
+        plot_run(args.out)
     f = result.final
     if f:
+        where = f"model in {result.final_model_dir}, metrics in {Path(args.out) / 'metrics.jsonl'}"
+        if args.plot:
+            where += f", curves in {Path(args.out) / 'plots'}"
         print(f"grpo: step {result.steps}, reward {f['reward/total']:.3f}, accuracy {f['reward/accuracy']:.3f}, "
-              f"mean length {f['completion_length/mean']:.1f}; model in {result.final_model_dir}, "
-              f"metrics in {Path(args.out) / 'metrics.jsonl'}")
+              f"mean length {f['completion_length/mean']:.1f}; {where}")
     else:
         print(f"grpo: already at step {result.steps} (max_steps); nothing to do")
 
@@ -178,6 +184,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
                    help="progress bar (default when a terminal); without it, one line per step")
+    g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
+                   help="write PNG curves of the metrics to RUN_DIR/plots at the end")
     add_config_flags(g, GRPOConfig)
     g.set_defaults(func=cmd_grpo)
 

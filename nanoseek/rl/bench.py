@@ -14,6 +14,7 @@ a callback around the step, nanoseek's from its own step timer) and the medians 
 
 from __future__ import annotations
 
+import random
 import statistics
 import sys
 import tempfile
@@ -42,6 +43,7 @@ class BenchSettings:
     loss_type: str = "dapo"
     learning_rate: float = 1e-5
     seed: int = 0
+    threads: int = 0  # torch threads for both sides (0 = torch's default)
     skip_trl: bool = False  # time nanoseek alone (no ratio)
 
 
@@ -96,7 +98,7 @@ def _nanoseek_round(s: BenchSettings, ckpt: Path, task, problems) -> tuple[list[
 
 def _trl_round(s: BenchSettings, ckpt: Path, task, problems, out_dir: Path) -> tuple[list[float], list[dict]]:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
@@ -132,6 +134,7 @@ def _trl_round(s: BenchSettings, ckpt: Path, task, problems, out_dir: Path) -> t
     )
     trainer = GRPOTrainer(model=str(ckpt), reward_funcs=[accuracy, format_], args=args, train_dataset=dataset,
                           processing_class=AutoTokenizer.from_pretrained(ckpt), callbacks=[StepTimer()])
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
     trainer.train()
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     return times, logs
@@ -150,8 +153,9 @@ def run_bench(s: BenchSettings, out: TextIO = sys.stdout) -> dict[str, float]:
 
         transformers.logging.set_verbosity_error()
         warnings.filterwarnings("ignore")
+    if s.threads > 0:
+        torch.set_num_threads(s.threads)
     task = get_task(s.task)
-    import random
 
     rng = random.Random(f"bench-{s.seed}")
     problems = [task.sample(rng, "train") for _ in range(s.prompts * s.steps)]

@@ -351,13 +351,15 @@ def sequence_logprobs(model: torch.nn.Module, batch: Batch, temperature: float =
     h_comp = model.hidden_states(batch.completion_ids, positions, cache)  # (N, Tc, D)
     last_prompt = h_prompt[group_of, batch.prompt_lens[group_of] - 1]  # (N, D): predicts the first token
     h = torch.cat((last_prompt[:, None], h_comp[:, :-1]), dim=1)  # (N, Tc, D): state predicting token t
-    logits = model.lm_head(h).float() / temperature  # (N, Tc, V)
-    logps = logits.gather(-1, batch.completion_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    logits = model.lm_head(h).float()  # (N, Tc, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = logits.logsumexp(-1)  # (N, Tc)
+    logps = logits.gather(-1, batch.completion_ids[..., None]).squeeze(-1) - lse
     entropy = None
     if with_entropy:
-        with torch.no_grad():
-            lp = logits.log_softmax(-1)
-            entropy = -(lp.exp() * lp).sum(-1)
+        with torch.no_grad():  # H = lse - Σ p·logit: one more pass over the vocabulary, not three
+            entropy = lse - (logits.softmax(-1) * logits).sum(-1)
     return logps, entropy
 
 
