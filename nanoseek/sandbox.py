@@ -37,9 +37,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import NanoseekError
+
+__all__ = ["SandboxConfig", "SandboxError", "SandboxResult", "run_many", "run_python"]
+
 CHILD = Path(__file__).with_name("sandbox_child.py")
 _SIGNAL_REASONS = {signal.SIGXCPU: "cpu time", signal.SIGKILL: "killed (SIGKILL)",
                    signal.SIGXFSZ: "file size", signal.SIGSEGV: "crashed (SIGSEGV)"}
+
+
+class SandboxError(NanoseekError):
+    """A sandbox configuration or call that cannot work (never raised for what a program does)."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class SandboxConfig:
         for name in ("cpu_seconds", "wall_seconds", "memory_bytes", "output_bytes", "file_bytes", "disk_bytes",
                      "max_processes", "open_files"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"SandboxConfig.{name} must be positive, got {getattr(self, name)!r}")
+                raise SandboxError(f"SandboxConfig.{name} must be positive, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,7 @@ def run_many(codes: Sequence[str], config: SandboxConfig = SandboxConfig(), work
     """`run_python` over many programs at once (results in order); workers defaults to the CPU count."""
     stdins = stdins if stdins is not None else [""] * len(codes)
     if len(stdins) != len(codes):
-        raise ValueError(f"{len(codes)} programs but {len(stdins)} stdins")
+        raise SandboxError(f"{len(codes)} programs but {len(stdins)} stdins")
     if not codes:
         return []
     workers = max(1, min(workers or os.cpu_count() or 1, len(codes)))

@@ -167,11 +167,13 @@ def make_guard(workdir: str):
                              "os.chflags", "os.lchflags"})
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     inside = workdir.rstrip("/") + "/"
-    fsdecode, getcwd, _isinstance, _str, _int, _any = os.fsdecode, os.getcwd, isinstance, str, int, any
+    # C functions and types, captured: os.fsdecode would look `fspath` up in the os module at call time
+    fspath, getcwd, _isinstance, _str, _bytes, _int, _any = os.fspath, os.getcwd, isinstance, str, bytes, int, any
     denied = PermissionError
 
     def normal(path) -> str:
-        p = fsdecode(path)
+        p = fspath(path)
+        p = _bytes.decode(p, "utf-8", "surrogateescape") if _isinstance(p, _bytes) else _str(p)
         if not p.startswith("/"):
             p = getcwd() + "/" + p
         parts: list = []

@@ -9,10 +9,12 @@ import os
 import resource
 import socket
 import subprocess
+import tempfile
 import time
 
 import pytest
 
+from nanoseek import sandbox
 from nanoseek.sandbox import SandboxConfig, run_many, run_python
 
 FAST = SandboxConfig(cpu_seconds=1, wall_seconds=30)  # CPU limits hit long before the wall on a busy machine
@@ -28,8 +30,7 @@ needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason="this machine permi
                                       "audit hook off nothing would contain these programs")
 
 
-def _sandbox_pids() -> list[int]:
-    """PIDs owned by any sandbox uid (100000 and up): there must be none between runs."""
+def _pids_of(uids: set[int]) -> list[int]:
     out = []
     for status in glob.glob("/proc/[0-9]*/status"):
         try:
@@ -37,31 +38,42 @@ def _sandbox_pids() -> list[int]:
                 uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
         except (OSError, StopIteration):
             continue
-        if uid >= 100_000:
+        if uid in uids:
             out.append(int(status.split("/")[2]))
     return out
 
 
 @pytest.fixture(autouse=True)
-def untouched(tmp_path):
+def untouched(tmp_path, monkeypatch):
     """Each test: this process keeps its cwd, its files, its limits, and can still start processes; no
     sandbox process or temporary directory outlives the run."""
     cwd, sentinel = os.getcwd(), tmp_path / "sentinel.txt"
     sentinel.write_text("mine")
     limits = {r: resource.getrlimit(r) for r in (resource.RLIMIT_CPU, resource.RLIMIT_AS, resource.RLIMIT_NPROC,
                                                   resource.RLIMIT_FSIZE, resource.RLIMIT_NOFILE)}
-    temps = set(glob.glob("/tmp/nanoseek-sandbox-*"))
+    temps = tmp_path.parent / f"{tmp_path.name}-sandboxes"  # this test's sandboxes make their directories here
+    temps.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temps))
+    uids = set()  # the unprivileged uids this test's runs had
+    collect = sandbox._collect
+
+    def recording(*args):
+        r = collect(*args)
+        uids.update(int(d.split()[-1]) for d in r.defences if d.startswith("unprivileged uid"))
+        return r
+
+    monkeypatch.setattr(sandbox, "_collect", recording)
     yield tmp_path
     assert os.getcwd() == cwd and sentinel.read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["sentinel.txt"], "a sandbox wrote into the test's directory"
     assert {r: resource.getrlimit(r) for r in limits} == limits
     assert subprocess.run(["true"]).returncode == 0
-    assert set(glob.glob("/tmp/nanoseek-sandbox-*")) <= temps, "a sandbox temporary directory was left behind"
+    assert os.listdir(temps) == [], "a sandbox temporary directory was left behind"
     for _ in range(50):  # the kernel tears a PID namespace down asynchronously; give it a moment
-        if not _sandbox_pids():
+        if not _pids_of(uids):
             break
         time.sleep(0.1)
-    assert not _sandbox_pids(), "a sandbox process outlived its run"
+    assert not _pids_of(uids), "a sandbox process outlived its run"
 
 
 def test_correct_code_passes_and_wrong_code_fails():
@@ -152,6 +164,7 @@ def test_writes_outside_working_directory_denied(config, untouched):
 def test_big_files_stopped_by_file_size_limit():
     r = run_python("with open('big', 'wb') as f:\n    f.write(b'x' * (4 << 20))",
                    config=SandboxConfig(file_bytes=1 << 20))
+    # CPython ignores SIGXFSZ, so the write fails with EFBIG instead of the process being killed
     assert not r.ok and (r.killed == "file size" or "File too large" in r.stderr), (r.killed, r.stderr)
 
 
@@ -208,3 +221,11 @@ def test_sandbox_sees_only_itself():
     pid_line, cwd_line = r.stdout.splitlines()
     assert pid_line.startswith("2 ") and "'1'" in pid_line and len(ast.literal_eval(pid_line[2:])) == 2, r.stdout
     assert cwd_line == "/tmp/work [] ['work']"
+
+
+def test_bad_config_is_a_clear_error():
+    from nanoseek.errors import NanoseekError
+    with pytest.raises(NanoseekError, match="cpu_seconds must be positive"):
+        SandboxConfig(cpu_seconds=0)
+    with pytest.raises(NanoseekError, match="2 programs but 1 stdins"):
+        run_many(["pass", "pass"], stdins=["x"])

@@ -7,13 +7,16 @@ held-out split, the R1-Zero prompt/response format and rule-based rewards. See d
     score(p, " <think> ... </think> <answer> 42 </answer>").total
 """
 
+from .arithmetic import ArithmeticTask
 from .base import Problem, Split, Task, TaskError, split_of
+from .countdown import CountdownTask
+from .program import ProgramTask
 from .registry import TASKS, get_task
 from .rewards import RewardBreakdown, RewardWeights, accuracy_reward, format_reward, score, score_batch
 from .template import Parsed, format_response, parse_completion, pretraining_documents, prompt_text
 
 __all__ = [
-    "Parsed", "Problem", "RewardBreakdown", "RewardWeights", "Split", "TASKS", "Task", "TaskError",
+    "ArithmeticTask", "CountdownTask", "Parsed", "ProgramTask", "Problem", "RewardBreakdown", "RewardWeights", "Split", "TASKS", "Task", "TaskError",
     "accuracy_reward", "format_response", "format_reward", "get_task", "parse_completion",
     "pretraining_documents", "prompt_text", "score", "score_batch", "split_of",
 ]
