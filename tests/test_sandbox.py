@@ -229,3 +229,22 @@ def test_bad_config_is_a_clear_error():
         SandboxConfig(cpu_seconds=0)
     with pytest.raises(NanoseekError, match="2 programs but 1 stdins"):
         run_many(["pass", "pass"], stdins=["x"])
+
+
+def test_without_namespaces_guard_and_limits_still_hold(untouched):
+    """The fallback for machines that permit no namespaces (isolate=False forces it here)."""
+    cfg = SandboxConfig(cpu_seconds=1, wall_seconds=30, output_bytes=10_000, isolate=False)
+    assert not any(d.startswith("namespaces") for d in run_python("pass", config=cfg).defences)
+    target = untouched / "new.txt"
+    attacks = {"import os\nos.fork()": "os.fork is not allowed",
+               "import socket\nsocket.socket()": "socket.__new__ is not allowed",
+               f"open({str(target)!r}, 'w')": "outside the working directory",
+               "import subprocess\nsubprocess.run(['true'])": "not allowed"}
+    for code, message in attacks.items():
+        r = run_python(code, config=cfg)
+        assert not r.ok and message in r.stderr, (code, r.stderr)
+    assert not target.exists()
+    assert run_python("while True: pass", config=cfg).killed == "cpu time"
+    assert run_python("while True: print('x' * 100)", config=cfg).killed == "output size"
+    r = run_python("open('mine.txt', 'w').write('ok')\nprint(open('mine.txt').read())", config=cfg)
+    assert r.ok and r.stdout == "ok\n"
