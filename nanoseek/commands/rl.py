@@ -53,6 +53,18 @@ HELP = {
     "eval_problems": "held-out problems per periodic eval",
 }
 
+BENCH_HELP = {
+    "preset": "model shape to build with random weights (when --model is not given)",
+    "model": "an existing HF-format checkpoint directory with a tokenizer",
+    "prompts": "prompts per GRPO step",
+    "num_generations": "G, completions per prompt",
+    "length": "completion tokens, forced equal on both sides",
+    "rounds": "rounds; each runs --steps steps of each side, alternating who goes first",
+    "steps": "GRPO steps per side per round",
+    "threads": "torch threads for both sides (0 = torch's default)",
+    "skip_trl": "time nanoseek alone",
+}
+
 
 # ---- flags <-> dataclass fields -----------------------------------------------------------------------
 def _parse_kv(text: str, what: str) -> dict[str, typing.Any]:
@@ -210,10 +222,9 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     b = bench.add_parser("grpo", help="seconds per GRPO step: nanoseek vs TRL's GRPOTrainer, same everything",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(BenchSettings):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            b.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+        flag, kw = "--" + f.name.replace("_", "-"), dict(dest=f.name, default=f.default, help=BENCH_HELP.get(f.name))
+        if isinstance(f.default, bool):
+            b.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            b.add_argument(flag, dest=f.name, type=type(f.default) if f.default is not None else str,
-                           default=f.default)
+            b.add_argument(flag, type=type(f.default), **kw)
     b.set_defaults(func=cmd_bench_grpo)
