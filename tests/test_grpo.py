@@ -287,9 +287,10 @@ def test_config_rejects_bad_values():
                 dict(num_minibatches=5, prompts_per_step=4)):
         with pytest.raises(GRPOError):
             GRPOConfig(**bad)
-    assert GRPOConfig(loss_type="dr_grpo").scale_rewards == "none"
-    assert GRPOConfig(loss_type="grpo").scale_rewards == "group"
-    assert GRPOConfig(epsilon=0.2).epsilon_high == 0.2
+    assert GRPOConfig(loss_type="dr_grpo").reward_scaling == "none"
+    assert GRPOConfig(loss_type="grpo").reward_scaling == "group"
+    assert GRPOConfig(loss_type="dr_grpo", scale_rewards="batch").reward_scaling == "batch"
+    assert GRPOConfig(epsilon=0.2).clip_high == 0.2 and GRPOConfig(epsilon_high=0.28).clip_high == 0.28
 
 
 def test_engine_decodes_with_the_new_weights_after_each_optimizer_step():
@@ -345,6 +346,7 @@ def test_dynamic_sampling_drops_flat_groups_and_refills():
     groups = [kept[i : i + 4] for i in range(0, len(kept), 4)]
     assert all(len({r.reward for r in g}) > 1 for g in groups)
     assert kept[0] is sampled[0]
+    assert [r.group for r in sampled] == [i // 4 for i in range(len(sampled))]  # numbered across rounds
 
 
 def strip_timing(history):

@@ -110,11 +110,19 @@ class GRPOConfig:
     eval_problems: int = 64
 
     def __post_init__(self) -> None:
-        if self.epsilon_high is None:
-            self.epsilon_high = self.epsilon
-        if self.scale_rewards == "auto":
-            self.scale_rewards = "none" if self.loss_type == "dr_grpo" else "group"
         self.validate()
+
+    @property
+    def reward_scaling(self) -> str:
+        """scale_rewards with "auto" resolved: none for dr_grpo (Dr. GRPO drops the std), else group."""
+        if self.scale_rewards != "auto":
+            return self.scale_rewards
+        return "none" if self.loss_type == "dr_grpo" else "group"
+
+    @property
+    def clip_high(self) -> float:
+        """ε_high, the upper clip (epsilon_high, or epsilon when unset)."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -136,7 +144,7 @@ class GRPOConfig:
                                                             "(minibatches hold whole groups)")
         need(self.temperature > 0, f"temperature must be > 0 for RL sampling, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        need(0 <= self.epsilon < 1 and self.epsilon_high >= 0, "epsilon must be in [0, 1) and epsilon_high >= 0")
+        need(0 <= self.epsilon < 1 and self.clip_high >= 0, "epsilon must be in [0, 1) and epsilon_high >= 0")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.learning_rate > 0, "learning_rate must be > 0")
         need(self.old_logprobs != "engine" or (self.temperature == 1.0 and self.top_p == 1.0),
@@ -201,7 +209,11 @@ class Batch:
     @property
     def token_mask(self) -> torch.Tensor:
         """(N, Tc) bool: real completion tokens (not padding), in the loss or not."""
-        return torch.arange(self.completion_ids.shape[1])[None] < self.lengths[:, None]
+        return torch.arange(self.completion_ids.shape[1], device=self.lengths.device)[None] < self.lengths[:, None]
+
+    def to(self, device: torch.device) -> Batch:
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def select(self, groups: Sequence[int]) -> Batch:
         """The sub-batch of whole groups, padding trimmed to its own longest prompt and completion."""
@@ -421,8 +433,9 @@ class GRPOTrainer:
             self.ref_step = self.step
 
     # ---- 1. rollouts -----------------------------------------------------------------------------
-    def generate(self, problems: list[Any], rng: random.Random) -> list[Rollout]:
-        """G completions of each problem through the engine, all prompts in one engine batch."""
+    def generate(self, problems: list[Any], rng: random.Random, first_group: int = 0) -> list[Rollout]:
+        """G completions of each problem through the engine, all prompts in one engine batch; the rollouts
+        of problems[j] get group index first_group + j."""
         cfg = self.cfg
         prompts = [self.tokenizer.encode(self.prompt_fn(p)) for p in problems]
         params = [SamplingParams(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -436,8 +449,8 @@ class GRPOTrainer:
             if out.error:
                 raise GRPOError(f"the engine refused a prompt of {len(ids)} tokens: {out.error}")
             for c in sorted(out.outputs, key=lambda c: c.index):
-                rollouts.append(Rollout(problem, g, ids, list(c.token_ids), c.text or "", c.finish_reason or "length",
-                                        c.logprobs))
+                rollouts.append(Rollout(problem, first_group + g, ids, list(c.token_ids), c.text or "",
+                                        c.finish_reason or "length", c.logprobs))
         return rollouts
 
     # ---- 2. rewards ------------------------------------------------------------------------------
@@ -460,7 +473,7 @@ class GRPOTrainer:
                 break
             problems = [self.task.sample(rng, "train") for _ in range(want)]
             t0 = time.perf_counter()
-            rollouts = self.generate(problems, rng)
+            rollouts = self.generate(problems, rng, first_group=len(sampled) // G)
             t1 = time.perf_counter()
             self.score(rollouts)
             t_gen, t_rew = t_gen + t1 - t0, t_rew + time.perf_counter() - t1
@@ -473,7 +486,7 @@ class GRPOTrainer:
         flat = [r for g in kept for r in g]
         if flat:
             rewards = torch.tensor([r.reward for r in flat]).view(len(kept), G)
-            for r, a in zip(flat, group_advantages(rewards, cfg.scale_rewards).flatten().tolist()):
+            for r, a in zip(flat, group_advantages(rewards, cfg.reward_scaling).flatten().tolist()):
                 r.advantage = a
         return sampled, flat, {"time/rollout_s": t_gen, "time/reward_s": t_rew}
 
@@ -485,7 +498,7 @@ class GRPOTrainer:
     @torch.no_grad()
     def _fill_logps(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """A no-grad forward of `model` over the whole batch, (N, Tc)."""
-        out = torch.zeros(batch.completion_ids.shape)
+        out = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)
         per = max(1, self.cfg.micro_batch_size // batch.group_size)
         for start in range(0, batch.n_groups, per):
             groups = list(range(start, min(start + per, batch.n_groups)))
@@ -498,6 +511,7 @@ class GRPOTrainer:
     def update(self, batch: Batch, step: int) -> dict[str, float]:
         """μ passes over the batch, each split into minibatches of whole groups, one optimizer step each."""
         cfg = self.cfg
+        batch = batch.to(next(self.model.parameters()).device)
         n_updates = cfg.num_iterations * cfg.num_minibatches
         if cfg.beta > 0:
             batch.ref_logps = self._fill_logps(self.ref_model, batch)
@@ -522,7 +536,7 @@ class GRPOTrainer:
                     logps, entropy = sequence_logprobs(self.model, micro, cfg.temperature, with_entropy=True)
                     old = micro.old_logps if micro.old_logps is not None else logps.detach()
                     out = grpo_loss(logps, old, micro.advantages, micro.mask, loss_type=cfg.loss_type,
-                                    epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                                    epsilon=cfg.epsilon, epsilon_high=cfg.clip_high, beta=cfg.beta,
                                     ref_logps=micro.ref_logps, max_completion_length=cfg.max_completion_length,
                                     num_sequences=n_seqs, num_tokens=n_tokens)
                     out.loss.backward()
