@@ -310,6 +310,20 @@ def test_engine_decodes_with_the_new_weights_after_each_optimizer_step():
     assert after != before
 
 
+def test_old_logprobs_from_the_engine_match_a_forward():
+    """μ = 2 with π_old taken from the engine's sampling log-probs: the same update as with a no-grad forward."""
+    metrics = {}
+    for source in ("engine", "forward"):
+        cfg = GRPOConfig(num_generations=4, prompts_per_step=2, max_completion_length=6, num_iterations=2,
+                         learning_rate=1e-2, old_logprobs=source)
+        trainer = GRPOTrainer(tiny_model(std=0.1), TOKENIZER, SayDigits(), cfg, reward_fn=digit_reward,
+                              prompt_fn=short_prompt)
+        metrics[source] = trainer.train_step()
+    assert metrics["engine"]["logprob_gap"] < 1e-4
+    for key in ("loss", "clip_ratio/total", "entropy", "grad_norm", "reward/total"):
+        assert metrics["engine"][key] == pytest.approx(metrics["forward"][key], rel=1e-3, abs=1e-5), key
+
+
 @pytest.mark.slow
 def test_short_run_raises_the_reward():
     """A random 2-layer MoE learns to write digits: the mean reward (fraction of digit characters,

