@@ -189,11 +189,17 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, nope+rope)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1)  # (B, S, H, nope+rope)
+        # The fused (flash) SDPA kernels want one head dim for q, k and v; zero-padding v to it leaves the
+        # first v_head_dim outputs exact and skips the masked half of causal attention (the math fallback
+        # computes all T x S scores). Transformers pads the same way for flash-attn.
+        pad = q.shape[-1] - self.v_head_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None and T > 1, scale=self.softmax_scale,
-        )  # (B, H, T, v)
-        return out.transpose(1, 2).reshape(B, T, -1)
+        )  # (B, H, T, v or q's head dim)
+        return out[..., : self.v_head_dim].transpose(1, 2).reshape(B, T, -1)
 
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attention over the latent itself: q_nope·W_UK·c_kv + q_pe·k_pe, then ·c_kv·W_UV. (B, T, H*v).

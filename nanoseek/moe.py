@@ -111,6 +111,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (M, D) tokens sorted by expert; counts: (E,) tokens per expert. Returns (M, D)."""
         if self.use_grouped_mm and x.dtype == self.gate_proj.dtype:
+            if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+                return _grouped_uncompiled(self, x, counts)
             return self._grouped(x, counts)
         return self._loop(x, counts)
 
@@ -131,6 +133,10 @@ class Experts(nn.Module):
             outs.append(h @ self.down_proj[e].T.to(xe.dtype))
             start += n
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+
+# torch.compile traces _grouped_mm with a bf16-only meta kernel; other dtypes run it eagerly (a graph break).
+_grouped_uncompiled = torch.compiler.disable(Experts._grouped)
 
 
 class MoE(FP32Buffers):

@@ -328,10 +328,9 @@ def pretrain(model: ModelConfig | Transformer, cfg: TrainConfig, data: Dataset |
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(
+    optimizer = torch.optim.AdamW(  # fused: one kernel over all parameters, on CPU as on CUDA
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None, foreach=None if fused else True,
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
 

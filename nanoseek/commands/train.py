@@ -216,7 +216,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     batches = [torch.randint(0, cfg.vocab_size, (B, T + 1), generator=gen) for _ in range(args.steps + 1)]
 
     def optim(m):
-        return torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        return torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     opt_ours, opt_theirs = optim(ours), optim(theirs)
 
