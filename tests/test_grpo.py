@@ -426,3 +426,18 @@ def test_grpo_cli_on_arithmetic(tmp_path, capsys):
     assert main(base + ["--max-steps", "3", "--resume", "--no-plot"]) == 0
     assert "step 3" in capsys.readouterr().out
     assert main(base[:7] + ["--loss-type", "ppo"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_grpo_runs_both_trainers_on_equal_work(tmp_path, capsys):
+    """The benchmark's plumbing (not its timing): both sides run, completions are forced to equal length."""
+    pytest.importorskip("trl")
+    from nanoseek.cli import main
+
+    arithmetic_checkpoint(tmp_path)
+    assert main(["bench", "grpo", "--model", str(tmp_path), "--prompts", "2", "--num-generations", "2", "--length", "4", "--rounds", "1",
+                 "--steps", "1", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    summary = {line.split(":")[0]: line for line in lines if line.startswith(("nanoseek:", "TRL:"))}
+    assert "mean completion length 4.0" in summary["nanoseek"] and "mean completion length 4.0" in summary["TRL"]
+    assert "faster per GRPO step than TRL" in lines[-1]

@@ -135,8 +135,20 @@ def _trl_round(s: BenchSettings, ckpt: Path, task, problems, out_dir: Path) -> t
     trainer = GRPOTrainer(model=str(ckpt), reward_funcs=[accuracy, format_], args=args, train_dataset=dataset,
                           processing_class=AutoTokenizer.from_pretrained(ckpt), callbacks=[StepTimer()])
     trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
+    rollout_times: list[float] = []
+    generate_and_score = trainer._generate_and_score_completions
+
+    def timed(*a, **kw):  # TRL's rollout phase: generation, rewards, advantages
+        t0 = time.perf_counter()
+        out = generate_and_score(*a, **kw)
+        rollout_times.append(time.perf_counter() - t0)
+        return out
+
+    trainer._generate_and_score_completions = timed
     trainer.train()
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+    for log, t in zip(logs, rollout_times):
+        log["rollout_s"] = t
     return times, logs
 
 
@@ -152,6 +164,7 @@ def run_bench(s: BenchSettings, out: TextIO = sys.stdout) -> dict[str, float]:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
         warnings.filterwarnings("ignore")
     if s.threads > 0:
         torch.set_num_threads(s.threads)
@@ -162,6 +175,7 @@ def run_bench(s: BenchSettings, out: TextIO = sys.stdout) -> dict[str, float]:
     ours: list[float] = []
     theirs: list[float] = []
     lengths = {"nanoseek": [], "trl": []}
+    trl_rollout: list[float] = []
     split = {"time/rollout_s": [], "time/reward_s": [], "time/update_s": []}
     with tempfile.TemporaryDirectory(prefix="nanoseek-bench-grpo-") as tmp:
         ckpt = _checkpoint(s, task, Path(tmp))
@@ -181,6 +195,7 @@ def run_bench(s: BenchSettings, out: TextIO = sys.stdout) -> dict[str, float]:
                     times, logs = _trl_round(s, ckpt, task, problems, Path(tmp) / f"trl-{r}")
                     theirs += times
                     lengths["trl"] += [float(h["completions/mean_length"]) for h in logs]
+                    trl_rollout += [h["rollout_s"] for h in logs if "rollout_s" in h]
                 else:
                     continue
                 print(f"  round {r + 1} {side:>8}: " + ", ".join(f"{t:.2f}s" for t in times), file=out, flush=True)
@@ -191,7 +206,8 @@ def run_bench(s: BenchSettings, out: TextIO = sys.stdout) -> dict[str, float]:
     if theirs:
         med["trl_s"] = statistics.median(theirs)
         med["ratio"] = med["trl_s"] / med["nanoseek_s"]
-        print(f"TRL:      {med['trl_s']:.2f} s/step (median of {len(theirs)}), "
+        rollout = f"rollout {statistics.median(trl_rollout):.2f}s, " if trl_rollout else ""
+        print(f"TRL:      {med['trl_s']:.2f} s/step (median of {len(theirs)}; {rollout}the rest is the update), "
               f"mean completion length {statistics.mean(lengths['trl']):.1f}", file=out)
         print(f"nanoseek is {med['ratio']:.1f}x faster per GRPO step than TRL {__import__('trl').__version__}",
               file=out)
