@@ -15,7 +15,7 @@ import sys
 
 from .errors import NanoseekError
 
-COMMAND_MODULES = ("model", "serve", "rl", "train")
+COMMAND_MODULES = ("model", "serve", "rl", "train", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # the same math in one fused op
         # Normalize in fp32 whatever the activation dtype, then scale in it (as DeepSeek does).
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * y
@@ -85,18 +87,19 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[..., None] * self.inv_freq  # (B or 1, T, rope/2)
+        freqs = (positions.float()[..., None] * self.inv_freq)[:, :, None]  # (B or 1, T, 1, rope/2): one for all heads
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate x (B, T, H, rope) by position. cos/sin: (B or 1, T, rope/2).
+    """Rotate x (B, T, H, rope) by position. cos/sin: (B or 1, T, 1, rope/2), as RotaryEmbedding gives them.
 
     interleave=True: the dims are adjacent pairs (x0, x1), (x2, x3)... rotated as complex numbers, the
     layout of DeepSeek's checkpoints and official code; the output keeps that layout. False: the
     "rotate half" layout, pairs (x_i, x_{i+rope/2}).
     """
-    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)

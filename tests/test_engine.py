@@ -15,7 +15,8 @@ PROMPTS = [[5, 17, 99, 3], [42] * 9, list(range(20, 45)), [7]]
 
 @pytest.fixture(scope="module")
 def v3_model():
-    return random_model(CONFIGS["v3"]).eval()
+    # with one MTP module, unused unless an engine is built with use_mtp=True
+    return random_model(CONFIGS["v3"].replace(num_nextn_predict_layers=1)).eval()
 
 
 @pytest.mark.parametrize("name", ["v3", "v2_greedy"])
@@ -57,10 +58,11 @@ def test_requests_join_between_decode_steps(v3_model):
     assert engine.pop_output(second).outputs[0].token_ids == ref[1].outputs[0].token_ids
 
 
-def test_cache_exhaustion_preempts_and_outputs_are_unchanged(v3_model):
+@pytest.mark.parametrize("use_mtp", [False, True])
+def test_cache_exhaustion_preempts_and_outputs_are_unchanged(v3_model, use_mtp):
     prompts = [list(range(i, i + 20)) for i in range(8)]
     ample = Engine(v3_model).generate(prompts, GREEDY)
-    tight = Engine(v3_model, block_size=4, cache_tokens=200)  # 8 requests x 84 tokens need 672
+    tight = Engine(v3_model, block_size=4, cache_tokens=200, use_mtp=use_mtp)  # 8 requests x 84 tokens need 672
     outs = tight.generate(prompts, GREEDY)
     assert tight.stats.preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ample]
@@ -82,8 +84,9 @@ def test_n_samples_share_one_prefill(v3_model):
     assert len({tuple(c.token_ids) for c in greedy.outputs}) == 1
 
 
-def test_logprobs_are_those_of_the_full_forward(v3_model):
-    out = Engine(v3_model).generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0, logprobs=True,
+@pytest.mark.parametrize("use_mtp", [False, True])
+def test_logprobs_are_those_of_the_full_forward(v3_model, use_mtp):
+    out = Engine(v3_model, use_mtp=use_mtp).generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0, logprobs=True,
                                                                  ignore_eos=True))[0].outputs[0]
     seq = torch.tensor([PROMPTS[0] + out.token_ids])
     with torch.no_grad():
