@@ -599,9 +599,14 @@ def test_client_that_disconnects_frees_its_slot(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
     deadline = time.time() + 10
-    while server.metrics()["nanoseek_requests_running"] and time.time() < deadline:
+    while time.time() < deadline:
+        after = server.metrics()
+        if after["nanoseek_requests_aborted_total"] > m["nanoseek_requests_aborted_total"]:
+            break
         time.sleep(0.05)
-    assert server.metrics()["nanoseek_requests_running"] == 0
+    assert after["nanoseek_requests_aborted_total"] == m["nanoseek_requests_aborted_total"] + 1
+    assert after["nanoseek_requests_running"] == 0 and after["nanoseek_kv_cache_blocks_used"] == 0
+    assert after["nanoseek_generation_tokens_total"] - m["nanoseek_generation_tokens_total"] < 450
 
 
 @pytest.mark.slow

@@ -163,7 +163,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     async def list_models() -> P.ModelList:
         return P.ModelList(data=[P.ModelCard(id=config.model_name, created=started, max_model_len=engine.max_len)])
 
-    @app.get("/v1/models/{model_id}", response_model=P.ModelCard, tags=["openai"], responses={404: errors[404]})
+    @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard, tags=["openai"], responses={404: errors[404]})
     async def get_model(model_id: str) -> P.ModelCard:
         api.check_model(model_id, param=None)
         return P.ModelCard(id=config.model_name, created=started, max_model_len=engine.max_len)

@@ -6,7 +6,8 @@
 Each client sends streaming chat completions (`ignore_eos`, so every answer is --max-tokens long) one after
 another until --requests have been sent in all. Reported per round, then as medians over rounds: aggregate
 output tokens/s (completion tokens / wall time of the round), time to first token and inter-token latency
-(gaps between streamed chunks) at p50 and p99, and the cost of a million output tokens at --price-per-hour.
+(per token: the requests ask for `logprobs`, so every token is announced even when its text is held back,
+e.g. part of a UTF-8 character) at p50 and p99, and the cost of a million output tokens at --price-per-hour.
 
 With --model the benchmark starts the server itself (on a free loopback port) and, interleaved with the
 server rounds, runs the same requests on the engine in-process (`Engine.generate`, no HTTP): the ratio of
@@ -41,6 +42,7 @@ class BenchConfig:
     price_per_hour: float = 1.0
     rounds: int = 3
     max_batch_size: int = 32
+    threads: int | None = None  # torch threads of the server and the in-process engine (default: torch's)
 
 
 @dataclass
@@ -115,18 +117,21 @@ async def _one_request(http: httpx.AsyncClient, body: dict, result: RoundResult)
                 raise RuntimeError(f"generation failed: {chunk['error']['message']}")
             if chunk.get("usage"):
                 result.tokens += chunk["usage"]["completion_tokens"]
-            if any(c["delta"].get("content") or c["delta"].get("reasoning_content") for c in chunk["choices"]):
+            n = sum(len((c.get("logprobs") or {}).get("content") or []) for c in chunk["choices"])
+            if n:  # tokens in this chunk (logprobs name each one, even those whose text is held back)
                 now = time.perf_counter()
                 if last is None:
                     result.ttft_s.append(now - t0)
+                    n -= 1
                 else:
-                    result.itl_s.append(now - last)
+                    result.itl_s.extend([(now - last) / n] * n)
                 last = now
 
 
 async def _server_round(url: str, model: str, cfg: BenchConfig) -> RoundResult:
     body = {"model": model, "messages": [{"role": "user", "content": cfg.prompt}], "max_tokens": cfg.max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+            "logprobs": True}
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     result = RoundResult(tokens=0, wall_s=0.0)
     left = cfg.requests
@@ -161,10 +166,16 @@ def run_bench(cfg: BenchConfig) -> dict:
     server = engine = None
     if cfg.model:
         print(f"starting `nanoseek serve --model {cfg.model}` on a free loopback port ...", flush=True)
-        server = ServerProcess(cfg.model, "--max-batch-size", str(cfg.max_batch_size), "--log-level", "warning")
+        threads = ["--threads", str(cfg.threads)] if cfg.threads else []
+        server = ServerProcess(cfg.model, "--max-batch-size", str(cfg.max_batch_size), "--log-level", "warning",
+                               *threads)
         server.wait_ready()
+        import torch
+
         from ..engine import Engine
 
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         engine = Engine(cfg.model, max_batch_size=cfg.max_batch_size)
     url = server.url if server else cfg.url.rstrip("/").removesuffix("/v1")
     try:
