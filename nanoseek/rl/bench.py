@@ -154,6 +154,16 @@ def _trl_round(s: BenchSettings, ckpt: Path, task, problems, out_dir: Path) -> t
 
 def run_bench(s: BenchSettings, out: TextIO = sys.stdout) -> dict[str, float]:
     """Run the interleaved benchmark, print a table and the ratio; returns the medians."""
+    threads = torch.get_num_threads()
+    if s.threads > 0:
+        torch.set_num_threads(s.threads)
+    try:
+        return _run(s, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(s: BenchSettings, out: TextIO) -> dict[str, float]:
     from ..tasks import get_task
 
     if not s.skip_trl:
@@ -166,8 +176,6 @@ def run_bench(s: BenchSettings, out: TextIO = sys.stdout) -> dict[str, float]:
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
         warnings.filterwarnings("ignore")
-    if s.threads > 0:
-        torch.set_num_threads(s.threads)
     task = get_task(s.task)
 
     rng = random.Random(f"bench-{s.seed}")
