@@ -355,5 +355,9 @@ class PackedBatches:
         return position / self.n_windows
 
     def get(self, position: int, n: int) -> Batch:
-        toks, docs = zip(*(self.split.window(self.window_start(position + j), self.seq_len + 1) for j in range(n)))
+        """Windows position, ..., position+n-1: a (n, seq_len+1) batch."""
+        return self.take(range(position, position + n))
+
+    def take(self, positions) -> Batch:
+        toks, docs = zip(*(self.split.window(self.window_start(p), self.seq_len + 1) for p in positions))
         return Batch(torch.from_numpy(np.stack(toks)), torch.from_numpy(np.stack(docs)))

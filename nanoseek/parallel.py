@@ -4,16 +4,18 @@
 
 - `init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts the process
   group: gloo on CPU, nccl on CUDA. Without torchrun it is a no-op (world size 1).
-- Data parallel is PyTorch's own `DistributedDataParallel`: every rank holds the whole model, runs its
-  share of the global batch, and DDP averages the gradients.
+- Data parallel is PyTorch's own `DistributedDataParallel` (every rank holds the whole model, runs its
+  share of the global batch, and DDP averages the gradients), or FSDP2 (`fully_shard`: each rank holds a
+  1/W shard of every parameter, gradient and optimizer state; a block's weights are all-gathered for its
+  forward and backward, its gradients reduce-scattered).
 - Expert parallel (DeepSeek-V3 §3.2, "EP"): rank r holds routed experts [r·E/W, (r+1)·E/W) of every MoE
   layer. `ExpertParallelExperts` replaces `MoE.experts`: the router still runs locally on every rank, the
   tokens (already sorted by expert) travel to the rank that owns their expert with one `all_to_all`, come
   back with another, and autograd runs the same exchanges in reverse. Everything else is replicated and
   data-parallel under DDP, which is told to leave the expert slices alone; their gradients are already sums
   over all ranks' tokens and only need the data-parallel 1/W.
-- Checkpoints stay independent of the world size: `gather_full` concatenates expert slices (and their
-  optimizer state) back to full tensors, `local_slice` cuts a full tensor down to this rank's slice.
+- Checkpoints stay independent of the world size: `gather_full` turns expert slices and FSDP shards (and
+  their optimizer state) back into full tensors, `local_slice` cuts a full tensor down to this rank's part.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .errors import NanoseekError
 from .moe import Experts, MoE
@@ -145,12 +148,14 @@ def expert_parallel_params(model: nn.Module) -> dict[str, ExpertParallelExperts]
 
 
 def gather_full(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full tensors from per-rank slices: entries named after expert-parallel parameters (or prefixed by
-    such a name and '::', as optimizer state is) are all_gathered along dim 0. Collective: every rank calls
-    it with the same names in the same order."""
+    """Full tensors from per-rank parts: FSDP shards (DTensors) are all-gathered, and entries named after
+    expert-parallel parameters (or prefixed by such a name and '::', as optimizer state is) are gathered
+    along dim 0. Collective: every rank calls it with the same names in the same order."""
     sliced = expert_parallel_params(model)
     out = {}
     for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
         mod = sliced.get(name.split("::")[0])
         if mod is None or t.dim() == 0:
             out[name] = t
@@ -161,12 +166,20 @@ def gather_full(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def local_slice(model: nn.Module, name: str, full: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a full tensor if `name` (before any '::') is an expert-parallel parameter."""
+def local_slice(model: nn.Module, name: str, full: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's part of a full tensor: its expert slice if `name` (before any '::') is an expert-parallel
+    parameter; a DTensor sharded as `like` if `like` is one (FSDP). No communication."""
+    if isinstance(like, DTensor):
+        return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
     mod = expert_parallel_params(model).get(name.split("::")[0])
     if mod is None or full.dim() == 0:
         return full
     return full[mod.ep_rank * mod.n_local : (mod.ep_rank + 1) * mod.n_local]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Does this rank hold only part of the model (FSDP shards or expert slices)?"""
+    return bool(expert_parallel_params(model)) or any(isinstance(p, DTensor) for p in unwrap(model).parameters())
 
 
 def wrap_ddp(model: nn.Module, device: str = "cpu") -> nn.Module:
@@ -180,6 +193,39 @@ def wrap_ddp(model: nn.Module, device: str = "cpu") -> nn.Module:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sliced)
     device_ids = [torch.device(device).index or 0] if device.startswith("cuda") else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+
+
+def apply_fsdp(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
+    """FSDP2: shard each transformer block on its own (gathered just for its forward and backward), then the
+    root, which keeps the rest (embedding, final norm, head, MTP projections). `root` must be the module
+    whose forward runs the training step, so its hooks gather the root parameters. Gradients are
+    reduce-scattered as averages over ranks, as DDP's are."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(root)
+    return root
+
+
+def no_gradient_sync(wrapped: nn.Module):
+    """A context for the micro-steps of gradient accumulation that skips the gradient communication."""
+    import contextlib
+
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+
+        @contextlib.contextmanager
+        def paused():
+            wrapped.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                wrapped.set_requires_gradient_sync(True)
+
+        return paused()
+    return contextlib.nullcontext()
 
 
 def finish_expert_grads(model: nn.Module) -> None:
@@ -199,10 +245,9 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     clipping. max_norm <= 0 only measures."""
     sliced = {id(getattr(mod, n.rsplit(".", 1)[1])) for n, mod in expert_parallel_params(model).items()}
     params = [p for p in model.parameters() if p.grad is not None]
-    if not sliced:
-        if max_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    if not sliced:  # replicated (DDP) or FSDP-sharded gradients: torch computes the global norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     replicated = [p.grad for p in params if id(p) not in sliced]
     local = [p.grad for p in params if id(p) in sliced]
     sq = torch.stack([g.float().pow(2).sum() for g in local]).sum()

@@ -88,9 +88,11 @@ class TrainConfig:
     dtype: str = "auto"  # "fp32", or "bf16" autocast; "auto": bf16 on CUDA with bf16 support, else fp32
     compile: bool = False  # torch.compile the training forward
     expert_parallel: bool = False  # under torchrun: split the routed experts over ranks
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard) instead of DDP
     # evaluation, checkpoints, logs
     eval_every: int = 100  # steps between held-out evaluations (0 = only at the end, -1 = never)
-    eval_batches: int = 4  # micro-batches per rank per evaluation
+    eval_sequences: int = 32  # held-out windows per evaluation, in total (the same set whatever the parallelism)
+    eval_batches: int | None = None  # deprecated: eval_sequences = eval_batches x batch_size
     save_every: int = 500  # steps between checkpoints (and always at the end); 0 = end only
     keep_last: int = 3
     log_every: int = 1
@@ -124,7 +126,11 @@ class TrainConfig:
         need(self.aux_loss_alpha is None or self.aux_loss_alpha >= 0, "aux_loss_alpha must be >= 0")
         need(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         need(self.eval_every >= -1 and self.save_every >= 0, "eval_every must be >= -1 and save_every >= 0")
-        need(self.eval_batches >= 1, "eval_batches must be >= 1")
+        need(self.eval_sequences >= 1, "eval_sequences must be >= 1")
+        if self.eval_batches is not None:  # the older spelling
+            need(self.eval_batches >= 1, "eval_batches must be >= 1")
+            self.eval_sequences = self.eval_batches * self.batch_size
+            self.eval_batches = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -286,7 +292,7 @@ def pretrain(model: ModelConfig | Transformer, cfg: TrainConfig, data: Dataset |
 
     resume: True continues from the run's latest checkpoint (a path: from that checkpoint); the model's
     weights, optimizer, schedule, data position and RNG all come from it, so the loss curve continues as
-    if never interrupted. Works the same under torchrun (DDP, optionally expert-parallel).
+    if never interrupted. Works the same under torchrun (DDP or FSDP2, or DDP with expert parallelism).
     """
     cfg.validate()
     run_dir = Path(run_dir)
@@ -322,7 +328,12 @@ def pretrain(model: ModelConfig | Transformer, cfg: TrainConfig, data: Dataset |
     if cfg.expert_parallel:
         parallel.apply_expert_parallel(model)
     objective: nn.Module = PretrainObjective(model, mtp_depth)
-    if world > 1:
+    if world > 1 and cfg.fsdp:
+        # An MTP block's shared_head.norm is called outside the block's forward, so its attention and MoE
+        # are the sharded units and its small norms and eh_proj stay with the root.
+        units = list(model.layers) + [m for b in model.mtp[:mtp_depth] for m in (b.self_attn, b.mlp)]
+        objective = parallel.apply_fsdp(objective, units)
+    elif world > 1:
         objective = parallel.wrap_ddp(objective, str(device))
     forward = torch.compile(objective) if cfg.compile else objective
 
@@ -380,7 +391,7 @@ def pretrain(model: ModelConfig | Transformer, cfg: TrainConfig, data: Dataset |
         return b.targets(k) if cfg.doc_mask else b.tokens[:, 1 + k :]
 
     def run_eval() -> float:
-        return evaluate(forward, eval_batches, cfg.batch_size, cfg.eval_batches, device, autocast, cfg.doc_mask)
+        return evaluate(forward, eval_batches, cfg.eval_sequences, cfg.batch_size, device, autocast, cfg.doc_mask)
 
     def checkpoint() -> Path:
         return save_checkpoint(run_dir, step, model, tokenizer=ds.tokenizer, optimizer=optimizer,
@@ -403,7 +414,7 @@ def pretrain(model: ModelConfig | Transformer, cfg: TrainConfig, data: Dataset |
                 mask = mb.attention_mask() if cfg.doc_mask else None
                 targets = [targets_of(mb, k) for k in range(1 + mtp_depth)]
                 sync = (contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1
-                        else objective.no_sync())
+                        else parallel.no_gradient_sync(objective))
                 with sync:
                     with autocast:
                         sums, aux = forward(mb.inputs, targets, mask)
@@ -467,22 +478,26 @@ def pretrain(model: ModelConfig | Transformer, cfg: TrainConfig, data: Dataset |
 
 
 @torch.no_grad()
-def evaluate(forward: nn.Module, batches: PackedBatches, batch_size: int, n_batches: int, device: torch.device,
-             autocast, doc_mask: bool = True) -> float:
-    """Mean next-token cross-entropy over the first windows of the held-out split, shared out over ranks
-    (every rank runs the same number of forwards, as expert parallelism needs)."""
+def evaluate(forward: nn.Module, batches: PackedBatches, n_sequences: int, batch_size: int, device: torch.device,
+             autocast=contextlib.nullcontext(), doc_mask: bool = True) -> float:
+    """Mean next-token cross-entropy over the first `n_sequences` windows of the held-out split: the same
+    windows, so the same number, whatever the batch size and world size. Rank r takes windows r, r+W, ...;
+    every rank runs the same number of forwards (FSDP and expert parallelism communicate inside them), a
+    rank out of windows with one dummy window that is not counted."""
     rank, world = parallel.rank(), parallel.world_size()
-    per_rank = max(1, min(n_batches * batch_size, batches.n_windows // world))
+    n = min(n_sequences, batches.n_windows)
+    mine = list(range(rank, n, world))
     forward.train(False)
     total = torch.zeros(2, device=device)
     try:
-        for start in range(0, per_rank, batch_size):
-            n = min(batch_size, per_rank - start)
-            mb = batches.get(rank * per_rank + start, n).to(device)
+        for f in range(math.ceil(math.ceil(n / world) / batch_size)):
+            rows = mine[f * batch_size : (f + 1) * batch_size]
+            mb = batches.take(rows or [0]).to(device)
             tgt = mb.targets(0) if doc_mask else mb.tokens[:, 1:]
             with autocast:
                 sums, _ = forward(mb.inputs, [tgt], mb.attention_mask() if doc_mask else None)
-            total += torch.stack((sums[0].float(), (tgt != IGNORE_INDEX).sum().float()))
+            if rows:
+                total += torch.stack((sums[0].float(), (tgt != IGNORE_INDEX).sum().float()))
     finally:
         forward.train(True)
     parallel.all_reduce_sum(total)
@@ -500,6 +515,10 @@ def _check_compatible(cfg: TrainConfig, model_cfg: ModelConfig, ds: Dataset, mtp
     if cfg.seq_len > model_cfg.max_position_embeddings:
         raise TrainError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                          f"{model_cfg.max_position_embeddings}")
+    if cfg.fsdp and world == 1:
+        raise TrainError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+    if cfg.fsdp and cfg.expert_parallel:
+        raise TrainError("--fsdp and --expert-parallel do not combine: expert parallelism runs with DDP")
     if cfg.expert_parallel and world == 1:
         raise TrainError("--expert-parallel needs several processes: launch with torchrun --nproc_per_node N")
     if cfg.expert_parallel and model_cfg.n_routed_experts % world:

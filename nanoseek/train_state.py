@@ -17,8 +17,8 @@ Atomic: everything goes into `checkpoints/.tmp-step_00000100-<pid>/`, each file 
 checkpoints only, or the new one complete. `latest_checkpoint` ignores `.tmp-*` leftovers (the next save
 removes them). Nothing is pickled: tensors go to safetensors, the rest to JSON.
 
-Checkpoints do not depend on the world size: under expert parallelism the expert slices and their
-optimizer state are gathered to full tensors before writing and sliced again on load. Under
+Checkpoints do not depend on the world size: FSDP shards and expert-parallel slices, and their optimizer
+state, are gathered to full tensors before writing and cut to this rank's part again on load. Under
 torch.distributed every rank calls `save_checkpoint` (the gathers are collective); rank 0 writes.
 """
 
@@ -85,7 +85,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, *, 
     final = checkpoint_path(run_dir, step)
     model_tensors = parallel.gather_full(plain, dict(plain.state_dict()))
     optim_tensors, groups = _optimizer_tensors(plain, optimizer) if optimizer is not None else ({}, None)
-    optim_tensors = parallel.gather_full(plain, optim_tensors)
+    optim_tensors = {k: v.cpu().contiguous() for k, v in parallel.gather_full(plain, optim_tensors).items()}
     rng_tensors = _rng_tensors()
     if parallel.rank() == 0:
         root = final.parent
@@ -129,7 +129,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, *, 
 
 def _write_model(plain: nn.Module, full_state: dict[str, torch.Tensor], out: Path) -> None:
     """save_pretrained of the model with its full (gathered) weights."""
-    if not parallel.expert_parallel_params(plain):
+    if not parallel.is_sharded(plain):
         save_pretrained(plain, out)
         return
     from .model import Transformer
@@ -154,7 +154,7 @@ def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tu
             for key, value in optimizer.state.get(p, {}).items():
                 if not torch.is_tensor(value):
                     value = torch.tensor(value)
-                tensors[f"{names[id(p)]}::{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{names[id(p)]}::{key}"] = value.detach()
     return tensors, groups
 
 
@@ -206,7 +206,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer: tor
         own = plain.state_dict()
         for name, value in saved.state_dict().items():
             if name in own:
-                own[name].copy_(parallel.local_slice(plain, name, value).to(own[name].dtype))
+                own[name].copy_(parallel.local_slice(plain, name, value.to(own[name].dtype), like=own[name]))
     del saved
     if optimizer is not None:
         _load_optimizer(path, plain, optimizer, meta.get("optimizer"))
@@ -231,7 +231,8 @@ def _load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             name, _, field = key.partition("::")
             if name not in params:
                 raise CheckpointError(f"optimizer state for unknown parameter {name} in {file}")
-            value = parallel.local_slice(model, name, f.get_tensor(key))
+            value = f.get_tensor(key)
+            value = parallel.local_slice(model, name, value, like=params[name] if value.dim() else None)
             # Optimizer.load_state_dict moves each value to its parameter's device (and keeps "step" where
             # the optimizer wants it).
             state.setdefault(index[id(params[name])], {})[field] = value

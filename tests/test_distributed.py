@@ -1,8 +1,9 @@
 """Scale-out: `torchrun --nproc_per_node 2` (gloo on CPU) trains the same curve as one process with the same
-global batch, data-parallel (DDP) and expert-parallel (each rank holds half the routed experts, tokens
-travel by all_to_all); checkpoints do not depend on the world size."""
+global batch: data-parallel with DDP or FSDP2 (fully_shard), and expert-parallel (each rank holds half the
+routed experts, tokens travel by all_to_all); checkpoints do not depend on the world size or sharding."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ MODEL = get_preset("tiny", vocab_size=384, hidden_size=64, intermediate_size=192
                    num_hidden_layers=2, q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                    v_head_dim=16)
 FLAGS = ["--seq-len", "64", "--lr", "3e-3", "--warmup-steps", "1", "--max-steps", "4", "--save-every", "2",
-         "--eval-every", "2", "--eval-batches", "2", "--no-progress"]
+         "--eval-every", "2", "--eval-sequences", "6", "--no-progress"]
 REL = 1e-4  # fp32 sums in a different order (per-rank partial sums, all_reduce) than one process
 
 
@@ -39,10 +40,10 @@ def setup(tmp_path_factory):
     return root, common
 
 
-def torchrun(run_dir, args):
+def torchrun(run_dir, args, batch=("--batch-size", "2")):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "nanoseek.cli", "pretrain", str(run_dir), "--batch-size", "2", *args]
+           "-m", "nanoseek.cli", "pretrain", str(run_dir), *batch, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -71,6 +72,19 @@ def test_ddp_two_processes_match_one(setup):
     assert_same_run(root / "single", root / "ddp")
 
 
+def test_fsdp_two_processes_match_one_and_resume_a_single_process_run(setup):
+    root, common = setup
+    micro = ("--batch-size", "1", "--grad-accum", "2")  # 2 ranks x 2 micro-batches x 1 = the global 4
+    torchrun(root / "fsdp", common + ["--fsdp"], micro)
+    assert_same_run(root / "single", root / "fsdp")
+    # A single-process checkpoint loads into the shards and continues the curve.
+    resumed = root / "fsdp_resumed"
+    shutil.copytree(root / "single", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    torchrun(resumed, ["--resume", "--fsdp", "--no-progress"], micro)
+    assert_same_run(root / "single", resumed)
+
+
 def test_expert_parallel_matches_one_process_and_resumes_anywhere(setup):
     root, common = setup
     proc = torchrun(root / "ep", common + ["--expert-parallel"])
@@ -78,8 +92,6 @@ def test_expert_parallel_matches_one_process_and_resumes_anywhere(setup):
     assert_same_run(root / "single", root / "ep")
     # The expert-parallel run's step-2 checkpoint resumes in one process (same global batch of 4) and
     # continues the single-process curve.
-    import shutil
-
     resumed = root / "ep_resumed"
     shutil.copytree(root / "ep", resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")

@@ -3,7 +3,7 @@
     nanoseek pretrain runs/tiny --preset tiny --task arithmetic --task-docs 20000 --max-steps 500
     nanoseek pretrain runs/text --preset small --corpus book.txt notes.jsonl --seq-len 512
     nanoseek pretrain runs/tiny --resume                 # continue where the run (or a kill) left it
-    torchrun --nproc_per_node 2 -m nanoseek.cli pretrain runs/ddp --preset tiny --task arithmetic [--expert-parallel]
+    torchrun --nproc_per_node 2 -m nanoseek.cli pretrain runs/ddp --preset tiny --task arithmetic [--fsdp | --expert-parallel]
     nanoseek plot runs/tiny                              # runs/tiny/plots/*.png
     nanoseek bench train --preset small                  # tokens/s against transformers, and MFU
 
@@ -47,7 +47,7 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--device": ("device", str, "auto, cpu, cuda, cuda:N (default auto)"),
     "--dtype": ("dtype", str, "auto, fp32 or bf16 autocast (default auto: bf16 on CUDA, fp32 on CPU)"),
     "--eval-every": ("eval_every", int, "steps between held-out evaluations; 0 = end only, -1 = never (default 100)"),
-    "--eval-batches": ("eval_batches", int, "micro-batches per process per evaluation (default 4)"),
+    "--eval-sequences": ("eval_sequences", int, "held-out sequences per evaluation, in total (default 32)"),
     "--save-every": ("save_every", int, "steps between checkpoints; 0 = end only (default 500)"),
     "--keep-last": ("keep_last", int, "checkpoints kept (default 3)"),
     "--log-every": ("log_every", int, "steps between metric lines (default 1)"),
@@ -56,10 +56,11 @@ SWITCHES = {  # argparse dest -> (TrainConfig field, value when the flag is give
     "no_doc_mask": ("doc_mask", False),
     "compile": ("compile", True),
     "expert_parallel": ("expert_parallel", True),
+    "fsdp": ("fsdp", True),
 }
 
 
-LAUNCH_FIELDS = ("device", "compile", "expert_parallel")
+LAUNCH_FIELDS = ("device", "compile", "expert_parallel", "fsdp")
 
 
 def _train_config(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
@@ -121,8 +122,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         cfg = _train_config(args, TrainConfig())
         cfg.validate()
         check_run_dir(run_dir, False)  # refuse to overwrite a run before any tokenizing starts
-        if cfg.expert_parallel and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-            raise TrainError("--expert-parallel needs several processes: launch with torchrun --nproc_per_node N")
+        for flag, on in (("--expert-parallel", cfg.expert_parallel), ("--fsdp", cfg.fsdp)):
+            if on and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+                raise TrainError(f"{flag} needs several processes: launch with torchrun --nproc_per_node N")
         if bool(args.preset) == bool(args.init):
             raise TrainError("give the model as exactly one of --preset NAME or --init CHECKPOINT")
         if sum(bool(x) for x in (args.corpus, args.task, args.data)) != 1:
@@ -186,10 +188,16 @@ def cmd_plot(args: argparse.Namespace) -> None:
 def cmd_bench_train(args: argparse.Namespace) -> None:
     """Training steps of nanoseek and of transformers' DeepseekV3ForCausalLM on the same weights and batches.
 
-    One step = forward, cross-entropy, backward, clip, AdamW step, for both. nanoseek's step is the trainer's
-    own objective (with the aux-loss-free bias update); MTP is off (transformers has no MTP training) and
-    the batches are single documents (no document mask), so both compute the same function.
+    One step = forward, cross-entropy, backward, clip, fused AdamW step, for every side. nanoseek's step is the
+    trainer's own objective plus the aux-loss-free bias update; MTP is off (transformers does not train MTP)
+    and every sequence is one document (no document mask), so all sides compute the same function. The sides
+    take turns step by step, so load on a shared machine hits them alike. Wall-clock medians are the result;
+    CPU-time medians (process time / threads) are printed beside them because they hardly move with the
+    machine's load. transformers runs its default experts implementation (grouped_mm on this version);
+    --hf-eager-experts adds its expert-by-expert loop as a further row.
     """
+    import os as _os
+
     import torch.nn.functional as F
 
     from ..config import get_preset
@@ -203,62 +211,77 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         raise NanoseekError("bench train compares against transformers: pip install 'transformers>=5.20'") from None
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     cfg = get_preset(args.preset, num_nextn_predict_layers=0)
     torch.manual_seed(0)
     ours = Transformer(cfg).train()
+    hf = {}
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
-        theirs = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
+        hf["transformers"] = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
+        if args.hf_eager_experts:
+            hf["transformers (eager experts)"] = AutoModelForCausalLM.from_pretrained(
+                d, dtype=torch.float32, experts_implementation="eager").train()
     objective = PretrainObjective(ours, 0)
-    ours_step = torch.compile(objective) if args.compile else objective
+    forward = torch.compile(objective) if args.compile else objective
     B, T = args.batch, args.seq
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, cfg.vocab_size, (B, T + 1), generator=gen) for _ in range(args.steps + 1)]
 
-    def optim(m):
+    def adamw(m):
         return torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
-    opt_ours, opt_theirs = optim(ours), optim(theirs)
+    def ours_step(opt):
+        def step(x):
+            sums, _ = forward(x[:, :-1], [x[:, 1:]], None)
+            (sums[0] / x[:, 1:].numel()).backward()
+            torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            update_bias(ours, 1e-3)
+        return step
 
-    def step_ours(x):
-        sums, _ = ours_step(x[:, :-1], [x[:, 1:]], None)
-        (sums[0] / x[:, 1:].numel()).backward()
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0, foreach=True)
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
-        update_bias(ours, 1e-3)
+    def hf_step(model, opt):
+        def step(x):
+            logits = model(x[:, :-1]).logits
+            F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
 
-    def step_theirs(x):
-        logits = theirs(x[:, :-1]).logits
-        F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
-        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0, foreach=True)
-        opt_theirs.step()
-        opt_theirs.zero_grad(set_to_none=True)
-
-    def timed(fn, x) -> float:
-        t0 = time.perf_counter()
-        fn(x)
-        return time.perf_counter() - t0
-
-    print(f"preset {args.preset} (MTP off), batch {B} x {T} tokens, {torch.get_num_threads()} threads, fp32, "
-          f"{'torch.compile' if args.compile else 'eager'}; {args.steps} interleaved steps each after a warm-up")
-    step_ours(batches[0]), step_theirs(batches[0])  # warm-up (and compilation)
-    t_ours, t_theirs = [], []
+    sides = {f"nanoseek{' (compiled)' if args.compile else ''}": ours_step(adamw(ours))}
+    sides.update({name: hf_step(m, adamw(m)) for name, m in hf.items()})
+    print(f"preset {args.preset} (MTP off), batch {B} x {T} tokens, {threads} threads, fp32; {args.steps} steps "
+          f"per side, interleaved, after a warm-up; load average {_os.getloadavg()[0]:.1f} on "
+          f"{_os.cpu_count()} CPUs", flush=True)
+    for step in sides.values():  # warm-up (and compilation)
+        step(batches[0])
+    wall: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
     for x in batches[1:]:
-        t_theirs.append(timed(step_theirs, x))
-        t_ours.append(timed(step_ours, x))
-    tok = B * T
-    ours_tps, theirs_tps = tok / statistics.median(t_ours), tok / statistics.median(t_theirs)
+        for name, step in sides.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            step(x)
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append((time.process_time() - c0) / threads)
     flops = training_flops_per_token(cfg, T)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(torch.device("cpu"), torch.float32)
-    print(f"{'':14}{'tokens/s':>10}{'step s (median)':>17}{'MFU':>8}")
-    for name, tps, ts in (("nanoseek", ours_tps, t_ours), ("transformers", theirs_tps, t_theirs)):
-        mfu = f"{flops * tps / peak:7.1%}" if peak else "    n/a"
-        print(f"{name:14}{tps:10.0f}{statistics.median(ts):17.3f}{mfu:>8}")
-    print(f"ratio nanoseek / transformers: {ours_tps / theirs_tps:.2f}x")
+    print(f"{'':30}{'tokens/s':>10}{'step s':>9}{'MFU':>8}   {'tokens/s by CPU time':>20}{'MFU':>8}")
+    rate = {}
+    for name in sides:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        rate[name] = (B * T / w, B * T / c)
+        mfu = [f"{flops * r / peak:8.1%}" if peak else "     n/a" for r in rate[name]]
+        print(f"{name:30}{rate[name][0]:10.0f}{w:9.2f}{mfu[0]}   {rate[name][1]:20.0f}{mfu[1]}")
+    ours_name = next(iter(sides))
+    for name in hf:
+        print(f"ratio nanoseek / {name}: {rate[ours_name][0] / rate[name][0]:.2f}x wall-clock, "
+              f"{rate[ours_name][1] / rate[name][1]:.2f}x by CPU time")
     if peak:
-        print(f"MFU counts {flops / 1e6:.1f} MFLOP per token (6 x activated parameters + causal attention) against "
-              f"a peak of {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads; --peak-tflops to override)")
+        print(f"MFU: {flops / 1e6:.1f} MFLOP per token (6 x activated "
+              f"parameters + causal attention) over a peak of {peak / 1e9:.1f} GFLOP/s ({threads} threads x "
+              "FLOPs/cycle x base clock; --peak-tflops to override)")
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -291,6 +314,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     g.add_argument("--no-doc-mask", action="store_true",
                    help="let packed documents attend to each other (faster; default: masked)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
     g.add_argument("--expert-parallel", action="store_true",
                    help="under torchrun: each process holds a slice of the routed experts (all_to_all dispatch)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
@@ -310,5 +335,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     b.add_argument("--steps", type=int, default=5, help="timed steps per side (median reported)")
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--compile", action="store_true", help="torch.compile nanoseek's training forward")
+    b.add_argument("--hf-eager-experts", action="store_true",
+                   help="also time transformers with its expert-by-expert loop (experts_implementation='eager')")
     b.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: estimated)")
     b.set_defaults(func=cmd_bench_train)
