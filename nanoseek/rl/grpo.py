@@ -215,10 +215,15 @@ class Batch:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                                             if isinstance(getattr(self, f.name), torch.Tensor)})
 
+    def rows(self, groups: Sequence[int]) -> torch.Tensor:
+        """Row indices of the completions of `groups`, group by group."""
+        g = torch.as_tensor(list(groups), dtype=torch.long)
+        return (g[:, None] * self.group_size + torch.arange(self.group_size)).flatten()
+
     def select(self, groups: Sequence[int]) -> Batch:
         """The sub-batch of whole groups, padding trimmed to its own longest prompt and completion."""
         g = torch.as_tensor(list(groups), dtype=torch.long)
-        rows = (g[:, None] * self.group_size + torch.arange(self.group_size)).flatten()
+        rows = self.rows(groups)
         tp, tc = int(self.prompt_lens[g].max()), max(int(self.lengths[rows].max()), 1)
 
         def cut(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -496,21 +501,21 @@ class GRPOTrainer:
         return sampled, flat, {"time/rollout_s": t_gen, "time/reward_s": t_rew}
 
     # ---- 3. the policy update -------------------------------------------------------------------
-    def _micro_batches(self, batch: Batch, groups: Sequence[int]) -> list[Batch]:
+    def _micro_groups(self, batch: Batch, groups: Sequence[int]) -> list[list[int]]:
+        """`groups` split into micro-batches of whole groups, longest completions first, so that each
+        micro-batch pads to lengths close to its own (the padding is trimmed per micro-batch)."""
         per = max(1, self.cfg.micro_batch_size // batch.group_size)
-        return [batch.select(groups[i : i + per]) for i in range(0, len(groups), per)]
+        longest = batch.lengths.view(-1, batch.group_size).amax(dim=1).tolist()
+        order = sorted(groups, key=lambda g: -longest[g])
+        return [order[i : i + per] for i in range(0, len(order), per)]
 
     @torch.no_grad()
     def _fill_logps(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """A no-grad forward of `model` over the whole batch, (N, Tc)."""
         out = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)
-        per = max(1, self.cfg.micro_batch_size // batch.group_size)
-        for start in range(0, batch.n_groups, per):
-            groups = list(range(start, min(start + per, batch.n_groups)))
-            sub = batch.select(groups)
-            lp, _ = sequence_logprobs(model, sub, self.cfg.temperature)
-            rows = slice(start * batch.group_size, (start + len(groups)) * batch.group_size)
-            out[rows, : lp.shape[1]] = lp
+        for groups in self._micro_groups(batch, range(batch.n_groups)):
+            lp, _ = sequence_logprobs(model, batch.select(groups), self.cfg.temperature)
+            out[batch.rows(groups), : lp.shape[1]] = lp
         return out
 
     def update(self, batch: Batch, step: int) -> dict[str, float]:
@@ -534,10 +539,10 @@ class GRPOTrainer:
             order = torch.randperm(batch.n_groups, generator=gen).tolist() if cfg.num_minibatches > 1 else \
                 list(range(batch.n_groups))
             for mb, groups in enumerate(_split(order, cfg.num_minibatches)):
-                rows = (torch.tensor(groups)[:, None] * batch.group_size + torch.arange(batch.group_size)).flatten()
+                rows = batch.rows(groups)
                 n_seqs, n_tokens = len(rows), float(batch.mask[rows].sum())
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro in self._micro_batches(batch, groups):
+                for micro in map(batch.select, self._micro_groups(batch, groups)):
                     logps, entropy = sequence_logprobs(self.model, micro, cfg.temperature, with_entropy=True)
                     old = micro.old_logps if micro.old_logps is not None else logps.detach()
                     out = grpo_loss(logps, old, micro.advantages, micro.mask, loss_type=cfg.loss_type,
