@@ -15,7 +15,7 @@ import sys
 
 from .errors import NanoseekError
 
-COMMAND_MODULES = ("model", "serve", "rl", "train", "generate")
+COMMAND_MODULES = ("model", "serve", "rl", "train", "generate", "zero")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,178 @@
+"""`nanoseek zero` (nanoseek/rl/zero.py, rl/report.py): the smoke preset end to end through the CLI; the report's
+numbers equal the run's own files; the final checkpoint loads in the engine and in the server with the
+R1-Zero template; resume skips finished stages and finishes an interrupted one; the corpus is what the
+docs say it is."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from nanoseek.cli import main
+from nanoseek.rl.zero import (CONFIG_FILE, STAGES, CorpusPart, ZeroConfig, ZeroCorpus, corpus_stats, load_run_config,
+                              preset, task_label)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The smoke models are tiny: one thread is as fast, and far faster when other work shares the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("zero") / "run"
+    assert main(["zero", "--preset", "smoke", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
+    return out
+
+
+def _table_rows(report: str, header_start: str) -> list[list[str]]:
+    """The body rows of the markdown table whose header line starts with `header_start`."""
+    lines = report.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def _pct(cell: str) -> float:
+    return float(cell.rstrip("%")) / 100
+
+
+def test_smoke_run_writes_every_artifact(run):
+    for name in ("report.md", "config.json", "stages.json", "corpus.json", "eval_base.json", "eval_rl.json",
+                 "data/meta.json", "pretrain/metrics.jsonl", "grpo/metrics.jsonl", "base/config.json",
+                 "model/config.json", "model/model.safetensors", "model/tokenizer.json"):
+        assert (run / name).is_file(), name
+    for png in ("reward", "accuracy", "response_length", "pretrain_loss"):
+        data = (run / "plots" / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    stages = json.loads((run / "stages.json").read_text())
+    assert all(stages[s]["done"] and stages[s]["seconds"] > 0 for s in STAGES)
+
+
+def test_report_numbers_are_the_runs_own(run):
+    report = (run / "report.md").read_text()
+    cfg = load_run_config(run)
+    base, rl = (json.loads((run / f).read_text()) for f in ("eval_base.json", "eval_rl.json"))
+    label = task_label(cfg.demo_task())
+    rows = _table_rows(report, "| task | model | pass@1")
+    assert [r[:2] for r in rows] == [[label, "base"], [label, "after GRPO"]]
+    for row, ev in zip(rows, (base[label], rl[label])):
+        assert _pct(row[2]) == pytest.approx(ev["pass_at_1"], abs=5e-4)
+        assert _pct(row[3]) == pytest.approx(ev["pass_at_k"], abs=5e-4)
+        assert _pct(row[4]) == pytest.approx(ev["format_rate"], abs=5e-4)
+        assert float(row[8]) == pytest.approx(ev["mean_response_length"], abs=0.05)
+        assert ev["n_problems"] == cfg.eval.n_problems and ev["samples_per_problem"] == cfg.eval.samples
+        assert 0 <= ev["pass_at_1"] <= ev["pass_at_k"] <= 1
+
+    # wall time per stage: the table holds stages.json's numbers and their sum
+    stages = json.loads((run / "stages.json").read_text())
+    times = {r[0]: r[1] for r in _table_rows(report, "| stage | seconds")}
+    for s in STAGES:
+        assert float(times[s]) == pytest.approx(stages[s]["seconds"], abs=0.05)
+    assert float(times["**total**"].strip("*")) == pytest.approx(sum(stages[s]["seconds"] for s in STAGES), abs=0.2)
+
+    # GRPO: as many metric lines as steps; the report's length trend is read from them
+    grpo = [json.loads(line) for line in (run / "grpo/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in grpo] == list(range(1, cfg.grpo.max_steps + 1))
+    assert f"{len(grpo)} steps x {cfg.grpo.prompts_per_step} prompts" in report
+    lengths = [r["completion_length/mean"] for r in grpo]
+    early, late = lengths[: max(1, len(lengths) // 10)], lengths[-max(1, len(lengths) // 10):]
+    trend = _table_rows(report, "| target | measured")[3][1]
+    assert trend.startswith(f"{sum(early) / len(early):.1f} → {sum(late) / len(late):.1f} tokens")
+    # pretraining: the steps and the last held-out loss
+    pre = [json.loads(line) for line in (run / "pretrain/metrics.jsonl").read_text().splitlines()]
+    assert pre[-1]["step"] == cfg.train.max_steps
+    assert f"held-out loss {pre[-1]['loss/heldout']:.4f}" in report
+    # the corpus section and the config are there
+    corpus = json.loads((run / "corpus.json").read_text())["parts"][0]
+    assert f"| {corpus['task']} | {corpus['documents']:,} | {corpus['with_trace']:,} |" in report
+    assert json.loads(report.split("```json\n")[1].split("\n```")[0]) == json.loads((run / CONFIG_FILE).read_text())
+
+
+def test_final_checkpoint_serves_with_the_r1_zero_template(run):
+    from fastapi.testclient import TestClient
+
+    from nanoseek.engine import Engine
+    from nanoseek.sampling import SamplingParams
+    from nanoseek.server import ServerConfig, create_app
+    from nanoseek.tasks import prompt_text
+
+    engine = Engine(run / "model")
+    tok = engine.tokenizer
+    assert tok.chat_template == "r1_zero"
+    problem = load_run_config(run).demo_task().heldout(1)[0]
+    assert tok.apply_chat_template([{"role": "user", "content": problem.question}]) == prompt_text(problem)
+    out = engine.generate([prompt_text(problem)], SamplingParams(max_tokens=8, temperature=0))[0]
+    assert out.error is None and len(out.outputs[0].token_ids) >= 1
+
+    # the server's own loader and a chat completion through it
+    with TestClient(create_app(ServerConfig(model=str(run / "model")))) as client:
+        assert client.get("/v1/models").json()["data"][0]["id"] == "model"
+        r = client.post("/v1/chat/completions", json={"model": "model", "max_tokens": 8, "temperature": 0,
+                                                       "messages": [{"role": "user", "content": problem.question}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(tok.encode(prompt_text(problem)))
+
+
+def test_resume_skips_finished_stages_and_finishes_an_interrupted_one(run, capsys):
+    stages_path = run / "stages.json"
+    before = json.loads(stages_path.read_text())
+    # as if killed during eval_rl: the stage is not done and its output is gone
+    before["eval_rl"]["done"] = False
+    stages_path.write_text(json.dumps(before))
+    (run / "eval_rl.json").unlink()
+    assert main(["zero", "--out", str(run), "--resume", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for s in ("corpus", "tokenizer", "pretrain", "eval_base", "grpo"):
+        assert f"zero: {s}: done earlier" in out
+    assert "zero: eval_rl ..." in out and (run / "eval_rl.json").is_file()
+    after = json.loads(stages_path.read_text())
+    assert after["eval_rl"]["done"] and after["eval_rl"]["seconds"] > before["eval_rl"]["seconds"]
+    assert after["pretrain"] == before["pretrain"]
+
+
+def test_refuses_to_overwrite_or_to_resume_with_other_settings(run, tmp_path, capsys):
+    assert main(["zero", "--preset", "smoke", "--out", str(run), "--no-progress"]) == 2
+    assert "already holds a zero run; pass --resume" in capsys.readouterr().err
+    assert main(["zero", "--preset", "smoke", "--seed", "1", "--out", str(run), "--resume", "--no-progress"]) == 2
+    assert "other settings for" in capsys.readouterr().err
+    assert main(["zero", "--out", str(tmp_path / "none"), "--resume", "--no-progress"]) == 2
+    assert "holds no zero run" in capsys.readouterr().err
+
+
+def test_config_round_trips_through_json():
+    for name in ("default", "smoke"):
+        cfg = preset(name, seed=3)
+        again = ZeroConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+        assert again.to_dict() == cfg.to_dict() and again.seed == 3 and again.train.seed == 3
+
+
+def test_corpus_is_the_demo_task_with_a_fraction_of_traces():
+    parts = [CorpusPart("arithmetic", {"min_digits": 2, "max_digits": 2, "ops": "*"}, documents=400,
+                        reasoning_fraction=0.25)]
+    docs = list(ZeroCorpus(parts, seed=0))
+    assert docs == list(ZeroCorpus(parts, seed=0)) and len(docs) == 400
+    responses = [d.rsplit(" Assistant:", 1)[1] for d in docs]
+    traced = [r for r in responses if not r.startswith(" <think> </think>")]
+    assert 0.18 < len(traced) / len(docs) < 0.32
+    assert corpus_stats(parts, seed=0)[0]["with_trace"] == len(traced)
+    assert all("*" in r and "shift" in r for r in traced)  # the long multiplication trace
+    heldout = {p.key for p in preset("default").demo_task().heldout(500)}
+    questions = {re.search(r"User: What is (\d+) \* (\d+)\?", d).groups() for d in docs}
+    assert not {f"{a}*{b}" for a, b in questions} & heldout  # no held-out problem is pretrained on
+
+
+def test_unknown_preset_is_an_error():
+    from nanoseek.rl.zero import ZeroError
+
+    with pytest.raises(ZeroError, match="unknown zero preset"):
+        preset("huge")
