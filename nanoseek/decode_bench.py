@@ -47,6 +47,7 @@ class DecodeBenchConfig:
     rounds: int = 3
     threads: int | None = None
     no_reference: bool = False
+    bandwidth_mb: int = 256  # size of the copy that measures memory bandwidth (well past the caches)
 
 
 def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
@@ -154,7 +155,7 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
     def add(key: str, value: float) -> None:
         res.setdefault(key, []).append(value)
 
-    bandwidth = [copy_bandwidth()]
+    bandwidth = [copy_bandwidth(cfg.bandwidth_mb << 20)]
     for r in range(cfg.rounds):
         add("prefill/nanoseek", engine_prefill(engine, prefill_prompt))
         if hf is not None:
@@ -172,7 +173,7 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
             add("mtp/acceptance", acc)
             add("mtp/plain", engine_decode(engine, one, cfg.tokens)[0])
         log(f"round {r + 1}/{cfg.rounds} done", flush=True)
-    bandwidth.append(copy_bandwidth())
+    bandwidth.append(copy_bandwidth(cfg.bandwidth_mb << 20))
     med = {k: statistics.median(v) for k, v in res.items()}
     med["bandwidth"] = statistics.median(bandwidth)
 

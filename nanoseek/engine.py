@@ -1,8 +1,9 @@
 """The inference engine: the one generation path of nanoseek (eval, RL rollouts, server, chat).
 
-    engine = Engine("runs/tiny")                       # or Engine(model, tokenizer)
+    engine = Engine("runs/tiny")                       # or Engine(model, tokenizer); use_mtp=True to speculate
     outs = engine.generate(["What is 2+3?"], SamplingParams(max_tokens=32, temperature=0))
-    for event in engine.stream("Hello", SamplingParams()): print(event.text, end="")
+    for event in engine.stream("Hello", SamplingParams()): print(event.token_id)
+    rid = engine.add_request(ids, params); while engine.has_unfinished(): engine.step()   # what a server does
 
 - Prefill runs MLA in the expanded form; decode runs it absorbed, attending over the cached latent
   c_kv and rotated k_pe only (see MLA in model.py).
@@ -10,10 +11,16 @@
   (continuous batching); a request whose next block cannot be had preempts the youngest running
   sequence, which is recomputed later from its tokens, so its output does not change.
 - n samples of one prompt share one prefill: the prompt's latents are copied to each sample's blocks.
-- With MTP modules and `use_mtp=True`, greedy requests decode speculatively: the MTP head drafts one
-  token, one main-model forward over two tokens verifies it (DeepSeek-V3 §5.4.3).
+- Sampling is batched (sampling.py): one softmax / sort / cumsum for the whole batch, one uniform draw
+  per row from that sample's own generator, so a seeded request gives the same tokens alone or batched.
+- With MTP modules and `use_mtp=True`, every request decodes speculatively (DeepSeek-V3 §2.2, §5.4.3):
+  the MTP module drafts the next-next token, one main-model forward over [last token, draft] verifies it
+  and yields one or two tokens. Greedy output is identical to plain decoding; sampled requests use exact
+  speculative sampling (their output distribution is unchanged, their seeded tokens differ from plain
+  decoding's). `stats.acceptance_rate` reports the share of drafts kept.
 
 The engine works on token ids; a tokenizer, when given, turns text prompts into ids and ids into text.
+See docs/engine.md.
 """
 
 from __future__ import annotations
@@ -73,7 +80,7 @@ class _Sequence:
     n_cached: int = 0  # tokens whose latents are in the cache
     logprobs: list[float] = field(default_factory=list)
     draft: int | None = None  # MTP's guess of the token after the last one
-    draft_probs: torch.Tensor | None = None  # (V,) the distribution the draft was drawn from
+    draft_probs: torch.Tensor | None = None  # (V,) the distribution the draft was drawn from; None: one-hot
     finish_reason: str | None = None
     stop_text_end: int | None = None  # where a stop string cut the text
 
@@ -175,6 +182,11 @@ class Engine:
             if seq in self.running:
                 self.running.remove(seq)
         self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
+
+    def refresh_weights(self) -> None:
+        """Nothing to do, by design: the engine holds no derived copy of the weights (absorbed MLA's W_UK and
+        W_UV are views into kv_b_proj.weight), so an optimizer step on the model is seen by the next forward.
+        Kept so training code (GRPO) may call it after each update without knowing that."""
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -333,12 +345,7 @@ class Engine:
         h = self.model.hidden_states(ids, pos, self.cache)  # (B, 2, D)
         logits = self.model.lm_head(h).float()  # (B, 2, V)
         rows = RowParams.of([s.params for s in seqs], dev)
-        gens = [s.generator for s in seqs]
-        p, p_next = rows.probs(logits[:, 0]), rows.probs(logits[:, 1])  # (B, V) each
-        q = torch.stack([s.draft_probs for s in seqs])  # (B, V)
-        u_keep, u = rows.uniform(gens), rows.uniform(gens)
-        first, keep = verify_draft(p, q, drafts, u_keep, u)
-        second = sample_rows(p_next, u)  # only used after a kept draft, when u was not used by `first`
+        first, keep, second = self._verify(seqs, rows, logits, drafts)
         self.stats.decode_steps += 1
         self.stats.draft_tokens += B
         self.stats.accepted_tokens += int(keep.sum())
@@ -363,6 +370,22 @@ class Engine:
             self._draft([seqs[i] for i in alive], last, sub)
         return events
 
+    @staticmethod
+    def _verify(seqs: list[_Sequence], rows: RowParams, logits: torch.Tensor, drafts: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token at the last position, draft kept?, token after the draft), each (B,), from the verify
+        forward's logits (B, 2, V)."""
+        if rows.all_greedy:  # one-hot p and q: the rule reduces to argmaxes, no (B, V) work
+            target = logits.argmax(dim=-1)  # (B, 2)
+            return target[:, 0], target[:, 0] == drafts, target[:, 1]
+        p, p_next = rows.probs(logits[:, 0]), rows.probs(logits[:, 1])  # (B, V) each
+        q = torch.stack([s.draft_probs if s.draft_probs is not None else
+                         torch.zeros_like(p[0]).index_fill_(0, drafts[i : i + 1], 1.0) for i, s in enumerate(seqs)])
+        gens = [s.generator for s in seqs]
+        u_keep, u = rows.uniform(gens), rows.uniform(gens)
+        first, keep = verify_draft(p, q, drafts, u_keep, u)
+        return first, keep, sample_rows(p_next, u)  # u serves the residual draw or, after a kept draft, this one
+
     def _mtp_hidden(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """MTP depth 1 over the prepared cache layout: h (B, T, D) main hidden states at `positions`,
         next_ids (B, T) the token after each. Returns the module's hidden states (B, T, D)."""
@@ -373,6 +396,10 @@ class Engine:
     def _draft(self, seqs: list[_Sequence], x: torch.Tensor, rows: RowParams) -> None:
         """Draft each sequence's next token from the MTP hidden state x (B, D); keep q for verification."""
         logits = self.model.lm_head(self.model.mtp[0].shared_head.norm(x)).float()  # (B, V)
+        if rows.all_greedy:  # q is one-hot on the argmax: keep only the token (draft_probs None)
+            for s, d in zip(seqs, logits.argmax(dim=-1).tolist()):
+                s.draft, s.draft_probs = d, None
+            return
         q = rows.probs(logits)
         drafts = sample_rows(q, rows.uniform([s.generator for s in seqs]))
         for s, d, q_row in zip(seqs, drafts.tolist(), q):

@@ -45,14 +45,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _stream(engine, tok, ids: list[int], params) -> None:
+    """Print text as tokens arrive; a character split over tokens waits for its last byte."""
     decoder = tok.decode_stream(skip_special_tokens=True)
-    finish = None
+    printed, out_ids, finish = "", [], None
     for event in engine.stream(ids, params):
+        out_ids.append(event.token_id)
         piece = decoder.step(tok.tk, event.token_id)
         if piece:
             print(piece, end="", flush=True)
+            printed += piece
         finish = event.finish_reason
-    print()
+    full = tok.decode(out_ids, skip_special_tokens=True)  # the end may hold incomplete bytes: print them as
+    print(full[len(printed):] if full.startswith(printed) else "")  # the full decode does (U+FFFD)
     print(f"[finished: {finish}]", file=sys.stderr)
 
 
@@ -93,5 +97,6 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     b.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     b.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    b.add_argument("--bandwidth-mb", type=int, default=256, help="size of the copy measuring memory bandwidth")
     b.add_argument("--no-reference", action="store_true", help="skip transformers (nanoseek figures only)")
     b.set_defaults(func=cmd_bench_decode)
