@@ -21,6 +21,8 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+
 from ..engine import Engine, TokenEvent
 from ..sampling import SamplingParams
 
@@ -110,6 +112,7 @@ class AsyncEngine:
         self._active: dict[str, _Add] = {}  # owned by the engine thread
         self._thread: threading.Thread | None = None
         self._steps = self._aborted = self._failed_steps = 0
+        self._torch_threads = torch.get_num_threads()  # OpenMP's thread count is per thread: carry it over
 
     # ---- asyncio side -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -144,6 +147,7 @@ class AsyncEngine:
 
     # ---- engine thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        torch.set_num_threads(self._torch_threads)
         while True:
             try:
                 if not self._handle_inbox():
