@@ -36,8 +36,18 @@ def setup(tmp_path_factory):
     Transformer(MODEL).save_pretrained(root / "init")
     ds.tokenizer.save_pretrained(root / "init")
     common = ["--init", str(root / "init"), "--data", str(ds.root)] + FLAGS
-    assert main(["pretrain", str(root / "single"), "--batch-size", "4"] + common) == 0
+    assert single_process(["pretrain", str(root / "single"), "--batch-size", "4"] + common) == 0
     return root, common
+
+
+def single_process(argv):
+    """`nanoseek ...` in this process, on one thread as each torchrun worker runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def torchrun(run_dir, args, batch=("--batch-size", "2")):
@@ -95,5 +105,5 @@ def test_expert_parallel_matches_one_process_and_resumes_anywhere(setup):
     resumed = root / "ep_resumed"
     shutil.copytree(root / "ep", resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
-    assert main(["pretrain", str(resumed), "--resume", "--batch-size", "4", "--no-progress"]) == 0
+    assert single_process(["pretrain", str(resumed), "--resume", "--batch-size", "4", "--no-progress"]) == 0
     assert_same_run(root / "single", resumed)

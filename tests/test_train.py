@@ -3,6 +3,7 @@ a real kill, and the CLI's errors for bad input and conflicting flags."""
 
 import json
 import math
+import os
 import signal
 import statistics
 import subprocess
@@ -25,6 +26,16 @@ MODEL = get_preset("tiny", vocab_size=384, hidden_size=64, intermediate_size=192
                    num_hidden_layers=2, q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                    v_head_dim=16)
 FAST = dict(seq_len=64, batch_size=8, lr=3e-3, warmup_steps=5, save_every=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread runs them faster than two, and does not collapse when the CI
+    machine's two cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +85,9 @@ def test_tiny_run_learns_and_the_bias_update_balances_experts(dataset, tmp_path)
     assert {"loss/train", "loss/mtp", "lr", "grad_norm", "tokens_per_s", "expert_load/layers.1.mlp",
             "expert_load/mtp.0.mlp"} <= set(rows[-1])
     assert result.checkpoint.name == "step_00000060" and (result.checkpoint / "model.safetensors").exists()
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    assert {"loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png", "expert_load.png"} <= {
+        p.name for p in (tmp_path / "run" / "plots").iterdir()}
 
     def load(run):
         return statistics.mean(r["expert_load/layers.1.mlp"] for r in read_metrics(run)[-20:])
@@ -113,7 +127,8 @@ def test_resume_after_kill_reproduces_the_uninterrupted_curve(dataset, tmp_path)
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "nanoseek.cli", "pretrain", str(run), "--init", str(init), "--data",
            str(dataset.root)] + RESUME_FLAGS
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while not (run / "checkpoints" / "step_00000004").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
