@@ -101,13 +101,16 @@ def test_tiny_run_learns_and_the_bias_update_balances_experts(dataset, tmp_path)
 
 
 def test_accumulation_equals_one_big_batch(dataset, tmp_path):
-    common = dict(max_steps=3, eval_every=-1, seq_len=64, lr=3e-3, warmup_steps=1, save_every=0)
+    """Batch 4 = 2 micro-batches of 2, with every loss term on (MTP, the balance loss with α = 0.01) and the
+    bias update applied once per optimizer step, not per micro-batch."""
+    common = dict(max_steps=3, eval_every=-1, seq_len=64, lr=3e-3, warmup_steps=1, save_every=0, aux_loss_alpha=1e-2)
     pretrain(MODEL, TrainConfig(batch_size=4, grad_accum=1, **common), dataset, tmp_path / "big", progress=False)
     pretrain(MODEL, TrainConfig(batch_size=2, grad_accum=2, **common), dataset, tmp_path / "acc", progress=False)
-    big, acc = losses(tmp_path / "big"), losses(tmp_path / "acc")
-    assert list(big) == [1, 2, 3]
-    for s in big:
-        assert acc[s] == pytest.approx(big[s], rel=1e-5)
+    for key in ("loss/train", "loss/mtp", "loss/aux", "grad_norm"):
+        big, acc = losses(tmp_path / "big", key), losses(tmp_path / "acc", key)
+        assert list(big) == [1, 2, 3]
+        assert [acc[s] for s in big] == pytest.approx(list(big.values()), rel=1e-5), key
+    assert 0 < losses(tmp_path / "big", "loss/aux")[1] < 0.1  # α Σ f_i P_i is about α at balance
 
 
 RESUME_FLAGS = ["--seq-len", "64", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2", "--max-steps", "16",
