@@ -617,3 +617,36 @@ def test_bench_serve_reports_throughput_latency_and_cost(server, capsys):
     assert 0 < summary["itl_p50_s"] <= summary["itl_p99_s"]
     assert summary["usd_per_million_output_tokens"] == pytest.approx(1e3 / summary["output_tokens_per_s"])
     assert "cost per 1M output tokens" in capsys.readouterr().out
+
+
+def test_a_failing_step_fails_its_request_over_http_and_the_server_goes_on(checkpoints, caplog):
+    """In-process (FastAPI's TestClient runs the app and its engine thread): an exception inside a step is a
+    500 for a non-streamed request, an error event for a streamed one, and the next request is served."""
+    from fastapi.testclient import TestClient
+
+    from nanoseek.server import ServerConfig, create_app
+
+    engine = Engine(str(checkpoints["think"]))
+    fail = [False]
+
+    def explode(module, args, output):  # inside the model's forward, in the middle of a step
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError("injected failure")
+
+    engine.model.lm_head.register_forward_hook(explode)
+    body = {"model": "think", "messages": ask("What is 2+3?"), "temperature": 0}
+    with TestClient(create_app(ServerConfig(model=str(checkpoints["think"])), engine=engine)) as http:
+        fail[0] = True
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "injected failure" in r.json()["error"]["message"]
+        fail[0] = True
+        events = [line for line in http.post("/v1/chat/completions", json={**body, "stream": True}).text.splitlines()
+                  if line.startswith("data: ")]
+        assert "injected failure" in json.loads(events[-2][6:])["error"]["message"] and events[-1] == "data: [DONE]"
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "5"
+        metrics = http.get("/metrics").text
+        assert "nanoseek_engine_step_failures_total 2" in metrics and "nanoseek_engine_up 1" in metrics
+    assert "engine step failed" in caplog.text
