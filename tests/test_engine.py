@@ -19,6 +19,12 @@ def v3_model():
     return random_model(CONFIGS["v3"].replace(num_nextn_predict_layers=1)).eval()
 
 
+@pytest.fixture(scope="module")
+def plain(v3_model):
+    """Greedy tokens of PROMPTS, decoded together: the reference several tests compare against."""
+    return [o.outputs[0].token_ids for o in Engine(v3_model).generate(PROMPTS, GREEDY)]
+
+
 @pytest.mark.parametrize("name", ["v3", "v2_greedy"])
 def test_greedy_equals_transformers_generate(name, tmp_path):
     transformers = pytest.importorskip("transformers")
@@ -45,7 +51,7 @@ def test_batch_equals_alone_greedy_and_seeded(v3_model):
     assert other.outputs[0].token_ids != batched[1].outputs[0].token_ids
 
 
-def test_requests_join_between_decode_steps(v3_model):
+def test_requests_join_between_decode_steps(v3_model, plain):
     engine = Engine(v3_model)
     first = engine.add_request(PROMPTS[0], GREEDY)
     for _ in range(10):
@@ -53,15 +59,21 @@ def test_requests_join_between_decode_steps(v3_model):
     second = engine.add_request(PROMPTS[2], GREEDY)  # joins a running batch
     while engine.has_unfinished():
         engine.step()
-    ref = Engine(v3_model).generate([PROMPTS[0], PROMPTS[2]], GREEDY)
-    assert engine.pop_output(first).outputs[0].token_ids == ref[0].outputs[0].token_ids
-    assert engine.pop_output(second).outputs[0].token_ids == ref[1].outputs[0].token_ids
+    assert engine.pop_output(first).outputs[0].token_ids == plain[0]
+    assert engine.pop_output(second).outputs[0].token_ids == plain[2]
+
+
+LONG = [list(range(i, i + 20)) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def ample(v3_model):
+    return Engine(v3_model).generate(LONG, GREEDY)
 
 
 @pytest.mark.parametrize("use_mtp", [False, True])
-def test_cache_exhaustion_preempts_and_outputs_are_unchanged(v3_model, use_mtp):
-    prompts = [list(range(i, i + 20)) for i in range(8)]
-    ample = Engine(v3_model).generate(prompts, GREEDY)
+def test_cache_exhaustion_preempts_and_outputs_are_unchanged(v3_model, ample, use_mtp):
+    prompts = LONG
     tight = Engine(v3_model, block_size=4, cache_tokens=200, use_mtp=use_mtp)  # 8 requests x 84 tokens need 672
     outs = tight.generate(prompts, GREEDY)
     assert tight.stats.preemptions > 0
@@ -86,18 +98,24 @@ def test_n_samples_share_one_prefill(v3_model):
 
 @pytest.mark.parametrize("use_mtp", [False, True])
 def test_logprobs_are_those_of_the_full_forward(v3_model, use_mtp):
-    out = Engine(v3_model, use_mtp=use_mtp).generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0, logprobs=True,
-                                                                 ignore_eos=True))[0].outputs[0]
-    seq = torch.tensor([PROMPTS[0] + out.token_ids])
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=True, top_logprobs=3, ignore_eos=True)
+    engine = Engine(v3_model, use_mtp=use_mtp)
+    events = list(engine.stream(PROMPTS[0], params))
+    ids = [e.token_id for e in events]
+    seq = torch.tensor([PROMPTS[0] + ids])
     with torch.no_grad():
-        logp = torch.log_softmax(v3_model(seq)[0], -1)
-    n = len(PROMPTS[0])
-    expect = [logp[n - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
-    assert out.logprobs == pytest.approx(expect, abs=1e-4)
+        logp = torch.log_softmax(v3_model(seq)[0], -1)[len(PROMPTS[0]) - 1 : -1]  # (8, V): the step's distributions
+    assert [e.logprob for e in events] == pytest.approx([logp[i, t].item() for i, t in enumerate(ids)], abs=1e-4)
+    for e, row in zip(events, logp):
+        values, top = row.topk(3)
+        assert [t for t, _ in e.top_logprobs] == top.tolist()
+        assert [v for _, v in e.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+    out = Engine(v3_model, use_mtp=use_mtp).generate([PROMPTS[0]], params)[0].outputs[0]
+    assert out.token_ids == ids and out.logprobs == pytest.approx([e.logprob for e in events], abs=1e-6)
 
 
-def test_stop_token_ids_and_eos(v3_model):
-    full = Engine(v3_model).generate([PROMPTS[0]], GREEDY)[0].outputs[0].token_ids
+def test_stop_token_ids_and_eos(v3_model, plain):
+    full = plain[0]
     stop_at = full[5]
     out = Engine(v3_model).generate([PROMPTS[0]], SamplingParams(max_tokens=64, temperature=0, stop_token_ids=[stop_at],
                                                                 ignore_eos=True))[0].outputs[0]
@@ -141,11 +159,12 @@ def test_context_limit_finishes_with_length(v3_model):
     ([1, 2], SamplingParams(top_p=1.5), "top_p"),
     ([1, 99999], GREEDY, "token ids"),
 ])
-def test_bad_request_fails_alone(v3_model, prompt, params, match):
+def test_bad_request_fails_alone(v3_model, plain, prompt, params, match):
     engine = Engine(v3_model)
     with pytest.raises(ValueError, match=match):
         engine.add_request(prompt, params)
-    outs = engine.generate([PROMPTS[0], prompt, PROMPTS[1]], [GREEDY, params, GREEDY])
+    short = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    outs = engine.generate([PROMPTS[0], prompt, PROMPTS[1]], [short, params, short])
     assert match in outs[1].error and not outs[1].outputs
-    assert outs[0].outputs[0].token_ids == Engine(v3_model).generate([PROMPTS[0]], GREEDY)[0].outputs[0].token_ids
-    assert len(outs[2].outputs[0].token_ids) == 64
+    assert outs[0].outputs[0].token_ids == plain[0][:16]
+    assert outs[2].outputs[0].token_ids == plain[1][:16]
