@@ -527,6 +527,8 @@ class GRPOTrainer:
             batch.ref_logps = self._fill_logps(self.ref_model, batch)
         if n_updates > 1:
             if cfg.old_logprobs == "engine":
+                if batch.sample_logps is None:
+                    raise GRPOError("old_logprobs='engine' but the rollouts carry no engine log-probs")
                 batch.old_logps = batch.sample_logps
             else:
                 self.model.eval()
@@ -595,7 +597,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         sampled, kept, times = self.collect(step)
         t1 = time.perf_counter()
-        metrics: dict[str, float] = {"step": step}
+        metrics: dict[str, float] = {"step": step, "lr": self.optimizer.param_groups[0]["lr"]}
         if kept:
             batch = Batch.from_rollouts(kept, cfg.num_generations, cfg.mask_truncated_completions,
                                         pad_id=self.tokenizer.pad_id if self.tokenizer is not None else 0)
@@ -609,7 +611,6 @@ class GRPOTrainer:
         gen_tokens = sum(len(r.completion_ids) for r in sampled)
         metrics.update(times)
         metrics.update({
-            "lr": self.optimizer.param_groups[0]["lr"],
             "skipped": float(not kept),
             "time/update_s": t2 - t1,
             "time/step_s": t2 - t0,
