@@ -99,10 +99,13 @@ class PagedLatentCache:
         see: c_kv (B, S, r), k_pe (B, S, rope) and the keep-mask (B, 1, T, S) or None (causal)."""
         lay = self.layout
         pool = self.pool[layer_idx]  # (blocks, block_size, width)
-        new = torch.cat((c_kv, k_pe), dim=-1)
-        pool.view(-1, self.width).index_copy_(0, lay.write_slots, new.reshape(-1, self.width).to(pool.dtype))
+        new = torch.cat((c_kv, k_pe), dim=-1).view(-1, self.width)  # (B*T, width)
+        if new.dtype != pool.dtype:
+            new = new.to(pool.dtype)
+        pool.view(-1, self.width).index_copy_(0, lay.write_slots, new)
         if lay.read_blocks is None:
             return c_kv, k_pe, None
         seen = pool.index_select(0, lay.read_blocks).view(lay.n_seqs, -1, self.width)[:, : lay.n_keys]
-        seen = seen.to(c_kv.dtype)
+        if seen.dtype != c_kv.dtype:
+            seen = seen.to(c_kv.dtype)
         return seen[..., : self.kv_lora_rank], seen[..., self.kv_lora_rank :], lay.mask
