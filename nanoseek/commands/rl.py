@@ -135,7 +135,12 @@ def _task(args: argparse.Namespace):
     knobs = {}
     for item in args.task_arg or []:
         knobs.update(_parse_kv(item, "--task-arg"))
-    return get_task(args.task, **knobs)
+    try:
+        return get_task(args.task, **knobs)
+    except NanoseekError:
+        raise
+    except (TypeError, ValueError) as e:  # a knob of the wrong type that the task did not check itself
+        raise NanoseekError(f"task {args.task!r} cannot take knobs {knobs}: {e}") from None
 
 
 # ---- commands -------------------------------------------------------------------------------------------
