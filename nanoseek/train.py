@@ -294,187 +294,201 @@ def pretrain(model: ModelConfig | Transformer, cfg: TrainConfig, data: Dataset |
     weights, optimizer, schedule, data position and RNG all come from it, so the loss curve continues as
     if never interrupted. Works the same under torchrun (DDP or FSDP2, or DDP with expert parallelism).
     """
-    cfg.validate()
-    run_dir = Path(run_dir)
-    rank, world = parallel.init_distributed("cuda" if cfg.device.startswith("cuda") or
-                                            (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-    main = rank == 0
-    say = log if main else (lambda *a, **k: None)
-    ckpt = check_run_dir(run_dir, resume)
-    ds = data if isinstance(data, Dataset) else load_dataset(data)
-    device = resolve_device(cfg.device)
-    amp_dtype = resolve_dtype(cfg.dtype, device)
+    return Trainer(model, cfg, data, run_dir, resume=resume, log=log).run(progress)
 
-    # ---- model ----------------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    if isinstance(model, ModelConfig):
-        model_cfg = model
-        with torch.device(device):
-            model = Transformer(model_cfg)
-    model = model.to(device=device, dtype=torch.float32).train()
-    model_cfg = model.config
-    if cfg.aux_loss_alpha is not None:
-        model.config = model_cfg = model_cfg.replace(aux_loss_alpha=cfg.aux_loss_alpha, seq_aux=True)
-        for moe in model.moe_layers():
-            moe.aux_loss_alpha = cfg.aux_loss_alpha
-    mtp_depth = model_cfg.num_nextn_predict_layers if cfg.mtp_depth is None else cfg.mtp_depth
-    _check_compatible(cfg, model_cfg, ds, mtp_depth, world)
-    for block in model.mtp[mtp_depth:]:  # untrained MTP modules: frozen, so DDP expects no gradient
-        block.requires_grad_(False)
 
-    if ckpt is not None:
-        saved = _read_run_file(ckpt)
-        _check_resume_config(cfg, saved, ds, world, ckpt)
-    if cfg.expert_parallel:
-        parallel.apply_expert_parallel(model)
-    objective: nn.Module = PretrainObjective(model, mtp_depth)
-    if world > 1 and cfg.fsdp:
-        # An MTP block's shared_head.norm is called outside the block's forward, so its attention and MoE
-        # are the sharded units and its small norms and eh_proj stay with the root.
-        units = list(model.layers) + [m for b in model.mtp[:mtp_depth] for m in (b.self_attn, b.mlp)]
-        objective = parallel.apply_fsdp(objective, units)
-    elif world > 1:
-        objective = parallel.wrap_ddp(objective, str(device))
-    forward = torch.compile(objective) if cfg.compile else objective
+class Trainer:
+    """The pieces of a pretraining run, built once: model (wrapped for the parallelism), optimizer,
+    schedule, data, resume state. `run()` loops over `train_step()`."""
 
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(  # fused: one kernel over all parameters, on CPU as on CUDA
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    def __init__(self, model: ModelConfig | Transformer, cfg: TrainConfig, data: Dataset | str | os.PathLike,
+                 run_dir: str | os.PathLike, *, resume: bool | str | os.PathLike = False, log=print):
+        cfg.validate()
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        self.rank, self.world = parallel.init_distributed("cuda" if on_cuda else "cpu")
+        self.say = log if self.rank == 0 else (lambda *a, **k: None)
+        ckpt = check_run_dir(self.run_dir, resume)
+        self.ds = ds = data if isinstance(data, Dataset) else load_dataset(data)
+        self.device = resolve_device(cfg.device)
+        amp_dtype = resolve_dtype(cfg.dtype, self.device)
+        self.autocast = (torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype != torch.float32
+                         else contextlib.nullcontext())
+        self.model = model = self._build_model(model)
+        if ckpt is not None:
+            _check_resume_config(cfg, _read_run_file(ckpt), ds, self.world, ckpt)
+        self.objective, self.forward = self._parallelize(model)
+        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(  # fused: one kernel over all parameters, on CPU as on CUDA
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
 
-    # ---- data ------------------------------------------------------------------------------------
-    train_batches = PackedBatches(ds.train, cfg.seq_len, seed=cfg.seed)
-    eval_batches = None
-    if cfg.eval_every >= 0:
-        if ds.heldout.n_tokens < 2:
-            raise DataError(f"the dataset {ds.root} has no held-out tokens to evaluate on; build it with a held-out "
-                            "share (--heldout-percent) or pass --eval-every -1")
-        eval_len = min(cfg.seq_len, ds.heldout.n_tokens - 1)
-        eval_batches = PackedBatches(ds.heldout, eval_len, shuffle=False, name="heldout")
-    per_step = cfg.batch_size * cfg.grad_accum * world
+        self.train_batches = PackedBatches(ds.train, cfg.seq_len, seed=cfg.seed)
+        self.eval_batches = None
+        if cfg.eval_every >= 0:
+            if ds.heldout.n_tokens < 2:
+                raise DataError(f"the dataset {ds.root} has no held-out tokens to evaluate on; build it with a "
+                                "held-out share (--heldout-percent) or pass --eval-every -1")
+            self.eval_batches = PackedBatches(ds.heldout, min(cfg.seq_len, ds.heldout.n_tokens - 1),
+                                              shuffle=False, name="heldout")
+        self.per_step = cfg.batch_size * cfg.grad_accum * self.world  # windows per optimizer step
 
-    # ---- state -------------------------------------------------------------------------------------
-    step, position = 0, 0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer=optimizer, scheduler=scheduler)
-        step, position = state["step"], state["data_position"]
-        say(f"resumed from {ckpt} at step {step} (data position {position})")
-        if step >= cfg.max_steps:
-            say(f"the run already reached max_steps={cfg.max_steps}")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_run_file(run_dir, cfg, model_cfg, ds, world)
-    parallel.barrier()
-    metrics = MetricsLogger(run_dir, resume_step=step if ckpt is not None else None, enabled=main)
-    flops_per_token = training_flops_per_token(model_cfg, cfg.seq_len, mtp_depth)
-    peak = cfg.peak_flops or peak_flops(device, amp_dtype)
+        self.step, self.position, self.checkpoint = 0, 0, ckpt
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model, optimizer=self.optimizer, scheduler=self.scheduler)
+            self.step, self.position = state["step"], state["data_position"]
+            self.say(f"resumed from {ckpt} at step {self.step} (data position {self.position})")
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_run_file(self.run_dir, cfg, model.config, ds, self.world)
+        parallel.barrier()
+        self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if ckpt is not None else None,
+                                     enabled=self.rank == 0)
+        self.flops_per_token = training_flops_per_token(model.config, cfg.seq_len, self.mtp_depth)
+        self.peak = cfg.peak_flops or peak_flops(self.device, amp_dtype)
+        moe = set(model.moe_layers())
+        self.moe_names = [n for n, m in model.named_modules() if m in moe]
 
-    bar = None
-    if progress and main:
-        from tqdm.auto import tqdm
+    def _build_model(self, model: ModelConfig | Transformer) -> Transformer:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        if isinstance(model, ModelConfig):
+            with torch.device(self.device):
+                model = Transformer(model)
+        model = model.to(device=self.device, dtype=torch.float32).train()
+        if cfg.aux_loss_alpha is not None:
+            model.config = model.config.replace(aux_loss_alpha=cfg.aux_loss_alpha, seq_aux=True)
+            for moe in model.moe_layers():
+                moe.aux_loss_alpha = cfg.aux_loss_alpha
+        self.mtp_depth = model.config.num_nextn_predict_layers if cfg.mtp_depth is None else cfg.mtp_depth
+        _check_compatible(cfg, model.config, self.ds, self.mtp_depth, self.world)
+        for block in model.mtp[self.mtp_depth:]:  # untrained MTP modules: frozen, so DDP expects no gradient
+            block.requires_grad_(False)
+        return model
 
-        bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32
-                else contextlib.nullcontext())
-    train_loss = heldout_loss = float("nan")
-    imbalance: list[float] = []
-    throughput: list[float] = []
-    mfu = None
-    last_ckpt = ckpt
-    moe_names = [n for n, m in model.named_modules() if m in set(model.moe_layers())]
+    def _parallelize(self, model: Transformer) -> tuple[nn.Module, nn.Module]:
+        """(the objective, wrapped for DDP / FSDP2 / expert parallelism; what runs it, maybe compiled)."""
+        if self.cfg.expert_parallel:
+            parallel.apply_expert_parallel(model)
+        objective: nn.Module = PretrainObjective(model, self.mtp_depth)
+        if self.world > 1 and self.cfg.fsdp:
+            # An MTP block's shared_head.norm is called outside the block's forward, so its attention and
+            # MoE are the sharded units and its small norms and eh_proj stay with the root.
+            units = list(model.layers) + [m for b in model.mtp[: self.mtp_depth] for m in (b.self_attn, b.mlp)]
+            objective = parallel.apply_fsdp(objective, units)
+        elif self.world > 1:
+            objective = parallel.wrap_ddp(objective, str(self.device))
+        return objective, torch.compile(objective) if self.cfg.compile else objective
 
-    def targets_of(b: Batch, k: int) -> torch.Tensor:
+    def targets(self, b: Batch, k: int) -> torch.Tensor:
         # Without the document mask attention crosses documents, so every next token is a fair target.
-        return b.targets(k) if cfg.doc_mask else b.tokens[:, 1 + k :]
+        return b.targets(k) if self.cfg.doc_mask else b.tokens[:, 1 + k :]
 
-    def run_eval() -> float:
-        return evaluate(forward, eval_batches, cfg.eval_sequences, cfg.batch_size, device, autocast, cfg.doc_mask)
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over the global batch at the current data position; returns its metrics."""
+        cfg, D, world = self.cfg, self.mtp_depth, self.world
+        t0 = time.perf_counter()
+        batch = self.train_batches.get(self.position, self.per_step).to(self.device)
+        # Each loss is a sum over this rank's tokens divided by the whole step's token count, times the
+        # world size that DDP/FSDP divide by again: the gradient of one big batch's mean.
+        counts = torch.stack([(self.targets(batch, k) != IGNORE_INDEX).sum() for k in range(1 + D)])
+        denom = counts.clamp_min(1).to(torch.float32)
+        weights = torch.tensor([1.0] + [cfg.mtp_lambda / D] * D, device=self.device)  # λ/D per MTP depth
+        logged = torch.zeros(2 + D, device=self.device)
+        for micro in range(cfg.grad_accum):
+            lo = (micro * world + self.rank) * cfg.batch_size
+            mb = Batch(batch.tokens[lo : lo + cfg.batch_size], batch.doc_ids[lo : lo + cfg.batch_size])
+            last = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if world == 1 or last else parallel.no_gradient_sync(self.objective):
+                with self.autocast:
+                    sums, aux = self.forward(mb.inputs, [self.targets(mb, k) for k in range(1 + D)],
+                                             mb.attention_mask() if cfg.doc_mask else None)
+                ((sums / denom * weights).sum() * world + aux / cfg.grad_accum).backward()
+            logged += torch.cat((sums.detach(), aux.detach().reshape(1) / cfg.grad_accum))
+        parallel.finish_expert_grads(self.objective)
+        grad_norm = parallel.clip_grad_norm(self.model, cfg.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        load = update_bias(self.model, cfg.bias_update_speed)  # counts summed over ranks, then b += γ sign(·)
+        parallel.all_reduce_sum(logged)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.step += 1
+        self.position += self.per_step
+        tok_s = self.per_step * cfg.seq_len / (time.perf_counter() - t0)
+        losses = (logged[: 1 + D] / denom).tolist()
+        if not math.isfinite(losses[0]):
+            raise TrainError(f"step {self.step}: the loss is {losses[0]}; lower --lr or check the data")
+        row = {"loss/train": losses[0], "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
+               "epoch": self.train_batches.epoch(self.position)}
+        if D:
+            row["loss/mtp"] = sum(losses[1:]) / D
+        if self.model.config.aux_loss_alpha > 0 and self.model.config.seq_aux:
+            row["loss/aux"] = float(logged[-1]) / world
+        if self.peak:
+            row["mfu"] = self.mfu(tok_s)
+        row.update({f"expert_load/{n}": v for n, v in zip(self.moe_names, load)})
+        return row
 
-    def checkpoint() -> Path:
-        return save_checkpoint(run_dir, step, model, tokenizer=ds.tokenizer, optimizer=optimizer,
-                               scheduler=scheduler, keep_last=cfg.keep_last,
-                               state={"data_position": position, "train_config": cfg.to_dict(),
-                                      "world_size": world, "dataset": str(ds.root),
-                                      "tokenizer_sha256": ds.meta["tokenizer_sha256"]})
+    def mfu(self, tokens_per_s: float) -> float | None:
+        return self.flops_per_token * tokens_per_s / (self.peak * self.world) if self.peak else None
 
-    try:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            batch = train_batches.get(position, per_step).to(device)
-            counts = torch.stack([(targets_of(batch, k) != IGNORE_INDEX).sum() for k in range(1 + mtp_depth)])
-            denom = counts.clamp_min(1).to(torch.float32)  # global valid targets per depth
-            weights = torch.tensor([1.0] + [cfg.mtp_lambda / mtp_depth] * mtp_depth, device=device)
-            logged = torch.zeros(2 + mtp_depth, device=device)
-            for micro in range(cfg.grad_accum):
-                lo = (micro * world + rank) * cfg.batch_size
-                mb = Batch(batch.tokens[lo : lo + cfg.batch_size], batch.doc_ids[lo : lo + cfg.batch_size])
-                mask = mb.attention_mask() if cfg.doc_mask else None
-                targets = [targets_of(mb, k) for k in range(1 + mtp_depth)]
-                sync = (contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1
-                        else parallel.no_gradient_sync(objective))
-                with sync:
-                    with autocast:
-                        sums, aux = forward(mb.inputs, targets, mask)
-                    loss = (sums / denom * weights).sum() * world + aux / cfg.grad_accum
-                    loss.backward()
-                logged += torch.cat((sums.detach(), aux.detach().reshape(1) / cfg.grad_accum))
-            parallel.finish_expert_grads(objective)
-            grad_norm = parallel.clip_grad_norm(model, cfg.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            imbalance = update_bias(model, cfg.bias_update_speed)
-            parallel.all_reduce_sum(logged)
-            step += 1
-            position += per_step
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            losses = (logged[: 1 + mtp_depth] / denom).tolist()
-            train_loss = losses[0]
-            tok_s = per_step * cfg.seq_len / dt
-            throughput.append(tok_s)
-            mfu = flops_per_token * tok_s / (peak * world) if peak else None
-            row = {"loss/train": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
-                   "epoch": train_batches.epoch(position)}
-            if mtp_depth:
-                row["loss/mtp"] = sum(losses[1:]) / mtp_depth
-            if model_cfg.aux_loss_alpha > 0 and model_cfg.seq_aux:
-                row["loss/aux"] = float(logged[-1]) / world
-            if mfu is not None:
-                row["mfu"] = mfu
-            row.update({f"expert_load/{n}": v for n, v in zip(moe_names, imbalance)})
-            if not math.isfinite(train_loss):
-                raise TrainError(f"step {step}: the loss is {train_loss}; lower --lr or check the data")
-            if eval_batches is not None and ((cfg.eval_every > 0 and step % cfg.eval_every == 0)
-                                             or step == cfg.max_steps):
-                heldout_loss = run_eval()
-                row["loss/heldout"] = heldout_loss
-            if step % cfg.log_every == 0 or "loss/heldout" in row or step == cfg.max_steps:
-                metrics.log(step, **row)
+    def evaluate(self) -> float:
+        return evaluate(self.forward, self.eval_batches, self.cfg.eval_sequences, self.cfg.batch_size, self.device,
+                        self.autocast, self.cfg.doc_mask)
+
+    def save(self) -> Path:
+        self.checkpoint = save_checkpoint(
+            self.run_dir, self.step, self.model, tokenizer=self.ds.tokenizer, optimizer=self.optimizer,
+            scheduler=self.scheduler, keep_last=self.cfg.keep_last,
+            state={"data_position": self.position, "train_config": self.cfg.to_dict(), "world_size": self.world,
+                   "dataset": str(self.ds.root), "tokenizer_sha256": self.ds.meta["tokenizer_sha256"]})
+        return self.checkpoint
+
+    def run(self, progress: bool = True) -> TrainResult:
+        """Train to max_steps: log every step, evaluate and checkpoint on their cadence and at the end."""
+        cfg = self.cfg
+        bar = None
+        if progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        row: dict[str, float] = {}
+        heldout, throughput = None, []
+        try:
+            while self.step < cfg.max_steps:
+                row = self.train_step()
+                throughput.append(row["tokens_per_s"])
+                end = self.step == cfg.max_steps
+                if self.eval_batches is not None and (end or (cfg.eval_every > 0 and self.step % cfg.eval_every == 0)):
+                    heldout = row["loss/heldout"] = self.evaluate()
+                if self.step % cfg.log_every == 0 or "loss/heldout" in row or end:
+                    self.metrics.log(self.step, **row)
+                if bar is not None:
+                    post = {"loss": f"{row['loss/train']:.3f}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
+                    if "loss/heldout" in row:
+                        post["heldout"] = f"{heldout:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if end or (cfg.save_every > 0 and self.step % cfg.save_every == 0):
+                    self.save()
+        finally:
             if bar is not None:
-                post = {"loss": f"{train_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
-                if "loss/heldout" in row:
-                    post["heldout"] = f"{heldout_loss:.3f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.max_steps:
-                last_ckpt = checkpoint()
-    finally:
-        if bar is not None:
-            bar.close()
-        metrics.close()
-    if math.isnan(heldout_loss) and eval_batches is not None and step > 0:
-        heldout_loss = run_eval()
-    median = sorted(throughput)[len(throughput) // 2] if throughput else 0.0
-    return TrainResult(run_dir=run_dir, step=step, train_loss=train_loss,
-                       heldout_loss=None if math.isnan(heldout_loss) else heldout_loss, checkpoint=last_ckpt,
-                       tokens_per_s=median, mfu=flops_per_token * median / (peak * world) if peak else None,
-                       expert_load=imbalance)
+                bar.close()
+            self.metrics.close()
+        if heldout is None and self.eval_batches is not None and self.step > 0:  # resumed at or past the end
+            self.say(f"the run already reached max_steps={cfg.max_steps}")
+            heldout = self.evaluate()
+        median = sorted(throughput)[len(throughput) // 2] if throughput else 0.0
+        return TrainResult(run_dir=self.run_dir, step=self.step, train_loss=row.get("loss/train", float("nan")),
+                           heldout_loss=heldout, checkpoint=self.checkpoint, tokens_per_s=median,
+                           mfu=self.mfu(median) if throughput else None,
+                           expert_load=[v for k, v in row.items() if k.startswith("expert_load/")])
 
 
 @torch.no_grad()
