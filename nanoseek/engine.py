@@ -323,19 +323,10 @@ class Engine:
         return events
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The output head over hidden states (..., D) -> fp32 logits (..., V).
-
-        On the CPU a decode step has a few rows, and MKL's x @ W^T runs 1.5-2x slower for 2-8 rows
-        than W @ x^T does (which reads the weight at matrix-vector speed); the head is the largest
-        matrix of a small model, so it gets the fast layout. Same product, different summation order.
-        """
-        w = self.model.lm_head.weight  # (V, D)
-        rows = h.reshape(-1, h.shape[-1])
-        if rows.device.type == "cpu" and 1 < rows.shape[0] <= 16:
-            out = torch.mm(w, rows.T).T
-        else:
-            out = torch.nn.functional.linear(rows, w)
-        return out.float().view(*h.shape[:-1], -1)
+        """The output head over hidden states (..., D) -> fp32 logits (..., V). Through the module, so
+        hooks on `lm_head` see every call. (Computing W @ h^T instead of h @ W^T reads the weight about
+        twice as fast for 2-16 rows on this CPU's MKL, but saves only ~3% of a decode step.)"""
+        return self.model.lm_head(h).float()
 
     # ---- MTP self-speculative decoding (DeepSeek-V3 §2.2, §5.4.3) ------------------------------
     def _speculate(self, seqs: list[_Sequence]) -> list[TokenEvent]:
