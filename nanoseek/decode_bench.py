@@ -1,7 +1,7 @@
 """`nanoseek bench decode`: the engine against transformers' `generate` on the same checkpoint, in one run.
 
     nanoseek bench decode --preset small                      # random weights, saved and reloaded by both
-    nanoseek bench decode --model runs/small --prompt "What is 12 + 30?"   # a trained checkpoint (MTP too)
+    nanoseek bench decode --model runs/small/checkpoints/step_00000300 --prompt "... User: What is 26 + 49? Assistant:"
 
 Reported, as medians over `--rounds` interleaved rounds (the machine is shared and noisy, so drift hits
 both sides alike):
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .engine import Engine
+from .errors import NanoseekError
 from .sampling import SamplingParams
 from .stats import model_stats
 
@@ -39,7 +40,7 @@ class DecodeBenchConfig:
     model: str | None = None
     preset: str | None = None
     seed: int = 0
-    prompt: str | None = None
+    prompt: list[str] | None = None  # texts; batches and the MTP rounds cycle through them
     prompt_len: int = 32
     prefill_len: int = 256
     tokens: int = 64
@@ -69,7 +70,8 @@ def engine_decode(engine: Engine, prompts: list[list[int]], n_new: int) -> tuple
     params = SamplingParams(max_tokens=n_new + 1, temperature=0, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     engine.step()  # admission: every prompt is prefilled and gets its first token
-    assert not engine.waiting, "the batch did not fit the engine"
+    if engine.waiting:
+        raise NanoseekError(f"{len(prompts)} prompts did not fit the engine's batch or cache")
     drafts, accepted = engine.stats.draft_tokens, engine.stats.accepted_tokens
     t0, n = time.perf_counter(), 0
     while engine.has_unfinished():
@@ -90,19 +92,23 @@ def engine_prefill(engine: Engine, prompt: list[int]) -> float:
     return len(prompt) / dt
 
 
-def hf_generate_time(hf, ids: torch.Tensor, n_new: int) -> float:
+def hf_generate_time(hf, prompts: list[list[int]], n_new: int) -> float:
+    """Wall time of transformers' greedy `generate` of n_new tokens for the prompts (left-padded)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     t0 = time.perf_counter()
     with torch.no_grad():
-        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
-                    do_sample=False, eos_token_id=None, pad_token_id=0)
+        hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                    eos_token_id=None, pad_token_id=0)
     return time.perf_counter() - t0
 
 
 def _prompts(cfg: DecodeBenchConfig, engine: Engine, batch: int, gen: torch.Generator) -> list[list[int]]:
-    if cfg.prompt is not None:
+    if cfg.prompt:
         if engine.tokenizer is None:
-            raise ValueError("--prompt needs a checkpoint with tokenizer.json")
-        return [engine.tokenizer.encode(cfg.prompt)] * batch
+            raise NanoseekError("--prompt needs a checkpoint with tokenizer.json")
+        return [engine.tokenizer.encode(cfg.prompt[i % len(cfg.prompt)], add_bos=True) for i in range(batch)]
     vocab = engine.model.config.vocab_size
     return torch.randint(5, vocab, (batch, cfg.prompt_len), generator=gen).tolist()
 
@@ -141,14 +147,15 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
     mtp_engine = Engine(model, max_batch_size=1, use_mtp=True) if len(model.mtp) else None
     gen = torch.Generator().manual_seed(cfg.seed)
     prompts = {b: _prompts(cfg, engine, b, gen) for b in cfg.batch}
+    mtp_prompts = _prompts(cfg, engine, max(cfg.rounds, len(cfg.prompt or [])), gen)  # one per MTP round
     prefill_prompt = torch.randint(5, mc.vocab_size, (cfg.prefill_len,), generator=gen).tolist()
 
     # warm-up: one short run of each path (allocations, first-call costs)
     engine_decode(engine, prompts[cfg.batch[0]], 4)
     if mtp_engine:
-        engine_decode(mtp_engine, prompts[1] if 1 in prompts else prompts[cfg.batch[0]][:1], 4)
+        engine_decode(mtp_engine, mtp_prompts[:1], 4)
     if hf is not None:
-        hf_generate_time(hf, torch.tensor(prompts[cfg.batch[0]]), 2)
+        hf_generate_time(hf, prompts[cfg.batch[0]], 2)
 
     res: dict[str, list[float]] = {}
 
@@ -159,15 +166,14 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
     for r in range(cfg.rounds):
         add("prefill/nanoseek", engine_prefill(engine, prefill_prompt))
         if hf is not None:
-            add("prefill/transformers", cfg.prefill_len / hf_generate_time(hf, torch.tensor([prefill_prompt]), 1))
+            add("prefill/transformers", cfg.prefill_len / hf_generate_time(hf, [prefill_prompt], 1))
         for b in cfg.batch:
             add(f"decode{b}/nanoseek", engine_decode(engine, prompts[b], cfg.tokens)[0])
             if hf is not None:
-                ids = torch.tensor(prompts[b])
-                t_full, t_one = hf_generate_time(hf, ids, cfg.tokens + 1), hf_generate_time(hf, ids, 1)
+                t_full, t_one = hf_generate_time(hf, prompts[b], cfg.tokens + 1), hf_generate_time(hf, prompts[b], 1)
                 add(f"decode{b}/transformers", b * cfg.tokens / (t_full - t_one))
         if mtp_engine:
-            one = prompts[1] if 1 in prompts else prompts[cfg.batch[0]][:1]
+            one = [mtp_prompts[r]]
             tok_s, acc = engine_decode(mtp_engine, one, cfg.tokens)
             add("mtp/speculative", tok_s)
             add("mtp/acceptance", acc)

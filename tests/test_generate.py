@@ -67,7 +67,8 @@ def test_generate_bad_input_is_one_line_and_exit_2(checkpoint, capsys, args, mes
 def test_bench_decode_runs_and_reports(checkpoint, capsys):
     pytest.importorskip("transformers")
     assert main(["bench", "decode", "--model", str(checkpoint), "--rounds", "1", "--tokens", "4",
-                 "--prefill-len", "16", "--batch", "1", "2", "--bandwidth-mb", "16"]) == 0
+                 "--prefill-len", "16", "--batch", "1", "2", "--bandwidth-mb", "16",
+                 "--prompt", "What is 12", "The quick brown fox"]) == 0  # prompts of two lengths
     out = capsys.readouterr().out
     for label in ("prefill tok/s", "decode tok/s, batch 1", "decode tok/s, batch 2", "memory-bandwidth limit",
                   "MLA latent", "MTP self-speculative decoding"):

@@ -89,8 +89,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     b.add_argument("--model", help="checkpoint directory")
     b.add_argument("--preset", help="or a preset with random weights (e.g. small)")
     b.add_argument("--seed", type=int, default=0, help="weights of --preset and the random prompts")
-    b.add_argument("--prompt", help="prompt text for the decode runs (needs the checkpoint's tokenizer); "
-                                    "default: random token ids")
+    b.add_argument("--prompt", nargs="+", help="prompt texts for the decode runs, cycled through (needs the "
+                                               "checkpoint's tokenizer); default: random token ids")
     b.add_argument("--prompt-len", type=int, default=32, help="random prompt length for the decode runs")
     b.add_argument("--prefill-len", type=int, default=256, help="prompt length of the prefill measurement")
     b.add_argument("--tokens", type=int, default=64, help="new tokens per decode measurement")
