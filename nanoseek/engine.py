@@ -67,7 +67,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `s in self.running` must not compare every field
 class _Sequence:
     request_id: str
     index: int
