@@ -166,6 +166,8 @@ class MoE(FP32Buffers):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, indices, scores = self.gate(x)  # (N, k), (N, k), (N, E)
+        if not torch.is_grad_enabled() and x.shape[0] * self.top_k <= self.n_experts and x.device.type == "cpu":
+            return self._few_tokens(x, weights, indices).view(shape)
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
         # Sort the N*k (token, expert) pairs by expert so each expert sees one contiguous slice.
         order = indices.flatten().argsort(stable=True)
@@ -179,6 +181,18 @@ class MoE(FP32Buffers):
                 self.tokens_per_expert += counts.float()
             self.aux_loss = self._sequence_balance_loss(scores, indices, shape) if self.aux_loss_alpha > 0 else None
         return y.view(shape)
+
+    def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Inference on a few tokens (a decode step): each token runs its k experts directly, no sort, no
+        grouped matmul over mostly empty groups (per-operator overhead is what a decode step pays for)."""
+        y = self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
+        ex = self.experts
+        for n, (ws, es) in enumerate(zip(weights.tolist(), indices.tolist())):
+            xn = x[n]
+            for w, e in zip(ws, es):
+                h = F.silu(ex.gate_proj[e] @ xn) * (ex.up_proj[e] @ xn)
+                y[n].add_(ex.down_proj[e] @ h, alpha=w)
+        return y
 
     def _sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """α Σ_i f_i P_i per sequence, averaged over the batch (DeepSeek-V3 eq. 17-20)."""
