@@ -108,7 +108,9 @@ def _prompts(cfg: DecodeBenchConfig, engine: Engine, batch: int, gen: torch.Gene
     if cfg.prompt:
         if engine.tokenizer is None:
             raise NanoseekError("--prompt needs a checkpoint with tokenizer.json")
-        return [engine.tokenizer.encode(cfg.prompt[i % len(cfg.prompt)], add_bos=True) for i in range(batch)]
+        tok = engine.tokenizer
+        ids = [tok.encode(cfg.prompt[i % len(cfg.prompt)]) for i in range(batch)]
+        return [t if t[:1] == [tok.bos_id] else [tok.bos_id] + t for t in ids]  # templates may hold the BOS
     vocab = engine.model.config.vocab_size
     return torch.randint(5, vocab, (batch, cfg.prompt_len), generator=gen).tolist()
 
