@@ -166,7 +166,8 @@ class MoE(FP32Buffers):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, indices, scores = self.gate(x)  # (N, k), (N, k), (N, E)
-        if not torch.is_grad_enabled() and x.shape[0] * self.top_k <= self.n_experts and x.device.type == "cpu":
+        few = x.shape[0] * self.top_k <= self.n_experts and x.device.type == "cpu"
+        if few and not (self.training or torch.is_grad_enabled()):
             return self._few_tokens(x, weights, indices).view(shape)
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
         # Sort the N*k (token, expert) pairs by expert so each expert sees one contiguous slice.
