@@ -127,10 +127,12 @@ class TrainConfig:
         need(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         need(self.eval_every >= -1 and self.save_every >= 0, "eval_every must be >= -1 and save_every >= 0")
         need(self.eval_sequences >= 1, "eval_sequences must be >= 1")
-        if self.eval_batches is not None:  # the older spelling
-            need(self.eval_batches >= 1, "eval_batches must be >= 1")
-            self.eval_sequences = self.eval_batches * self.batch_size
-            self.eval_batches = None
+        need(self.eval_batches is None or self.eval_batches >= 1, "eval_batches must be >= 1")
+
+    @property
+    def eval_size(self) -> int:
+        """Held-out sequences per evaluation (eval_batches, the older spelling, counts batch_size each)."""
+        return self.eval_sequences if self.eval_batches is None else self.eval_batches * self.batch_size
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -396,7 +398,7 @@ class Trainer:
         # world size that DDP/FSDP divide by again: the gradient of one big batch's mean.
         counts = torch.stack([(self.targets(batch, k) != IGNORE_INDEX).sum() for k in range(1 + D)])
         denom = counts.clamp_min(1).to(torch.float32)
-        weights = torch.tensor([1.0] + [cfg.mtp_lambda / D] * D, device=self.device)  # λ/D per MTP depth
+        weights = torch.tensor([1.0] + [cfg.mtp_lambda / max(D, 1)] * D, device=self.device)  # λ/D per MTP depth
         logged = torch.zeros(2 + D, device=self.device)
         for micro in range(cfg.grad_accum):
             lo = (micro * world + self.rank) * cfg.batch_size
@@ -439,7 +441,7 @@ class Trainer:
         return self.flops_per_token * tokens_per_s / (self.peak * self.world) if self.peak else None
 
     def evaluate(self) -> float:
-        return evaluate(self.forward, self.eval_batches, self.cfg.eval_sequences, self.cfg.batch_size, self.device,
+        return evaluate(self.forward, self.eval_batches, self.cfg.eval_size, self.cfg.batch_size, self.device,
                         self.autocast, self.cfg.doc_mask)
 
     def save(self) -> Path:

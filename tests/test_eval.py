@@ -14,13 +14,7 @@ from nanoseek.tasks.base import split_of
 from test_grpo import TOKENIZER, Score, SayDigits, arithmetic_checkpoint, short_prompt, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is as fast, and far faster when other work shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.mark.parametrize("n,c,k,want", [

@@ -28,13 +28,7 @@ from nanoseek.sampling import SamplingParams
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.tokenizer import train_tokenizer
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is as fast, and far faster when other work shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 # ---- a fixed batch: 2 completions (one group, A = +1 and -1), 3 token slots, the second has 2 tokens ----

@@ -28,14 +28,7 @@ MODEL = get_preset("tiny", vocab_size=384, hidden_size=64, intermediate_size=192
 FAST = dict(seq_len=64, batch_size=8, lr=3e-3, warmup_steps=5, save_every=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread runs them faster than two, and does not collapse when the CI
-    machine's two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +104,16 @@ def test_accumulation_equals_one_big_batch(dataset, tmp_path):
         assert list(big) == [1, 2, 3]
         assert [acc[s] for s in big] == pytest.approx(list(big.values()), rel=1e-5), key
     assert 0 < losses(tmp_path / "big", "loss/aux")[1] < 0.1  # α Σ f_i P_i is about α at balance
+
+
+def test_dense_model_without_mtp_trains(dataset, tmp_path):
+    """No MoE layer and no MTP module (a distillation student's shape): no MTP or balance terms, loss falls."""
+    dense = MODEL.replace(n_routed_experts=0, n_shared_experts=0, num_experts_per_tok=0, first_k_dense_replace=0,
+                          num_nextn_predict_layers=0)
+    pretrain(dense, TrainConfig(max_steps=8, eval_every=-1, **FAST), dataset, tmp_path / "dense", progress=False)
+    rows = read_metrics(tmp_path / "dense")
+    assert [r["step"] for r in rows] == list(range(1, 9)) and rows[-1]["loss/train"] < rows[0]["loss/train"]
+    assert not {k for k in rows[-1] if k.startswith(("loss/mtp", "expert_load"))}
 
 
 RESUME_FLAGS = ["--seq-len", "64", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2", "--max-steps", "16",

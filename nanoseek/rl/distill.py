@@ -102,7 +102,7 @@ def distill_preset(name: str = "default", seed: int = 0) -> DistillConfig:
     if name == "smoke":
         return DistillConfig(preset=name, seed=seed, student={**_DENSE_STUDENT, "num_hidden_layers": 1,
                                                               "intermediate_size": 64},
-                             student_train_steps=6, problems=8, samples=4, keep_per_problem=2,
+                             student_train_steps=6, problems=32, samples=4, keep_per_problem=2,
                              sft=SFTConfig(epochs=2, batch_size=4, lr=1e-3, warmup_steps=1, seed=seed), rl_steps=2)
     raise DistillError(f"unknown distill preset {name!r}; presets: default, smoke")
 
@@ -300,9 +300,9 @@ def run_distill(cfg: DistillConfig, zero_dir: str | os.PathLike, out_dir: str | 
         model = from_pretrained(out / "student_base")
         torch.manual_seed(cfg.seed)
         losses = sft(model, read_traces(out), cfg.sft, tokenizer.pad_id, out / "sft", progress)
-        model.save_pretrained(out / ".tmp-student_distill")
-        tokenizer.save_pretrained(out / ".tmp-student_distill")
-        _publish(out / ".tmp-student_distill", out / "student_distill")
+        model.save_pretrained(out / "sft" / "final")
+        tokenizer.save_pretrained(out / "sft" / "final")
+        _publish(out / "sft" / "final", out / "student_distill")
         return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}
 
     def student_rl() -> dict[str, Any]:

@@ -171,13 +171,16 @@ def write_report(run: str | os.PathLike, cfg, stages: dict[str, Any]) -> Path:
           f"the start, {_num(machine.get('load_at_end'), '{:.2f}')} at the end of the run. The load counts "
           "other processes on the machine too: a load above the core count means the run shared its cores.", ""]
     L += ["## What the pretraining corpus contains", "",
-          "Only synthetic problems of the tasks below, each a document `BOS + R1-Zero prompt + \" <think> ... "
-          "</think> <answer> ... </answer>\" + EOS`. A document carries the task's full worked solution in the "
-          "think part with probability `reasoning_fraction`; the others have an empty think (`<think> </think>`) "
-          "and the correct answer directly. No other text, no SFT data, no held-out problem.", "",
-          "| task | documents | with a worked solution | fraction |", "|---|---|---|---|"]
+          "Only synthetic problems of the tasks below (train split; never a held-out problem), in two formats. "
+          "`r1_zero`: `BOS + R1-Zero prompt + \" <think> ... </think> <answer> ... </answer>\" + EOS`, where a "
+          "document carries the task's worked solution in the think part with probability `reasoning_fraction` "
+          "and otherwise has an empty think (`<think> </think>`) and the correct answer directly. `worked`: the "
+          "worked solution alone as plain text (no prompt, no tags, no template), like arithmetic worked out on "
+          "paper. No other text, no SFT data.", "",
+          "| task | format | documents | with a worked solution | fraction |", "|---|---|---|---|---|"]
     for p in corpus["parts"]:
-        L.append(f"| {p['task']} | {p['documents']:,} | {p['with_trace']:,} | {p['trace_fraction']:.1%} |")
+        L.append(f"| {p['task']} | {p['format']} | {p['documents']:,} | {p['with_trace']:,} | "
+                 f"{p['trace_fraction']:.1%} |")
     L += ["", f"Tokenizer: byte-level BPE, {tok.get('vocab_size')} tokens, digits split one per token. "
           f"Tokens: {tok.get('train_tokens', 0):,} train, {tok.get('heldout_tokens', 0):,} held out "
           f"({corpus['heldout_documents_per_part']} held-out documents per task, for the held-out loss only).", ""]

@@ -62,15 +62,38 @@ class ZeroError(NanoseekError):
 
 
 # ---- configuration -----------------------------------------------------------------------------------
+FORMATS = ("r1_zero", "worked")
+
+
 @dataclass
 class CorpusPart:
-    """`documents` problems of one task (with its difficulty knobs) in the R1-Zero format; a
-    `reasoning_fraction` of them carry the worked solution in <think>, the rest an empty think."""
+    """`documents` train-split problems of one task (with its difficulty knobs), written as
+
+    - "r1_zero": R1-Zero prompt + " <think> ... </think> <answer> ... </answer>" + EOS; a
+      `reasoning_fraction` of them carry the worked solution in the think part, the rest an empty think
+      and the answer directly (`tasks.pretraining_documents`);
+    - "worked": the worked solution alone, as plain text (no prompt, no tags): arithmetic worked out on
+      paper, the kind of text a base model's corpus holds outside any chat format."""
 
     task: str = "arithmetic"
     knobs: dict[str, Any] = field(default_factory=dict)
     documents: int = 1000
-    reasoning_fraction: float = 0.1
+    format: str = "r1_zero"
+    reasoning_fraction: float = 0.1  # r1_zero only
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ZeroError(f"corpus part format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+
+    def documents_of(self, seed: int, split: str = "train", n: int | None = None) -> Iterator[str]:
+        from ..tasks import get_task, pretraining_documents
+
+        task = get_task(self.task, **self.knobs)
+        n = self.documents if n is None else n
+        if self.format == "r1_zero":
+            return pretraining_documents(task, n, seed, self.reasoning_fraction, split=split)
+        rng = random.Random(f"{task.name}-worked-{split}-{seed}")
+        return (task.solution(task.sample(rng, split)) for _ in range(n))
 
 
 @dataclass
@@ -173,11 +196,12 @@ def preset(name: str = "default", seed: int = 0) -> ZeroConfig:
             model=get_preset("tiny", vocab_size=384, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                              num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32,
                              qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
-                             n_group=1, topk_group=1, max_position_embeddings=256),
+                             n_group=1, topk_group=1, max_position_embeddings=512),
             corpus=CorpusConfig(parts=[CorpusPart("arithmetic", knobs, documents=400, reasoning_fraction=0.3)],
                                 heldout_documents=20, vocab_size=384),
-            train=TrainConfig(seq_len=128, batch_size=8, max_steps=60, lr=1e-2, warmup_steps=5, eval_every=30,
-                              eval_batches=1, save_every=30, keep_last=1, seed=seed),
+            # a window holds a whole document (~140 tokens), so every answer is seen with its question
+            train=TrainConfig(seq_len=256, batch_size=8, max_steps=150, lr=1e-2, warmup_steps=5, eval_every=75,
+                              eval_sequences=8, save_every=75, keep_last=1, seed=seed),
             grpo=GRPOConfig(num_generations=4, prompts_per_step=4, max_completion_length=48, learning_rate=1e-4,
                             loss_type="dr_grpo", max_steps=3, save_steps=2, save_total_limit=1, seed=seed),
             eval=EvalConfig(n_problems=8, samples=4, k=4, max_tokens=48, n_examples=2),
@@ -349,10 +373,7 @@ class ZeroCorpus:
         return [self.documents or p.documents for p in self.parts]
 
     def __iter__(self) -> Iterator[str]:
-        from ..tasks import get_task, pretraining_documents
-
-        sources = [pretraining_documents(get_task(p.task, **p.knobs), n, self.seed, p.reasoning_fraction,
-                                         split=self.split) for p, n in zip(self.parts, self.sizes())]
+        sources = [p.documents_of(self.seed, self.split, n) for p, n in zip(self.parts, self.sizes())]
         order = [i for i, n in enumerate(self.sizes()) for _ in range(n)]
         random.Random(f"zero-corpus-{self.seed}-{self.split}").shuffle(order)
         for i in order:
@@ -361,18 +382,21 @@ class ZeroCorpus:
 
 def corpus_stats(parts: list[CorpusPart], seed: int) -> list[dict[str, Any]]:
     """Per part: documents, how many carry a worked solution, characters. (The same draws as ZeroCorpus.)"""
-    from ..tasks import get_task, parse_completion, pretraining_documents
+    from ..tasks import get_task, parse_completion
 
     out = []
     for p in parts:
-        task = get_task(p.task, **p.knobs)
         n_trace = chars = 0
-        for doc in pretraining_documents(task, p.documents, seed, p.reasoning_fraction):
-            n_trace += bool(parse_completion(doc.rsplit(" Assistant:", 1)[1]).think)  # the preamble names the tags too
+        for doc in p.documents_of(seed):
+            if p.format == "worked":
+                n_trace += 1
+            else:  # the think part of the response (the preamble names the tags too)
+                n_trace += bool(parse_completion(doc.rsplit(" Assistant:", 1)[1]).think)
             chars += len(doc)
-        out.append({"task": task_label(task), "knobs": task.knobs(), "documents": p.documents,
-                    "with_trace": n_trace, "trace_fraction": n_trace / p.documents,
-                    "reasoning_fraction": p.reasoning_fraction, "characters": chars})
+        out.append({"task": task_label(get_task(p.task, **p.knobs)), "knobs": p.knobs, "format": p.format,
+                    "documents": p.documents, "with_trace": n_trace, "trace_fraction": n_trace / p.documents,
+                    "reasoning_fraction": p.reasoning_fraction if p.format == "r1_zero" else None,
+                    "characters": chars})
     return out
 
 
