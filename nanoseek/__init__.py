@@ -4,17 +4,23 @@
     model = nanoseek.from_pretrained("checkpoint_dir")   # HF-format DeepSeek-V2/V3 directory
     logits = model(input_ids)                             # (batch, seq, vocab) float
     model.save_pretrained("out_dir")                      # loads in transformers too
+    engine = nanoseek.Engine("checkpoint_dir")            # absorbed-MLA decoding, continuous batching
+    outputs = engine.generate(["Hello"], nanoseek.SamplingParams(max_tokens=32))
 """
 
 from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .config import PRESETS, ConfigError, ModelConfig, get_preset
+from .engine import Engine
 from .model import Transformer
+from .sampling import SamplingParams
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "Engine",
     "ModelConfig",
     "PRESETS",
+    "SamplingParams",
     "Transformer",
     "from_pretrained",
     "get_preset",

@@ -1,6 +1,6 @@
 """Held-out evaluation of a model on a verifiable task: pass@1, pass@k, format rate, response length.
 
-    result = evaluate(Engine("runs/zero/final"), get_task("arithmetic"), n_problems=200, k=8)
+    result = evaluate(Engine("runs/zero/model"), get_task("arithmetic"), n_problems=200, k=8)
     print(result.summary())
     nanoseek eval --model DIR --task arithmetic [--n 200 --k 8 --temperature 0.6]
 

@@ -29,7 +29,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise NanoseekError(f"nanoseek serve needs the serve extra ({e.name} is missing): "
+                            "pip install -e \".[serve]\"") from None
 
     from ..server import ServerConfig, create_app
 

@@ -88,7 +88,7 @@ class DistillConfig:
         return cls(**{**d, "sft": SFTConfig(**d["sft"])})
 
 
-# A student of about a third of the teacher's active parameters: dense, one layer fewer, no MTP.
+# A dense student (no MoE, no MTP), one layer fewer: about a third of the teacher's total parameters.
 _DENSE_STUDENT = dict(n_routed_experts=0, n_shared_experts=0, num_experts_per_tok=0, first_k_dense_replace=0,
                       num_nextn_predict_layers=0)
 

@@ -8,9 +8,11 @@
     result = run_zero(preset("default"), "runs/zero")      # ZeroResult: evals, stage times, paths
 
 Stages (each timed; pretraining, evaluation and GRPO show a progress bar):
-1. corpus     the demo task's problems in the R1-Zero format (prompt, "<think>...</think> <answer>...</answer>",
-              EOS). A `reasoning_fraction` of the documents carry the full worked solution in the think part;
-              the rest answer directly with an empty think. Nothing else: no SFT data, no other text.
+1. corpus     the demo task's train-split problems, in two formats (CorpusPart): "r1_zero" documents (prompt,
+              "<think>...</think> <answer>...</answer>", EOS), of which a `reasoning_fraction` carry the full
+              worked solution in the think part and the rest answer directly with an empty think; and
+              "worked" documents, the worked solution alone as plain text (arithmetic done on paper, no
+              prompt, no tags). Nothing else: no SFT data, no other text, no held-out problem.
 2. tokenizer  byte-level BPE trained on that corpus (digits split), with the r1_zero chat template;
               the corpus is tokenized into RUN_DIR/data.
 3. pretrain   a small MLA + DeepSeekMoE base model with MTP (so it also drafts for speculative decoding).
@@ -474,6 +476,7 @@ def evaluate_model(model_dir: Path, tasks: list, ecfg: EvalConfig, progress: boo
             seen.extend(zip(completions, scores))
             return scores
 
+        drafted, accepted = engine.stats.draft_tokens, engine.stats.accepted_tokens  # this task's share below
         restore = _count_finished(engine, ecfg.n_problems * ecfg.samples, f"{desc} {task_label(task)}", progress)
         try:
             r = evaluate(engine, task, n_problems=ecfg.n_problems, k=ecfg.k, samples_per_problem=ecfg.samples,
@@ -489,7 +492,8 @@ def evaluate_model(model_dir: Path, tasks: list, ecfg: EvalConfig, progress: boo
         d.update(label=task_label(task), knobs=task.knobs(), reasoning_rate=sum(thinks) / max(len(thinks), 1),
                  accuracy_when_reasoning=sum(reasoned) / len(reasoned) if reasoned else None,
                  accuracy_when_direct=sum(direct) / len(direct) if direct else None,
-                 acceptance_rate=engine.stats.acceptance_rate if ecfg.use_mtp else None)
+                 acceptance_rate=(engine.stats.accepted_tokens - accepted) / (engine.stats.draft_tokens - drafted)
+                 if ecfg.use_mtp and engine.stats.draft_tokens > drafted else None)
         out[d["label"]] = d
     return out
 
