@@ -147,11 +147,11 @@ def test_arithmetic_trace_lines_are_each_right():
 
 def test_arithmetic_trace_examples():
     assert trace(4832, "+", 957).splitlines() == [
-        "4832+957", "2+7+0=9 c0 | 9", "3+5+0=8 c0 | 89", "8+9+0=17 c1 | 789", "4+0+1=5 c0 | 5789",
+        "4832 + 957", "2+7+0=9 c0 | 9", "3+5+0=8 c0 | 89", "8+9+0=17 c1 | 789", "4+0+1=5 c0 | 5789",
         "4832+957=5789"]
     assert trace(95, "+", 7).splitlines()[-2:] == ["0+0+1=1 c0 | 102", "95+7=102"]
     assert trace(1000, "-", 999).splitlines()[-1] == "1000-999=1"
-    assert trace(3, "-", 10).splitlines() == ["3-10 = -(10-3)", "10-3", "0-3-0 -> 10-3-0=7 b1 | 7",
+    assert trace(3, "-", 10).splitlines() == ["3 - 10 = -(10-3)", "10-3", "0-3-0 -> 10-3-0=7 b1 | 7",
                                              "1-0-1=0 b0 | 07", "10-3=7", "3-10=-7"]
     mul = trace(4832, "*", 57).splitlines()
     assert "4832*5=24160, shift 1: 241600" in mul and "33824+241600=275424" in mul

@@ -86,7 +86,8 @@ def test_report_numbers_are_the_runs_own(run):
     assert f"held-out loss {pre[-1]['loss/heldout']:.4f}" in report
     # the corpus section and the config are there
     corpus = json.loads((run / "corpus.json").read_text())["parts"][0]
-    assert f"| {corpus['task']} | {corpus['format']} | {corpus['documents']:,} | {corpus['with_trace']:,} |" in report
+    assert (f"| {corpus['task']} | {corpus['format']} | {corpus['documents']:,} | {corpus['problems']:,} | "
+            f"{corpus['with_trace']:,} |") in report
     assert json.loads(report.split("```json\n")[1].split("\n```")[0]) == json.loads((run / CONFIG_FILE).read_text())
 
 
@@ -158,7 +159,9 @@ def test_corpus_is_the_demo_task_with_a_fraction_of_traces():
     assert 0.18 < len(traced) / len(docs) < 0.32
     assert corpus_stats(parts, seed=0)[0]["with_trace"] == len(traced)
     assert all("*" in r and "shift" in r for r in traced)  # the long multiplication trace
-    heldout = {p.key for p in preset("default").demo_task().heldout(500)}
+    from nanoseek.tasks import get_task
+
+    heldout = {p.key for p in get_task("arithmetic", **parts[0].knobs).heldout(500)}
     questions = {re.search(r"User: What is (\d+) \* (\d+)\?", d).groups() for d in docs}
     assert not {f"{a}*{b}" for a, b in questions} & heldout  # no held-out problem is pretrained on
 
@@ -168,3 +171,23 @@ def test_unknown_preset_is_an_error():
 
     with pytest.raises(ZeroError, match="unknown zero preset"):
         preset("huge")
+
+
+def test_worked_documents_are_question_and_solution_without_template():
+    knobs = {"min_digits": 2, "max_digits": 2, "ops": "+"}
+    part = CorpusPart("arithmetic", knobs, documents=50, format="worked", per_document=3)
+    docs = list(part.documents_of(seed=0))
+    assert len(docs) == 50 and docs == list(part.documents_of(seed=0))
+    for doc in docs:
+        problems = doc.split("\n\n")
+        assert len(problems) == 3  # a worksheet: the question is not always at the start of the document
+        for text in problems:
+            question, first, *rest = text.splitlines()
+            a, b = re.fullmatch(r"What is (\d+) \+ (\d+)\?", question).groups()
+            assert first == f"{a} + {b}" and rest[-1] == f"{a}+{b}={int(a) + int(b)}"
+        assert "<think>" not in doc and "Assistant" not in doc
+    assert corpus_stats([part], seed=0)[0]["problems"] == 150
+    with pytest.raises(Exception, match="format must be one of"):
+        CorpusPart("arithmetic", knobs, format="chat")
+    with pytest.raises(Exception, match="per_document"):
+        CorpusPart("arithmetic", knobs, per_document=2)  # r1_zero documents hold one problem each

@@ -235,7 +235,7 @@ def sft(model: torch.nn.Module, traces: list[dict[str, Any]], cfg: SFTConfig, pa
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if logger is not None:
                     logger.log(step, **{"loss/sft": losses[-1], "lr": opt.param_groups[0]["lr"]})
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)

@@ -175,12 +175,12 @@ def write_report(run: str | os.PathLike, cfg, stages: dict[str, Any]) -> Path:
           "`r1_zero`: `BOS + R1-Zero prompt + \" <think> ... </think> <answer> ... </answer>\" + EOS`, where a "
           "document carries the task's worked solution in the think part with probability `reasoning_fraction` "
           "and otherwise has an empty think (`<think> </think>`) and the correct answer directly. `worked`: the "
-          "worked solution alone as plain text (no prompt, no tags, no template), like arithmetic worked out on "
-          "paper. No other text, no SFT data.", "",
-          "| task | format | documents | with a worked solution | fraction |", "|---|---|---|---|---|"]
+          "question and its worked solution as plain text (no prompt, no tags, no template), like arithmetic "
+          "worked out on paper, several problems to a document like a worksheet. No other text, no SFT data.", "",
+          "| task | format | documents | problems | with a worked solution | fraction |", "|---|---|---|---|---|---|"]
     for p in corpus["parts"]:
-        L.append(f"| {p['task']} | {p['format']} | {p['documents']:,} | {p['with_trace']:,} | "
-                 f"{p['trace_fraction']:.1%} |")
+        L.append(f"| {p['task']} | {p['format']} | {p['documents']:,} | {p.get('problems', p['documents']):,} | "
+                 f"{p['with_trace']:,} | {p['trace_fraction']:.1%} |")
     L += ["", f"Tokenizer: byte-level BPE, {tok.get('vocab_size')} tokens, digits split one per token. "
           f"Tokens: {tok.get('train_tokens', 0):,} train, {tok.get('heldout_tokens', 0):,} held out "
           f"({corpus['heldout_documents_per_part']} held-out documents per task, for the held-out loss only).", ""]

@@ -1,7 +1,7 @@
 """`nanoseek zero`: DeepSeek-R1-Zero in one command, from nothing: corpus, tokenizer, base model, GRPO, report.
 
-    nanoseek zero --preset default --out runs/zero          # about 25 minutes on 2 CPU cores
-    nanoseek zero --preset smoke --out /tmp/zero            # under a minute: the test suite runs it
+    nanoseek zero --preset default --out runs/zero          # about 15-20 minutes on 2 CPU cores
+    nanoseek zero --preset smoke --out /tmp/zero            # about a minute: the test suite runs it
     nanoseek zero --out runs/zero --resume                  # continue a run that was stopped or killed
 
     from nanoseek.rl.zero import preset, run_zero
@@ -11,8 +11,8 @@ Stages (each timed; pretraining, evaluation and GRPO show a progress bar):
 1. corpus     the demo task's train-split problems, in two formats (CorpusPart): "r1_zero" documents (prompt,
               "<think>...</think> <answer>...</answer>", EOS), of which a `reasoning_fraction` carry the full
               worked solution in the think part and the rest answer directly with an empty think; and
-              "worked" documents, the worked solution alone as plain text (arithmetic done on paper, no
-              prompt, no tags). Nothing else: no SFT data, no other text, no held-out problem.
+              "worked" documents, the question and its worked solution as plain text (arithmetic done on
+              paper, no prompt, no tags). Nothing else: no SFT data, no other text, no held-out problem.
 2. tokenizer  byte-level BPE trained on that corpus (digits split), with the r1_zero chat template;
               the corpus is tokenized into RUN_DIR/data.
 3. pretrain   a small MLA + DeepSeekMoE base model with MTP (so it also drafts for speculative decoding).
@@ -74,18 +74,24 @@ class CorpusPart:
     - "r1_zero": R1-Zero prompt + " <think> ... </think> <answer> ... </answer>" + EOS; a
       `reasoning_fraction` of them carry the worked solution in the think part, the rest an empty think
       and the answer directly (`tasks.pretraining_documents`);
-    - "worked": the worked solution alone, as plain text (no prompt, no tags): arithmetic worked out on
-      paper, the kind of text a base model's corpus holds outside any chat format."""
+    - "worked": the question and its worked solution, as plain text (no prompt, no tags): arithmetic
+      worked out on paper, the kind of text a base model's corpus holds outside any chat format;
+      `per_document` problems one after another, like a worksheet (a question that is not always at the
+      start of its document makes the model learn to copy operands wherever they stand, as it must
+      after an R1-Zero prompt, instead of from a fixed position)."""
 
     task: str = "arithmetic"
     knobs: dict[str, Any] = field(default_factory=dict)
     documents: int = 1000
     format: str = "r1_zero"
     reasoning_fraction: float = 0.1  # r1_zero only
+    per_document: int = 1  # worked only: problems per document, one after another like a worksheet
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ZeroError(f"corpus part format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.per_document < 1 or (self.per_document > 1 and self.format != "worked"):
+            raise ZeroError("per_document must be >= 1, and > 1 only for the worked format")
 
     def documents_of(self, seed: int, split: str = "train", n: int | None = None) -> Iterator[str]:
         from ..tasks import get_task, pretraining_documents
@@ -95,7 +101,14 @@ class CorpusPart:
         if self.format == "r1_zero":
             return pretraining_documents(task, n, seed, self.reasoning_fraction, split=split)
         rng = random.Random(f"{task.name}-worked-{split}-{seed}")
-        return (task.solution(task.sample(rng, split)) for _ in range(n))
+        return ("\n\n".join(_worked(task, task.sample(rng, split)) for _ in range(self.per_document))
+                for _ in range(n))
+
+
+def _worked(task, problem) -> str:
+    """A problem worked out on paper: the question, then the solution, as plain text. The question comes
+    first so that the model learns to read the operands off it, as it must after an R1-Zero prompt."""
+    return f"{problem.question}\n{task.solution(problem)}"
 
 
 @dataclass
@@ -175,21 +188,26 @@ class ZeroConfig:
 
 
 def preset(name: str = "default", seed: int = 0) -> ZeroConfig:
-    """The named run: "default" (the demo, ~25 min on 2 cores) or "smoke" (seconds; what the tests run)."""
+    """The named run: "default" (the demo, ~15-20 min on 2 cores) or "smoke" (about a minute; what the tests run)."""
     from ..train import TrainConfig
 
     if name == "default":
-        knobs = {"min_digits": 2, "max_digits": 2, "ops": "*"}
+        # Two-digit addition: the tiny model's direct answers are mostly wrong, its worked column additions
+        # mostly right. The corpus is mostly the worked solutions as plain text (cheap: no 100-token
+        # prompt), plus R1-Zero documents where a quarter reason; windows of 256 hold a whole document.
+        knobs = {"min_digits": 2, "max_digits": 2, "ops": "+"}
         return ZeroConfig(
             preset=name, task="arithmetic", task_knobs=knobs, seed=seed,
             model=get_preset("tiny", vocab_size=512, max_position_embeddings=512),
-            corpus=CorpusConfig(parts=[CorpusPart("arithmetic", knobs, documents=20_000, reasoning_fraction=0.2)],
+            corpus=CorpusConfig(parts=[CorpusPart("arithmetic", knobs, documents=4_000, reasoning_fraction=0.25),
+                                       CorpusPart("arithmetic", knobs, documents=5_000, format="worked",
+                                                  per_document=4)],
                                 heldout_documents=200, vocab_size=512),
-            train=TrainConfig(seq_len=512, batch_size=8, max_steps=600, lr=3e-3, warmup_steps=50, min_lr_ratio=0.1,
+            train=TrainConfig(seq_len=256, batch_size=16, max_steps=600, lr=6e-3, warmup_steps=50, min_lr_ratio=0.1,
                               eval_every=100, save_every=100, keep_last=1, seed=seed),
-            grpo=GRPOConfig(num_generations=8, prompts_per_step=16, max_completion_length=288, learning_rate=1e-4,
+            grpo=GRPOConfig(num_generations=8, prompts_per_step=16, max_completion_length=96, learning_rate=1e-4,
                             loss_type="dr_grpo", max_steps=40, save_steps=10, save_total_limit=1, seed=seed),
-            eval=EvalConfig(n_problems=100, samples=8, k=8, max_tokens=288),
+            eval=EvalConfig(n_problems=100, samples=8, k=8, max_tokens=96),
         )
     if name == "smoke":
         knobs = {"min_digits": 1, "max_digits": 1, "ops": "+"}
@@ -396,7 +414,8 @@ def corpus_stats(parts: list[CorpusPart], seed: int) -> list[dict[str, Any]]:
                 n_trace += bool(parse_completion(doc.rsplit(" Assistant:", 1)[1]).think)
             chars += len(doc)
         out.append({"task": task_label(get_task(p.task, **p.knobs)), "knobs": p.knobs, "format": p.format,
-                    "documents": p.documents, "with_trace": n_trace, "trace_fraction": n_trace / p.documents,
+                    "documents": p.documents, "problems": p.documents * p.per_document,
+                    "with_trace": n_trace, "trace_fraction": n_trace / p.documents,
                     "reasoning_fraction": p.reasoning_fraction if p.format == "r1_zero" else None,
                     "characters": chars})
     return out

@@ -7,11 +7,11 @@
 
 The worked solution is the grade-school algorithm written one digit per line, built for a small
 transformer to imitate: every line has the same shape, and every value on it is read off the line above
-or one digit of the operands. Digits are taken right to left, the carry (`c`) or borrow (`b`) a line
+or one digit of the operands (the first line restates the question's operation as written). Digits are taken right to left, the carry (`c`) or borrow (`b`) a line
 produces is the next line's last input, and the digits written so far follow `|`, so a line's result
 is the previous line's result with one digit put in front:
 
-    4832+957                     4832-957                     4832*57
+    4832 + 957                   4832 - 957                   4832 * 57
     2+7+0=9 c0 | 9               2-7-0 -> 12-7-0=5 b1 | 5     4832*7
     3+5+0=8 c0 | 89              3-5-1 -> 13-5-1=7 b1 | 75    2*7+0=14 c1 | 4
     8+9+0=17 c1 | 789            8-9-1 -> 18-9-1=8 b1 | 875   ... (one line per digit of 4832)
@@ -21,7 +21,7 @@ is the previous line's result with one digit put in front:
                                                               4832*57=275424
 
 Columns continue while either operand has digits or a carry is left (a missing digit is 0). A
-subtraction whose result is negative is turned around first ("957-4832 = -(4832-957)"). A long
+subtraction whose result is negative is turned around first ("957 - 4832 = -(4832-957)"). A long
 multiplication multiplies by each digit of the second operand (right to left; a 0 digit gives a 0
 partial product that is skipped), shifts, and adds the partial products one at a time. The trace's last
 line states the result, which is also the answer.
@@ -115,14 +115,18 @@ def mul_lines(a: int, b: int) -> list[str]:
 def trace(a: int, op: str, b: int) -> str:
     """The worked solution of `a op b` for non-negative a, b (see the module docstring)."""
     if op == "+":
-        return "\n".join(add_lines(a, b))
-    if op == "-":
-        if a >= b:
-            return "\n".join(sub_lines(a, b))
-        return "\n".join([f"{a}-{b} = -({b}-{a})", *sub_lines(b, a), f"{a}-{b}={a - b}"])
-    if op == "*":
-        return "\n".join(mul_lines(a, b))
-    raise ValueError(f"unknown operation {op!r}")
+        lines = add_lines(a, b)
+    elif op == "-":
+        lines = sub_lines(a, b) if a >= b else [f"{a}-{b} = -({b}-{a})", *sub_lines(b, a), f"{a}-{b}={a - b}"]
+    elif op == "*":
+        lines = mul_lines(a, b)
+    else:
+        raise ValueError(f"unknown operation {op!r}")
+    # The first line restates the question's "a op b" verbatim, spaces included: a small transformer
+    # learns to copy text as it stands (an induction head) long before it learns to copy and reformat.
+    if len(lines) > 1 and lines[0].startswith(f"{a}{op}{b}"):
+        lines[0] = f"{a} {op} {b}" + lines[0][len(f"{a}{op}{b}"):]
+    return "\n".join(lines)
 
 
 def compute(a: int, op: str, b: int) -> int:
