@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
                                    "evaluate it, run GRPO from it with rule rewards, evaluate again and write "
                                    "RUN_DIR/report.md. The final model (HF format + tokenizer) is RUN_DIR/model.")
     z.add_argument("--preset", choices=PRESETS, default=None,
-                   help="default: the demo (~15-20 min on 2 cores); smoke: about a minute (tests). Default: default, or "
+                   help="default: the demo (~20-25 min on 2 cores); smoke: about a minute (tests). Default: default, or "
                         "the run's own preset with --resume")
     z.add_argument("--out", default="runs/zero", help="run directory (default runs/zero)")
     z.add_argument("--seed", type=int, default=None, help="seed of the corpus, model init, data order and GRPO "

@@ -1,6 +1,6 @@
 """`nanoseek zero`: DeepSeek-R1-Zero in one command, from nothing: corpus, tokenizer, base model, GRPO, report.
 
-    nanoseek zero --preset default --out runs/zero          # about 15-20 minutes on 2 CPU cores
+    nanoseek zero --preset default --out runs/zero          # 20-25 minutes on 2 CPU cores
     nanoseek zero --preset smoke --out /tmp/zero            # about a minute: the test suite runs it
     nanoseek zero --out runs/zero --resume                  # continue a run that was stopped or killed
 
@@ -11,8 +11,8 @@ Stages (each timed; pretraining, evaluation and GRPO show a progress bar):
 1. corpus     the demo task's train-split problems, in two formats (CorpusPart): "r1_zero" documents (prompt,
               "<think>...</think> <answer>...</answer>", EOS), of which a `reasoning_fraction` carry the full
               worked solution in the think part and the rest answer directly with an empty think; and
-              "worked" documents, the question and its worked solution as plain text (arithmetic done on
-              paper, no prompt, no tags). Nothing else: no SFT data, no other text, no held-out problem.
+              "worked" documents, questions with their worked solutions as plain text, several to a
+              document like a worksheet (arithmetic done on paper, no prompt, no tags). Nothing else: no SFT data, no other text, no held-out problem.
 2. tokenizer  byte-level BPE trained on that corpus (digits split), with the r1_zero chat template;
               the corpus is tokenized into RUN_DIR/data.
 3. pretrain   a small MLA + DeepSeekMoE base model with MTP (so it also drafts for speculative decoding).
@@ -188,13 +188,14 @@ class ZeroConfig:
 
 
 def preset(name: str = "default", seed: int = 0) -> ZeroConfig:
-    """The named run: "default" (the demo, ~15-20 min on 2 cores) or "smoke" (about a minute; what the tests run)."""
+    """The named run: "default" (the demo, ~20-25 min on 2 cores) or "smoke" (about a minute; what the tests run)."""
     from ..train import TrainConfig
 
     if name == "default":
         # Two-digit addition: the tiny model's direct answers are mostly wrong, its worked column additions
-        # mostly right. The corpus is mostly the worked solutions as plain text (cheap: no 100-token
-        # prompt), plus R1-Zero documents where a quarter reason; windows of 256 hold a whole document.
+        # far more often right. Most of the corpus is worksheets of worked problems as plain text (cheap:
+        # no 100-token prompt), plus R1-Zero documents of which a quarter reason (0.5 did much worse, see
+        # docs/zero.md); windows of 256 tokens hold a whole document.
         knobs = {"min_digits": 2, "max_digits": 2, "ops": "+"}
         return ZeroConfig(
             preset=name, task="arithmetic", task_knobs=knobs, seed=seed,
