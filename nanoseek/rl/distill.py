@@ -274,18 +274,7 @@ def run_distill(cfg: DistillConfig, zero_dir: str | os.PathLike, out_dir: str | 
     student_cfg = student_config(zero, cfg, tokenizer.vocab_size)
 
     def stage(name: str, fn) -> None:
-        if stages.done(name):
-            log(f"distill: {name}: done earlier, skipped")
-            return
-        log(f"distill: {name} ...")
-        t0 = time.perf_counter()
-        try:
-            info = fn() or {}
-        except BaseException:
-            stages.interrupted(name, time.perf_counter() - t0)
-            raise
-        stages.finish(name, time.perf_counter() - t0, **info)
-        log(f"distill: {name}: {stages.data[name]['seconds']:.1f}s")
+        stages.run(name, fn, log, job="distill")
 
     def student_pretrain() -> dict[str, Any]:
         train = dataclasses.replace(zero.train, max_steps=cfg.student_train_steps,

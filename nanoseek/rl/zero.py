@@ -279,6 +279,23 @@ class _Stages:
         self.data[name] = {"done": False, "seconds": prev + seconds}
         self._write()
 
+    def run(self, name: str, fn: Callable[[], dict[str, Any] | None], log: Callable[[str], None],
+            job: str = "zero") -> None:
+        """Run stage `name` unless it is done: timed, its result recorded; a stage that raises (or is
+        interrupted) keeps its time so far and stays not done, for --resume."""
+        if self.done(name):
+            log(f"{job}: {name}: done earlier ({self.data[name]['seconds']:.0f}s), skipped")
+            return
+        log(f"{job}: {name} ...")
+        t0 = time.perf_counter()
+        try:
+            info = fn() or {}
+        except BaseException:
+            self.interrupted(name, time.perf_counter() - t0)
+            raise
+        self.finish(name, time.perf_counter() - t0, **info)
+        log(f"{job}: {name}: {self.data[name]['seconds']:.1f}s")
+
     def _write(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(self.data, indent=1) + "\n")
@@ -297,18 +314,7 @@ def run_zero(cfg: ZeroConfig, out_dir: str | os.PathLike, *, resume: bool = Fals
     stages.data.setdefault("machine", _machine())
 
     def stage(name: str, fn: Callable[[], dict[str, Any] | None]) -> None:
-        if stages.done(name):
-            log(f"zero: {name}: done earlier ({stages.data[name]['seconds']:.0f}s), skipped")
-            return
-        log(f"zero: {name} ...")
-        t0 = time.perf_counter()
-        try:
-            info = fn() or {}
-        except BaseException:
-            stages.interrupted(name, time.perf_counter() - t0)
-            raise
-        stages.finish(name, time.perf_counter() - t0, **info)
-        log(f"zero: {name}: {stages.data[name]['seconds']:.1f}s")
+        stages.run(name, fn, log)
 
     stage("corpus", lambda: _stage_corpus(cfg, run, progress))
     stage("tokenizer", lambda: _stage_tokenizer(cfg, run))
