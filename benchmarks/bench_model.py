@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import nanoseek
+from nanoseek.checkpoint.hf import save_pretrained
 
 
 def timed(fn) -> float:
@@ -42,7 +43,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = nanoseek.Transformer(cfg)
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
+        save_pretrained(ours, d)
         theirs = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
     inputs, labels = x[:, :-1], x[:, 1:]

@@ -3,16 +3,17 @@
     import nanoseek
     model = nanoseek.from_pretrained("checkpoint_dir")   # HF-format DeepSeek-V2/V3 directory
     logits = model(input_ids)                             # (batch, seq, vocab) float
-    model.save_pretrained("out_dir")                      # loads in transformers too
+    nanoseek.save_pretrained(model, "out_dir")            # loads in transformers too
     engine = nanoseek.Engine("checkpoint_dir")            # absorbed-MLA decoding, continuous batching
     outputs = engine.generate(["Hello"], nanoseek.SamplingParams(max_tokens=32))
 """
 
-from .checkpoint import CheckpointError, from_pretrained, save_pretrained
-from .config import PRESETS, ConfigError, ModelConfig, get_preset
-from .engine import Engine
-from .model import Transformer
-from .sampling import SamplingParams
+from nanoseek.checkpoint.hf import CheckpointError, from_pretrained, save_pretrained
+from nanoseek.model.presets import PRESETS, get_preset
+from nanoseek.model.config import ConfigError, ModelConfig
+from nanoseek.engine.engine import Engine
+from nanoseek.model.transformer import Transformer
+from nanoseek.engine.sampling import SamplingParams
 
 __all__ = [
     "CheckpointError",

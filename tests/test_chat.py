@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from nanoseek.chat import DIM, RESET, ChatSession, run_chat
-from nanoseek.engine import Engine
-from nanoseek.sampling import SamplingParams
+from nanoseek.cli.chat import DIM, RESET, ChatSession, run_chat
+from nanoseek.engine.engine import Engine
+from nanoseek.engine.sampling import SamplingParams
 
-from test_server import REPO, think_checkpoint
+from helpers import REPO, think_checkpoint
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0)
 

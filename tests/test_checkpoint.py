@@ -9,9 +9,10 @@ from safetensors.torch import load_file, save_file
 
 import nanoseek
 from nanoseek import CheckpointError, ConfigError, ModelConfig, Transformer
-from nanoseek.checkpoint import dequantize_fp8
+from nanoseek.checkpoint.hf import dequantize_fp8
 
-from conftest import CONFIGS, random_model
+from helpers import CONFIGS, random_model
+from nanoseek.checkpoint.hf import save_pretrained
 
 
 def same_weights(a: Transformer, b: Transformer) -> None:
@@ -24,7 +25,7 @@ def same_weights(a: Transformer, b: Transformer) -> None:
 def test_round_trip_with_mtp_and_sharding(tmp_path):
     cfg = CONFIGS["v3"].replace(num_nextn_predict_layers=2)
     model = random_model(cfg)
-    model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    save_pretrained(model, tmp_path, max_shard_bytes=200_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     # MTP modules live at model.layers.{num_hidden_layers + k}, with V3's copies of embedding and head
@@ -42,7 +43,7 @@ def test_round_trip_with_mtp_and_sharding(tmp_path):
 
 def test_dtype_and_device_on_load(tmp_path):
     model = random_model(CONFIGS["v3"])
-    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     tensors = load_file(tmp_path / "model.safetensors")
     assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
@@ -59,7 +60,7 @@ def test_fp8_block_quantized_checkpoint_loads_dequantized(tmp_path):
     """DeepSeek's FP8 release: float8_e4m3fn weights, one fp32 weight_scale_inv per 128x128 block."""
     cfg = CONFIGS["v3"].replace(hidden_size=160, intermediate_size=272)  # several 128-blocks, ragged edges
     model = random_model(cfg)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     expected = {}
     torch.manual_seed(0)
@@ -101,7 +102,7 @@ def test_dequantize_fp8_rejects_bad_scale_shape():
 # ---- bad input ----------------------------------------------------------------------------------
 @pytest.fixture
 def saved(tmp_path):
-    random_model(CONFIGS["v2_greedy"]).save_pretrained(tmp_path)
+    save_pretrained(random_model(CONFIGS["v2_greedy"]), tmp_path)
     return tmp_path
 
 
@@ -182,7 +183,7 @@ def test_missing_directory():
 
 
 def test_sharded_index_names_missing_shard(tmp_path):
-    random_model(CONFIGS["v3"]).save_pretrained(tmp_path, max_shard_bytes=100_000)
+    save_pretrained(random_model(CONFIGS["v3"]), tmp_path, max_shard_bytes=100_000)
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(CheckpointError, match=shard.name):

@@ -9,7 +9,7 @@ import torch
 
 import nanoseek
 from nanoseek.cli import main
-from nanoseek.stats import model_stats
+from nanoseek.model.stats import model_stats
 
 # DeepSeek's published figures (V2 paper Table / V3 report): total, activated per token, in billions.
 PUBLISHED = {
@@ -57,7 +57,7 @@ def test_init_writes_a_loadable_checkpoint_with_tokenizer(tmp_path):
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (out / f).exists(), f
     model = nanoseek.from_pretrained(out)
-    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.checkpoint.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(out)
     cfg = json.loads((out / "config.json").read_text())

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.data import (IGNORE_INDEX, Batch, DataError, PackedBatches, TaskCorpus, TextCorpus, build_dataset,
-                           load_dataset)
-from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train.data import IGNORE_INDEX, Batch, DataError, PackedBatches, TaskCorpus, TextCorpus, build_dataset, load_dataset
+from nanoseek.checkpoint.tokenizer import train_tokenizer
 
 PARAGRAPHS = [f"Paragraph {i} talks about topic {i % 7}.\nIt has a second line, number {i * 13}." for i in range(200)]
 

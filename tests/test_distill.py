@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from nanoseek.cli import main
-from nanoseek.rl.distill import (IGNORE_INDEX, ROWS, SFTConfig, distill_preset, read_traces, sft, sft_batch,
-                                 student_config, verified)
+from nanoseek.rl.distill import IGNORE_INDEX, ROWS, SFTConfig, distill_preset, read_traces, sft, sft_batch, student_config, verified
 from nanoseek.rl.zero import load_run_config
 from nanoseek.tasks import format_response, get_task
 from nanoseek.tasks.base import split_of
-from nanoseek.tokenizer import EOS
+from nanoseek.checkpoint.tokenizer import EOS
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
@@ -75,8 +74,8 @@ def test_distill_smoke_end_to_end(zero_run, capsys):
     kept = [Problem(t["task"], t["question"], t["answer"], t["key"], t["data"]) for t in traces]
     assert all(verified(kept, [t["completion"] for t in traces], ["stop"] * len(traces), task))
     # the student is smaller and dense; it trained (SFT and GRPO) and was evaluated
-    from nanoseek.checkpoint import load_config
-    from nanoseek.stats import model_stats
+    from nanoseek.checkpoint.hf import load_config
+    from nanoseek.model.stats import model_stats
 
     student = load_config(out / "student_distill")
     assert student.n_routed_experts == 0 and student.num_nextn_predict_layers == 0

@@ -12,9 +12,10 @@ import torch
 
 from nanoseek import from_pretrained, get_preset
 from nanoseek.cli import main
-from nanoseek.data import TaskCorpus, build_dataset
-from nanoseek.metrics import read_metrics
-from nanoseek.model import Transformer
+from nanoseek.train.data import TaskCorpus, build_dataset
+from nanoseek.train.metrics import read_metrics
+from nanoseek.model.transformer import Transformer
+from nanoseek.checkpoint.hf import save_pretrained
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ def setup(tmp_path_factory):
                        TaskCorpus("arithmetic", 30, split="heldout", max_digits=2), vocab_size=384,
                        chat_template="r1_zero")
     torch.manual_seed(0)
-    Transformer(MODEL).save_pretrained(root / "init")
+    save_pretrained(Transformer(MODEL), root / "init")
     ds.tokenizer.save_pretrained(root / "init")
     common = ["--init", str(root / "init"), "--data", str(ds.root)] + FLAGS
     assert single_process(["pretrain", str(root / "single"), "--batch-size", "4"] + common) == 0

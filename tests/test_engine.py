@@ -4,10 +4,11 @@ cache under pressure, n samples, streaming, stop rules and bad requests."""
 import pytest
 import torch
 
-from nanoseek.engine import Engine
-from nanoseek.sampling import SamplingParams
+from nanoseek.engine.engine import Engine
+from nanoseek.engine.sampling import SamplingParams
 
-from conftest import CONFIGS, random_model
+from helpers import CONFIGS, random_model
+from nanoseek.checkpoint.hf import save_pretrained
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 17, 99, 3], [42] * 9, list(range(20, 45)), [7]]
@@ -29,7 +30,7 @@ def plain(v3_model):
 def test_greedy_equals_transformers_generate(name, tmp_path):
     transformers = pytest.importorskip("transformers")
     model = random_model(CONFIGS[name]).eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     outs = Engine(model, max_batch_size=8).generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):

@@ -5,13 +5,12 @@ import json
 from math import comb
 
 import pytest
-import torch
 
-from nanoseek.engine import Engine
-from nanoseek.evaluate import EvalError, evaluate, pass_at_k
+from nanoseek.engine.engine import Engine
+from nanoseek.rl.evaluate import EvalError, evaluate, pass_at_k
 from nanoseek.tasks.base import split_of
 
-from test_grpo import TOKENIZER, Score, SayDigits, arithmetic_checkpoint, short_prompt, tiny_model
+from helpers import TOKENIZER, Score, SayDigits, arithmetic_checkpoint, short_prompt, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py

@@ -5,9 +5,10 @@ import torch
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.cli import main
-from nanoseek.engine import Engine
-from nanoseek.sampling import SamplingParams
-from nanoseek.tokenizer import train_tokenizer
+from nanoseek.engine.engine import Engine
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.checkpoint.tokenizer import train_tokenizer
+from nanoseek.checkpoint.hf import save_pretrained
 
 TEXTS = ["What is 12 + 30? <think> 12 + 30 = 42 </think> <answer>42</answer>",
          "The quick brown fox jumps over the lazy dog."] * 20
@@ -23,7 +24,7 @@ def checkpoint(tmp_path_factory):
                       num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=128,
                       num_nextn_predict_layers=1, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     torch.manual_seed(0)
-    Transformer(cfg).save_pretrained(out)
+    save_pretrained(Transformer(cfg), out)
     tok.save_pretrained(out)
     return out
 

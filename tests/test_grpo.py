@@ -4,29 +4,14 @@ run that learns, resume, and the `nanoseek grpo` command."""
 
 import json
 import math
-import random
-from dataclasses import dataclass
 
 import pytest
 import torch
 
-from nanoseek import ModelConfig, Transformer
-from nanoseek.engine import Engine
-from nanoseek.rl.grpo import (
-    Batch,
-    GRPOConfig,
-    GRPOError,
-    GRPOTrainer,
-    Rollout,
-    group_advantages,
-    grpo_loss,
-    is_timing_metric,
-    sequence_logprobs,
-    train_grpo,
-)
-from nanoseek.sampling import SamplingParams
-from nanoseek.tasks.base import Problem, Task
-from nanoseek.tokenizer import train_tokenizer
+from nanoseek.engine.engine import Engine
+from nanoseek.rl.grpo import Batch, GRPOConfig, GRPOError, GRPOTrainer, Rollout, group_advantages, grpo_loss, is_timing_metric, sequence_logprobs, train_grpo
+from nanoseek.engine.sampling import SamplingParams
+from helpers import SayDigits, Score, TOKENIZER, arithmetic_checkpoint, digit_reward, short_prompt, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
@@ -145,57 +130,18 @@ def test_group_advantages_rejects_bad_shapes_and_options():
 
 
 # ---- a tiny model, tokenizer and task ----------------------------------------------------------------
-TOKENIZER = train_tokenizer(["say some digits 0123456789 please", "hello world, abc xyz"] * 20, vocab_size=300)
 
 
-def tiny_config(**kw):
-    base = dict(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-                num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=256, q_lora_rank=24,
-                bos_token_id=TOKENIZER.bos_id, eos_token_id=TOKENIZER.eos_id, pad_token_id=TOKENIZER.pad_id)
-    return ModelConfig(**{**base, **kw})
 
 
-def tiny_model(seed=0, std=0.02):
-    torch.manual_seed(seed)
-    model = Transformer(tiny_config())
-    if std != 0.02:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() > 1:
-                    p.normal_(0, std)
-    return model
 
 
-class SayDigits(Task):
-    """Test-only task: any prompt; the reward is the fraction of digit characters in the completion."""
-
-    name = "say_digits"
-
-    def generate(self, rng):
-        n = rng.randint(0, 99_999)
-        return Problem(self.name, f"say {n}", str(n), str(n))
-
-    def verify(self, problem, answer):
-        return answer == problem.answer
-
-    def solution(self, problem):
-        return problem.answer
 
 
-@dataclass
-class Score:
-    total: float
-    accuracy: float
-    format: float
 
 
-def digit_reward(problems, completions):
-    return [Score(f, f, 0.0) for f in (sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions)]
 
 
-def short_prompt(problem):
-    return problem.question
 
 
 def run(cfg, run_dir=None, model=None, **kw):
@@ -404,24 +350,13 @@ def test_resume_repeats_the_same_steps(tmp_path):
     with pytest.raises(GRPOError, match="learning_rate"):
         run(GRPOConfig(**{**cfg, "learning_rate": 1e-3}, max_steps=6), tmp_path / "b", resume=True)
     from nanoseek import from_pretrained
-    from nanoseek.train_state import latest_checkpoint
+    from nanoseek.train.state import latest_checkpoint
 
     final = from_pretrained(tmp_path / "b" / "final")  # the trained policy, as a plain HF directory
     torch.testing.assert_close(final.lm_head.weight, from_pretrained(latest_checkpoint(tmp_path / "b")).lm_head.weight)
 
 
 # ---- the command ---------------------------------------------------------------------------------------
-def arithmetic_checkpoint(path):
-    """A random tiny model with a tokenizer trained on arithmetic documents, saved as an HF directory."""
-    from nanoseek.tasks import get_task, pretraining_documents
-
-    tok = train_tokenizer(list(pretraining_documents(get_task("arithmetic"), n=200, seed=0)), vocab_size=400,
-                          chat_template="r1_zero")
-    torch.manual_seed(0)
-    Transformer(tiny_config(vocab_size=400, max_position_embeddings=512, bos_token_id=tok.bos_id,
-                            eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def test_grpo_cli_on_arithmetic(tmp_path, capsys):

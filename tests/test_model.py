@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from nanoseek import Transformer, get_preset
 
-from conftest import CONFIGS, random_model
+from helpers import CONFIGS, random_model
+from nanoseek.checkpoint.hf import save_pretrained
 
 
 def test_forward_shape_and_dtype():
@@ -74,7 +75,7 @@ def test_tied_embeddings_share_storage(tmp_path):
 
     model = random_model(CONFIGS["v3"].replace(tie_word_embeddings=True))
     assert model.lm_head.weight is model.embed_tokens.weight
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     loaded = nanoseek.from_pretrained(tmp_path)
     assert loaded.lm_head.weight is loaded.embed_tokens.weight
     x = torch.randint(0, 256, (1, 7))
@@ -99,7 +100,7 @@ class DenseLatentCache:
 def test_absorbed_decode_equals_expanded_attention(config_name):
     """Prefill 12 tokens, then decode 8 one at a time over the latent cache, in the expanded and in
     the absorbed form: both equal the uncached forward within 1e-4 (fp32)."""
-    from conftest import CONFIGS
+    from helpers import CONFIGS
 
     model = random_model(CONFIGS[config_name]).eval()
     x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.moe import MoE, update_bias
+from nanoseek.model.moe import MoE, update_bias
 
-from conftest import BASE
+from helpers import BASE
 
 
 def moe_config(**kw):

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import nanoseek
-from conftest import CONFIGS, random_model
+from helpers import CONFIGS, random_model
+from nanoseek.checkpoint.hf import save_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,7 +37,7 @@ def tokens(cfg, seed=1, shape=(2, 37)):
 def test_logits_nanoseek_to_transformers(config_name, tmp_path):
     cfg = CONFIGS[config_name]
     ours = random_model(cfg).eval()
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     hf = load_hf(tmp_path)
     assert type(hf).__name__ == ("DeepseekV3ForCausalLM" if cfg.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM")
     x = tokens(cfg)
@@ -48,7 +49,7 @@ def test_logits_nanoseek_to_transformers(config_name, tmp_path):
 def test_logits_transformers_to_nanoseek(config_name, tmp_path):
     cfg = CONFIGS[config_name]
     # transformers builds and initializes the weights; nanoseek reads what it saved.
-    random_model(cfg).save_pretrained(tmp_path / "seed")
+    save_pretrained(random_model(cfg), tmp_path / "seed")
     hf = load_hf(tmp_path / "seed")
     torch.manual_seed(3)
     with torch.no_grad():
@@ -64,7 +65,7 @@ def test_logits_transformers_to_nanoseek(config_name, tmp_path):
 
 def _hf_grad(hf, cfg, native_name, grads):
     """transformers' gradient for one of nanoseek's parameters (experts are fused gate_up there)."""
-    from nanoseek.checkpoint import hf_names
+    from nanoseek.checkpoint.hf import hf_names
 
     if ".experts." in native_name:
         layer = native_name.split(".")[1]
@@ -81,7 +82,7 @@ def _hf_grad(hf, cfg, native_name, grads):
 def test_training_step_loss_and_gradients(name, tmp_path):
     cfg = CONFIGS[name]
     ours = random_model(cfg)
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     hf = load_hf(tmp_path)
     ours.train(), hf.train()
     x = tokens(cfg, shape=(2, 24))

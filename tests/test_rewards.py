@@ -3,9 +3,8 @@ attempts included), weights, and the batch form."""
 
 import pytest
 
-from nanoseek.tasks import (Problem, RewardBreakdown, RewardWeights, accuracy_reward, format_reward,
-                            parse_completion, score, score_batch)
-from nanoseek.tokenizer import EOS
+from nanoseek.tasks import Problem, RewardBreakdown, RewardWeights, accuracy_reward, format_reward, parse_completion, score, score_batch
+from nanoseek.checkpoint.tokenizer import EOS
 
 P = Problem(task="arithmetic", question="What is 12 + 30?", answer="42", key="12+30",
             data={"a": 12, "op": "+", "b": 30})
@@ -82,7 +81,7 @@ def test_score_batch_matches_score_across_tasks():
 
 
 def test_score_batch_program_task_in_the_sandbox():
-    from nanoseek.sandbox import SandboxConfig
+    from nanoseek.sandbox.runner import SandboxConfig
     from nanoseek.tasks import format_response, get_task
     task = get_task("program", kinds="list", sandbox=SandboxConfig(cpu_seconds=1, wall_seconds=20))
     p = task._problem("list|mul:2::|max:0::")

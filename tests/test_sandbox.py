@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from nanoseek import sandbox
-from nanoseek.sandbox import SandboxConfig, run_many, run_python
+from nanoseek.sandbox import runner as sandbox
+from nanoseek.sandbox.runner import SandboxConfig, run_many, run_python
 
 FAST = SandboxConfig(cpu_seconds=1, wall_seconds=30)  # CPU limits hit long before the wall on a busy machine
 NO_GUARD = SandboxConfig(cpu_seconds=1, wall_seconds=30, audit_guard=False)

@@ -15,109 +15,29 @@ import json
 import subprocess
 import sys
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from nanoseek import ModelConfig, Transformer
-from nanoseek.engine import Engine
-from nanoseek.sampling import SamplingParams
+from nanoseek.engine.engine import Engine
+from nanoseek.engine.sampling import SamplingParams
 from nanoseek.server.async_engine import AsyncEngine, GenerationFailed, RequestRefused
-from nanoseek.server.bench import BenchConfig, ServerProcess, run_bench
-from nanoseek.server.text import ReasoningSplitter, SampleText, TokenPieces, split_reasoning
-from nanoseek.tokenizer import Tokenizer, render_chat, train_tokenizer
+from nanoseek.bench.serve import BenchConfig, ServerProcess, run_bench
+from nanoseek.engine.text import ReasoningSplitter, SampleText, TokenPieces, split_reasoning
+from nanoseek.checkpoint.tokenizer import Tokenizer, render_chat
+from helpers import QA, R1_SYSTEM, think_checkpoint, variant
 
 openai = pytest.importorskip("openai")
 
-REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-test-key"
-R1_SYSTEM = "Think first."  # a short R1-Zero system prompt (the template's preamble is replaceable)
-QA = [("What is 2+3?", "2 plus 3 makes 5.", "5"),
-      ("What is 7*6?", "7 times 6 makes 42.", "42"),
-      ("Say hi.", "A greeting is asked for.", "Hi there!"),
-      ("Name a color.", "Any color will do.", "Blue.")]
 
 
 # ---- a model that reasons, trained on the spot ---------------------------------------------------------
-def _conversations(template: str) -> list[tuple[str, str]]:
-    out = []
-    for q, reasoning, answer in QA:
-        if template == "deepseek":
-            msgs, reply = [{"role": "user", "content": q}], f"<think>{reasoning}</think>{answer}"
-        else:
-            msgs = [{"role": "system", "content": R1_SYSTEM}, {"role": "user", "content": q}]
-            reply = f" <think> {reasoning} </think> <answer> {answer} </answer>"
-        out.append((render_chat(msgs, template), reply))
-    return out
 
 
-@lru_cache(maxsize=None)
-def think_checkpoint(root: Path) -> Path:
-    """A 100k-parameter model trained to memorize QA in both formats (about 100 full-batch AdamW steps).
-    Returns a checkpoint with the deepseek template; `variant` derives the others."""
-    out = root / "think"
-    if (out / "tokenizer_config.json").exists():
-        return out
-    pairs = _conversations("deepseek") + _conversations("r1_zero")
-    tok = train_tokenizer([p + r for p, r in pairs] * 10 + ["The quick brown fox jumps over the lazy dog."] * 5,
-                          vocab_size=512)
-    cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                      num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=32, q_lora_rank=0,
-                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
-                      num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
-                      max_position_embeddings=512, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                      pad_token_id=tok.pad_id)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    seqs = [(tok.encode(p), tok.encode(r) + [tok.eos_id]) for p, r in pairs]
-    T = max(len(p) + len(r) for p, r in seqs)
-    ids = torch.full((len(seqs), T), tok.pad_id)
-    target = torch.full((len(seqs), T), -100)  # loss on the replies only
-    for i, (p, r) in enumerate(seqs):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        target[i, len(p) - 1: len(p) + len(r) - 1] = torch.tensor(r)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small trains fastest on one thread (and never fights for cores)
-    try:
-        for _ in range(400):
-            loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), target.flatten())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if loss.item() < 0.02:
-                break
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    engine = Engine(model, tok)
-    for p, r in pairs:  # the fixture's own check: greedy decoding reproduces every reply
-        got = engine.generate([p], SamplingParams(max_tokens=40, temperature=0))[0].outputs[0]
-        assert got.text == r and got.finish_reason == "stop", (p, got.text, loss.item())
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
-def variant(base: Path, name: str, template: str | None = None, context: int | None = None) -> Path:
-    """A copy of a checkpoint with another chat template and/or context length (same weights)."""
-    out = base.parent / name
-    if not out.exists():
-        tmp = base.parent / f".{name}.tmp"
-        tmp.mkdir()
-        for f in base.iterdir():
-            (tmp / f.name).write_bytes(f.read_bytes())
-        if template:
-            Tokenizer.from_pretrained(tmp).with_chat_template(template).save_pretrained(tmp)
-        if context:
-            cfg = json.loads((tmp / "config.json").read_text())
-            cfg["max_position_embeddings"] = context
-            (tmp / "config.json").write_text(json.dumps(cfg))
-        tmp.rename(out)
-    return out
 
 
 # ---- real server processes ---------------------------------------------------------------------------

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import Transformer
-from nanoseek.engine import Engine
-from nanoseek.sampling import SamplingParams, verify_draft
+from nanoseek.engine.engine import Engine
+from nanoseek.engine.sampling import SamplingParams, verify_draft
 
-from conftest import CONFIGS, random_model
+from helpers import CONFIGS, random_model
 
 MTP_CONFIG = CONFIGS["v3"].replace(num_nextn_predict_layers=1)
 GREEDY = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
@@ -114,7 +114,7 @@ def test_use_mtp_without_mtp_modules_decodes_plainly():
 def test_batched_sampler_draws_from_the_processed_distribution():
     """Rows with different temperature / top-k / top-p, sampled together by inverse CDF with one uniform
     each, hit the distribution each row asks for (to 5 standard errors over 100k draws per row)."""
-    from nanoseek.sampling import RowParams, sample_rows
+    from nanoseek.engine.sampling import RowParams, sample_rows
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
     params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_k=3),

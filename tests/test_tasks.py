@@ -7,11 +7,10 @@ import re
 import pytest
 
 from nanoseek.errors import NanoseekError
-from nanoseek.sandbox import SandboxConfig
-from nanoseek.tasks import (TASKS, TaskError, format_response, get_task, parse_completion, pretraining_documents,
-                            prompt_text, split_of)
+from nanoseek.sandbox.runner import SandboxConfig
+from nanoseek.tasks import TASKS, TaskError, format_response, get_task, parse_completion, pretraining_documents, prompt_text, split_of
 from nanoseek.tasks.arithmetic import ArithmeticTask, trace
-from nanoseek.tokenizer import BOS, EOS, R1_ZERO_PREAMBLE
+from nanoseek.checkpoint.tokenizer import BOS, EOS, R1_ZERO_PREAMBLE
 
 # How many generated problems each task's generic tests check (the program task runs a sandbox per check).
 N_CHECK = {"arithmetic": 400, "countdown": 200, "program": 40}

@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from nanoseek.tokenizer import (ASSISTANT, BOS, EOS, R1_ZERO_PREAMBLE, USER, Tokenizer, TokenizerError,
-                                train_tokenizer)
+from nanoseek.checkpoint.tokenizer import ASSISTANT, BOS, EOS, R1_ZERO_PREAMBLE, USER, Tokenizer, TokenizerError, train_tokenizer
 
 CORPUS = [f"What is {a} + {b}? <think> {a} + {b} = {a + b} </think> <answer>{a + b}</answer>"
           for a in range(0, 3000, 7) for b in (13, 908)] + ["The quick brown fox jumps over the lazy dog. ü ß 中文"] * 20

@@ -1,7 +1,6 @@
 """The pretraining loop: schedule, loss going down on held-out data, accumulation, bias balancing, resume after
 a real kill, and the CLI's errors for bad input and conflicting flags."""
 
-import json
 import math
 import os
 import signal
@@ -15,11 +14,12 @@ import torch
 
 from nanoseek import from_pretrained, get_preset
 from nanoseek.cli import main
-from nanoseek.data import TaskCorpus, TextCorpus, build_dataset
-from nanoseek.metrics import read_metrics
-from nanoseek.model import Transformer
-from nanoseek.stats import model_stats
-from nanoseek.train import TrainConfig, TrainError, lr_factor, pretrain, training_flops_per_token
+from nanoseek.train.data import TaskCorpus, build_dataset
+from nanoseek.train.metrics import read_metrics
+from nanoseek.model.transformer import Transformer
+from nanoseek.model.stats import model_stats
+from nanoseek.train.trainer import TrainConfig, TrainError, lr_factor, pretrain, training_flops_per_token
+from nanoseek.checkpoint.hf import save_pretrained
 
 # A small V3-style model: one dense layer, one MoE layer (8 experts, top-2, 2 groups), MTP depth 1.
 MODEL = get_preset("tiny", vocab_size=384, hidden_size=64, intermediate_size=192, moe_intermediate_size=64,
@@ -125,7 +125,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_curve(dataset, tmp_path)
     the same per-step losses as an uninterrupted run (tolerance: 1e-5 relative; in practice bit-equal)."""
     init = tmp_path / "init"
     torch.manual_seed(0)
-    Transformer(MODEL).save_pretrained(init)
+    save_pretrained(Transformer(MODEL), init)
     dataset.tokenizer.save_pretrained(init)
     assert main(["pretrain", str(tmp_path / "whole"), "--init", str(init), "--data", str(dataset.root)]
                 + RESUME_FLAGS) == 0

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import CheckpointError, ModelConfig, Transformer, from_pretrained
-from nanoseek.metrics import MetricsLogger, plot_run, read_metrics
-from nanoseek.train_state import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from nanoseek.train.metrics import MetricsLogger, plot_run, read_metrics
+from nanoseek.train.state import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from nanoseek.checkpoint.hf import save_pretrained
 
 CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
            num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
@@ -76,7 +77,7 @@ KILLER = textwrap.dedent("""
     import os, signal, sys, torch
     sys.path.insert(0, {tests!r})
     from test_train_state import setup, train_step
-    from nanoseek import train_state
+    from nanoseek.train import state as train_state
     model, opt, sched = setup()
     train_step(model, opt, sched, torch.randint(0, 64, (2, 17)))
     train_state.save_checkpoint({run!r}, 1, model, optimizer=opt, scheduler=sched, state={{"k": 1}})
@@ -108,7 +109,7 @@ def test_load_errors_name_the_problem(tmp_path):
     model, opt, _ = setup()
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope", model)
-    model.save_pretrained(tmp_path / "plain")
+    save_pretrained(model, tmp_path / "plain")
     with pytest.raises(CheckpointError, match="not a training checkpoint"):
         load_checkpoint(tmp_path / "plain", model)
     path = save_checkpoint(tmp_path, 1, model)

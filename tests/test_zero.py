@@ -7,11 +7,9 @@ import json
 import re
 
 import pytest
-import torch
 
 from nanoseek.cli import main
-from nanoseek.rl.zero import (CONFIG_FILE, STAGES, CorpusPart, ZeroConfig, ZeroCorpus, corpus_stats, load_run_config,
-                              preset, task_label)
+from nanoseek.rl.zero import CONFIG_FILE, STAGES, CorpusPart, ZeroConfig, ZeroCorpus, corpus_stats, load_run_config, preset, task_label
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
@@ -94,8 +92,8 @@ def test_report_numbers_are_the_runs_own(run):
 def test_final_checkpoint_serves_with_the_r1_zero_template(run):
     from fastapi.testclient import TestClient
 
-    from nanoseek.engine import Engine
-    from nanoseek.sampling import SamplingParams
+    from nanoseek.engine.engine import Engine
+    from nanoseek.engine.sampling import SamplingParams
     from nanoseek.server import ServerConfig, create_app
     from nanoseek.tasks import prompt_text
 

@@ -4,16 +4,7 @@
     result = train_grpo(model, tokenizer, get_task("arithmetic"), GRPOConfig(max_steps=100), "runs/grpo")
 """
 
-from .grpo import (
-    GRPOConfig,
-    GRPOError,
-    GRPOResult,
-    LossOutput,
-    Rollout,
-    group_advantages,
-    grpo_loss,
-    train_grpo,
-)
+from nanoseek.rl.grpo import GRPOConfig, GRPOError, GRPOResult, LossOutput, Rollout, group_advantages, grpo_loss, train_grpo
 
 __all__ = ["GRPOConfig", "GRPOError", "GRPOResult", "LossOutput", "Rollout", "group_advantages", "grpo_loss",
            "train_grpo"]

@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import ModelConfig
-from ..errors import NanoseekError
-from .zero import (BASE_DIR, MODEL_DIR, ZeroConfig, _publish, _Stages, evaluate_model, load_run_config,
-                   task_label)
+from nanoseek.model.config import ModelConfig
+from nanoseek.errors import NanoseekError
+from nanoseek.rl.zero import MODEL_DIR, ZeroConfig, _publish, _Stages, evaluate_model, load_run_config, task_label
+from nanoseek.checkpoint.hf import save_pretrained
 
 DISTILL_STAGES = ("sample", "student_pretrain", "sft", "student_grpo", "eval", "report")
 TRACES_FILE = "traces.jsonl"
@@ -123,7 +123,7 @@ class DistillResult:
 # ---- 1. rejection sampling ----------------------------------------------------------------------------
 def verified(problems: Sequence[Any], completions: Sequence[str], finish_reasons: Sequence[str], task) -> list[bool]:
     """Which completions may be distilled: well formed, stopped by EOS (not cut), answer verified exactly."""
-    from ..tasks import RewardWeights, score_batch
+    from nanoseek.tasks import RewardWeights, score_batch
 
     scores = score_batch(problems, completions, RewardWeights(), {task.name: task})
     return [s.accuracy == 1.0 and s.format == 1.0 and reason == "stop"
@@ -134,9 +134,9 @@ def sample_traces(model_dir: Path, task, zero: ZeroConfig, cfg: DistillConfig, o
                   progress: bool = True) -> dict[str, Any]:
     """Rejection sampling from the RL model on train-split problems; writes OUT/traces.jsonl (prompt and
     completion token ids, text) and returns the counts."""
-    from ..engine import Engine
-    from ..sampling import SamplingParams
-    from ..tasks import prompt_text
+    from nanoseek.engine.engine import Engine
+    from nanoseek.engine.sampling import SamplingParams
+    from nanoseek.tasks import prompt_text
 
     engine = Engine(model_dir, max_batch_size=128, cache_tokens=128 * (zero.eval.max_tokens + 160))
     rng = random.Random(f"distill-{cfg.seed}")
@@ -206,8 +206,8 @@ def sft(model: torch.nn.Module, traces: list[dict[str, Any]], cfg: SFTConfig, pa
         run_dir: Path | None = None, progress: bool = True) -> list[float]:
     """Fine-tune `model` in place on the traces (AdamW, warmup + cosine); returns the loss per step and
     logs it to run_dir/metrics.jsonl."""
-    from ..metrics import MetricsLogger
-    from ..train import lr_factor, TrainConfig
+    from nanoseek.train.metrics import MetricsLogger
+    from nanoseek.train.trainer import lr_factor, TrainConfig
 
     steps_per_epoch = math.ceil(len(traces) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -252,12 +252,12 @@ def sft(model: torch.nn.Module, traces: list[dict[str, Any]], cfg: SFTConfig, pa
 def run_distill(cfg: DistillConfig, zero_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                 resume: bool = False, progress: bool = True, log=print) -> DistillResult:
     """Every stage of the module docstring; `zero_dir` is a finished `nanoseek zero` run."""
-    from ..checkpoint import from_pretrained
-    from ..data import load_dataset
-    from ..tokenizer import Tokenizer
-    from ..train import pretrain
-    from ..train_state import latest_checkpoint
-    from .grpo import train_grpo
+    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek.train.data import load_dataset
+    from nanoseek.checkpoint.tokenizer import Tokenizer
+    from nanoseek.train.trainer import pretrain
+    from nanoseek.train.state import latest_checkpoint
+    from nanoseek.rl.grpo import train_grpo
 
     zero_dir = Path(zero_dir)
     zero = load_run_config(zero_dir)
@@ -289,7 +289,7 @@ def run_distill(cfg: DistillConfig, zero_dir: str | os.PathLike, out_dir: str | 
         model = from_pretrained(out / "student_base")
         torch.manual_seed(cfg.seed)
         losses = sft(model, read_traces(out), cfg.sft, tokenizer.pad_id, out / "sft", progress)
-        model.save_pretrained(out / "sft" / "final")
+        save_pretrained(model, out / "sft" / "final")
         tokenizer.save_pretrained(out / "sft" / "final")
         _publish(out / "sft" / "final", out / "student_distill")
         return {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}
@@ -341,7 +341,7 @@ def _prepare(out: Path, cfg: DistillConfig, resume: bool) -> None:
 
 def _refresh_zero_report(zero_dir: Path, zero: ZeroConfig) -> None:
     """Rewrite the zero run's report so it shows the distillation section too."""
-    from .report import write_report
+    from nanoseek.rl.report import write_report
 
     stages_file = zero_dir / "stages.json"
     if stages_file.exists():
@@ -370,7 +370,7 @@ def distill_table(evals: dict[str, dict[str, Any]], k: int) -> list[str]:
 
 def write_distill_report(out: Path, zero: ZeroConfig, cfg: DistillConfig, stages: dict[str, Any],
                          student_cfg: ModelConfig) -> Path:
-    from ..stats import model_stats
+    from nanoseek.model.stats import model_stats
 
     evals = json.loads((out / "eval.json").read_text())
     s, t = model_stats(student_cfg), model_stats(zero.model)

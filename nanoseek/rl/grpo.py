@@ -55,10 +55,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..engine import Engine
-from ..errors import NanoseekError
-from ..moe import update_bias
-from ..sampling import SamplingParams
+from nanoseek.engine.engine import Engine
+from nanoseek.errors import NanoseekError
+from nanoseek.model.moe import update_bias
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.checkpoint.hf import save_pretrained
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("auto", "group", "batch", "none")
@@ -633,8 +634,8 @@ def _reference_path(run_dir: Path, step: int) -> Path:
 def save_trainer(trainer: GRPOTrainer, run_dir: Path) -> Path:
     """A training checkpoint (train_state) of the policy, optimizer and schedule; with β > 0 and a synced
     reference, that reference's weights too (written first, so a checkpoint never names a missing one)."""
-    from ..checkpoint import save_pretrained
-    from ..train_state import list_checkpoints, save_checkpoint
+    from nanoseek.checkpoint.hf import save_pretrained
+    from nanoseek.train.state import list_checkpoints, save_checkpoint
 
     if trainer.ref_model is not None and trainer.ref_step > 0:
         ref_dir = _reference_path(run_dir, trainer.ref_step)
@@ -660,8 +661,8 @@ def _checkpoint_ref_step(path: Path) -> int:
 def resume_trainer(trainer: GRPOTrainer, checkpoint: Path) -> None:
     """Restore a run at `checkpoint`; the trainer must have been built from the run's initial model (the
     reference of a run never synced is that model)."""
-    from ..checkpoint import from_pretrained
-    from ..train_state import load_checkpoint
+    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek.train.state import load_checkpoint
 
     state = load_checkpoint(checkpoint, trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler)
     saved, now = state.get("grpo_config", {}), trainer.cfg.to_dict()
@@ -695,8 +696,8 @@ def train_grpo(model: torch.nn.Module, tokenizer, task, cfg: GRPOConfig, run_dir
     disk. resume: continue from run_dir's latest checkpoint (`model` must be the run's initial model).
     reward_fn(problems, completions) -> [.total, .accuracy, .format]: default the task's rule rewards with
     cfg.reward_weights; prompt_fn(problem) -> text: default the R1-Zero template."""
-    from ..metrics import MetricsLogger
-    from ..train_state import latest_checkpoint
+    from nanoseek.train.metrics import MetricsLogger
+    from nanoseek.train.state import latest_checkpoint
 
     if tokenizer is None:
         raise GRPOError("GRPO needs a tokenizer: prompts and completions are text")
@@ -742,7 +743,7 @@ def train_grpo(model: torch.nn.Module, tokenizer, task, cfg: GRPOConfig, run_dir
 
 
 def _eval_metrics(trainer: GRPOTrainer) -> dict[str, float]:
-    from ..evaluate import evaluate
+    from nanoseek.rl.evaluate import evaluate
 
     r = evaluate(trainer.engine, trainer.task, n_problems=trainer.cfg.eval_problems, temperature=0,
                  max_tokens=trainer.cfg.max_completion_length, reward_fn=trainer.reward_fn,
@@ -754,7 +755,7 @@ def _save_final(trainer: GRPOTrainer, out: Path) -> Path:
     """The trained policy as a plain HF-format directory (model + tokenizer), replaced atomically."""
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
+    save_pretrained(trainer.model, tmp)
     trainer.tokenizer.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
@@ -802,13 +803,13 @@ def _split(items: list[int], n: int) -> list[list[int]]:
 
 def _default_reward_fn(task, weights: dict[str, float]) -> RewardFn:
     """The task's rule rewards (accuracy + format) with the configured weights, verified by `task` itself."""
-    from ..tasks import RewardWeights, score_batch
+    from nanoseek.tasks import RewardWeights, score_batch
 
     w = RewardWeights(**weights)
     return lambda problems, completions: score_batch(problems, completions, w, {task.name: task})
 
 
 def _default_prompt_fn() -> Callable[[Any], str]:
-    from ..tasks import prompt_text
+    from nanoseek.tasks import prompt_text
 
     return prompt_text

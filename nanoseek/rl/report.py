@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..metrics import read_metrics
+from nanoseek.train.metrics import read_metrics
 
 # The issue's targets on the demo task (held-out pass@1, sampled as the R1 paper evaluates).
 BASE_MAX, RL_MIN, GAIN_MIN = 0.30, 0.75, 0.40
@@ -34,7 +34,7 @@ def _window_mean(rows: list[dict[str, Any]], key: str, first: bool) -> float | N
 def targets(cfg, base: dict[str, Any], rl: dict[str, Any], grpo_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Base and RL pass@1 on the demo task, the gain, the response length early vs late in RL, and
     whether each target is met."""
-    from .zero import task_label
+    from nanoseek.rl.zero import task_label
 
     label = task_label(cfg.demo_task())
     b, r = base[label], rl[label]
@@ -122,8 +122,8 @@ def _examples(ev: dict[str, Any], title: str) -> list[str]:
 
 
 def write_report(run: str | os.PathLike, cfg, stages: dict[str, Any]) -> Path:
-    from ..stats import model_stats
-    from .zero import REPORT_FILE, STAGES, task_label
+    from nanoseek.model.stats import model_stats
+    from nanoseek.rl.zero import REPORT_FILE, STAGES, task_label
 
     run = Path(run)
     base = json.loads((run / "eval_base.json").read_text())
@@ -203,7 +203,7 @@ def write_report(run: str | os.PathLike, cfg, stages: dict[str, Any]) -> Path:
           f"{_num(first.get('completion_length/mean'))} → {_num(last.get('completion_length/mean'))} tokens.", ""]
     distill = run / "distill"
     if (distill / "eval.json").exists():
-        from .distill import distill_table
+        from nanoseek.rl.distill import distill_table
 
         L += ["## Distillation (`nanoseek distill`)", "",
               "The RL model's verified traces distilled into a smaller dense student, beside the same student "

@@ -50,9 +50,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ModelConfig, get_preset
-from ..errors import NanoseekError
-from ..rl.grpo import GRPOConfig
+from nanoseek.model.config import ModelConfig
+from nanoseek.model.presets import get_preset
+from nanoseek.errors import NanoseekError
+from nanoseek.rl.grpo import GRPOConfig
 
 STAGES = ("corpus", "tokenizer", "pretrain", "eval_base", "grpo", "eval_rl", "report")
 CONFIG_FILE, STAGES_FILE, REPORT_FILE = "config.json", "stages.json", "report.md"
@@ -94,7 +95,7 @@ class CorpusPart:
             raise ZeroError("per_document must be >= 1, and > 1 only for the worked format")
 
     def documents_of(self, seed: int, split: str = "train", n: int | None = None) -> Iterator[str]:
-        from ..tasks import get_task, pretraining_documents
+        from nanoseek.tasks import get_task, pretraining_documents
 
         task = get_task(self.task, **self.knobs)
         n = self.documents if n is None else n
@@ -160,7 +161,7 @@ class ZeroConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ZeroConfig:
-        from ..train import TrainConfig
+        from nanoseek.train.trainer import TrainConfig
 
         corpus = dict(d["corpus"])
         corpus["parts"] = [CorpusPart(**p) for p in corpus["parts"]]
@@ -170,13 +171,13 @@ class ZeroConfig:
                    task_knobs=dict(d["task_knobs"]), seed=d["seed"], threads=d.get("threads", 0))
 
     def demo_task(self):
-        from ..tasks import get_task
+        from nanoseek.tasks import get_task
 
         return get_task(self.task, **self.task_knobs)
 
     def eval_tasks(self) -> list:
         """The demo task first, then each other task of the corpus (distinct by name and knobs)."""
-        from ..tasks import get_task
+        from nanoseek.tasks import get_task
 
         tasks, seen = [self.demo_task()], {(self.task, json.dumps(self.task_knobs, sort_keys=True))}
         for p in self.corpus.parts:
@@ -189,7 +190,7 @@ class ZeroConfig:
 
 def preset(name: str = "default", seed: int = 0) -> ZeroConfig:
     """The named run: "default" (the demo, ~20-25 min on 2 cores) or "smoke" (about a minute; what the tests run)."""
-    from ..train import TrainConfig
+    from nanoseek.train.trainer import TrainConfig
 
     if name == "default":
         # Two-digit addition: the tiny model's direct answers are mostly wrong, its worked column additions
@@ -323,14 +324,14 @@ def run_zero(cfg: ZeroConfig, out_dir: str | os.PathLike, *, resume: bool = Fals
     stage("grpo", lambda: _stage_grpo(cfg, run, progress))
     stage("eval_rl", lambda: _stage_eval(cfg, run / MODEL_DIR, run / "eval_rl.json", "rl", progress))
     stages.data["machine"]["load_at_end"] = _load()
-    from .report import write_report
+    from nanoseek.rl.report import write_report
 
     t0 = time.perf_counter()
     report = write_report(run, cfg, stages.data)
     stages.finish("report", time.perf_counter() - t0)
     report = write_report(run, cfg, stages.data)  # again, so it shows its own time
     base, rl = _read(run / "eval_base.json"), _read(run / "eval_rl.json")
-    from .report import targets
+    from nanoseek.rl.report import targets
 
     log(f"zero: report in {report}; model in {run / MODEL_DIR}")
     return ZeroResult(run, report, run / MODEL_DIR, run / BASE_DIR, base, rl, stages.seconds(),
@@ -380,7 +381,7 @@ def _read(path: Path) -> Any:
 
 
 def _read_metrics_or_empty(run: Path) -> list[dict[str, Any]]:
-    from ..metrics import read_metrics
+    from nanoseek.train.metrics import read_metrics
 
     try:
         return read_metrics(run)
@@ -409,7 +410,7 @@ class ZeroCorpus:
 
 def corpus_stats(parts: list[CorpusPart], seed: int) -> list[dict[str, Any]]:
     """Per part: documents, how many carry a worked solution, characters. (The same draws as ZeroCorpus.)"""
-    from ..tasks import get_task, parse_completion
+    from nanoseek.tasks import get_task, parse_completion
 
     out = []
     for p in parts:
@@ -440,8 +441,8 @@ def _stage_corpus(cfg: ZeroConfig, run: Path, progress: bool) -> dict[str, Any]:
 
 # ---- 2. tokenizer -----------------------------------------------------------------------------------
 def _stage_tokenizer(cfg: ZeroConfig, run: Path) -> dict[str, Any]:
-    from ..data import build_dataset
-    from ..tokenizer import train_tokenizer
+    from nanoseek.train.data import build_dataset
+    from nanoseek.checkpoint.tokenizer import train_tokenizer
 
     docs = ZeroCorpus(cfg.corpus.parts, cfg.seed)
     tokenizer = train_tokenizer(docs, cfg.corpus.vocab_size, chat_template="r1_zero")
@@ -453,9 +454,9 @@ def _stage_tokenizer(cfg: ZeroConfig, run: Path) -> dict[str, Any]:
 
 # ---- 3. pretrain ------------------------------------------------------------------------------------
 def _stage_pretrain(cfg: ZeroConfig, run: Path, progress: bool, log) -> dict[str, Any]:
-    from ..data import load_dataset
-    from ..train import pretrain
-    from ..train_state import latest_checkpoint
+    from nanoseek.train.data import load_dataset
+    from nanoseek.train.trainer import pretrain
+    from nanoseek.train.state import latest_checkpoint
 
     ds = load_dataset(run / "data")
     resume = latest_checkpoint(run / "pretrain") is not None
@@ -487,9 +488,9 @@ def evaluate_model(model_dir: Path, tasks: list, ecfg: EvalConfig, progress: boo
                    desc: str = "eval") -> dict[str, dict[str, Any]]:
     """`evaluate` of a checkpoint on each task, plus how often it reasons (a non-empty think) and how
     accurate it is when it does and when it does not. Task label -> results."""
-    from ..engine import Engine
-    from ..evaluate import evaluate
-    from ..tasks import RewardWeights, parse_completion, score_batch
+    from nanoseek.engine.engine import Engine
+    from nanoseek.rl.evaluate import evaluate
+    from nanoseek.tasks import RewardWeights, parse_completion, score_batch
 
     engine = Engine(model_dir, max_batch_size=128, use_mtp=ecfg.use_mtp,
                     cache_tokens=128 * (ecfg.max_tokens + 160))
@@ -556,10 +557,10 @@ def _stage_eval(cfg: ZeroConfig, model_dir: Path, out: Path, desc: str, progress
 
 # ---- 5. GRPO ----------------------------------------------------------------------------------------
 def _stage_grpo(cfg: ZeroConfig, run: Path, progress: bool) -> dict[str, Any]:
-    from ..checkpoint import from_pretrained
-    from ..tokenizer import Tokenizer
-    from ..train_state import latest_checkpoint
-    from .grpo import train_grpo
+    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek.checkpoint.tokenizer import Tokenizer
+    from nanoseek.train.state import latest_checkpoint
+    from nanoseek.rl.grpo import train_grpo
 
     model, tokenizer = from_pretrained(run / BASE_DIR), Tokenizer.from_pretrained(run / BASE_DIR)
     resume = latest_checkpoint(run / "grpo") is not None

@@ -14,7 +14,7 @@ __all__ = ["ServerConfig", "create_app"]
 def __getattr__(name: str):
     # Imported on first use, so `nanoseek chat` (which needs only text.py) runs without the `serve` extra.
     if name in __all__:
-        from . import app
+        from nanoseek.server import app
 
         return getattr(app, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

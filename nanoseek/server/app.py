@@ -25,17 +25,17 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from ..engine import Engine, TokenEvent
-from ..sampling import SamplingParams
-from ..tokenizer import TokenizerError
-from . import protocol as P
-from .async_engine import AsyncEngine, GenerationFailed, RequestRefused, RequestStream
-from .metrics import ServerMetrics
-from .text import ReasoningSplitter, SampleText, TokenPieces
+from nanoseek import __version__
+from nanoseek.engine.engine import Engine, TokenEvent
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.checkpoint.tokenizer import TokenizerError
+from nanoseek.server import protocol as P
+from nanoseek.server.async_engine import AsyncEngine, GenerationFailed, RequestRefused, RequestStream
+from nanoseek.server.metrics import ServerMetrics
+from nanoseek.engine.text import ReasoningSplitter, SampleText, TokenPieces
 
 FINGERPRINT = f"fp_nanoseek_{__version__}"
 

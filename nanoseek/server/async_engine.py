@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import Engine, TokenEvent
-from ..sampling import SamplingParams
+from nanoseek.engine.engine import Engine, TokenEvent
+from nanoseek.engine.sampling import SamplingParams
 
 log = logging.getLogger("nanoseek.server")
 

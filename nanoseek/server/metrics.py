@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 
-from .async_engine import EngineSnapshot
+from nanoseek.server.async_engine import EngineSnapshot
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

@@ -7,13 +7,13 @@ held-out split, the R1-Zero prompt/response format and rule-based rewards. See d
     score(p, " <think> ... </think> <answer> 42 </answer>").total
 """
 
-from .arithmetic import ArithmeticTask
-from .base import Problem, Split, Task, TaskError, split_of
-from .countdown import CountdownTask
-from .program import ProgramTask
-from .registry import TASKS, get_task
-from .rewards import RewardBreakdown, RewardWeights, accuracy_reward, format_reward, score, score_batch
-from .template import Parsed, format_response, parse_completion, pretraining_documents, prompt_text
+from nanoseek.tasks.arithmetic import ArithmeticTask
+from nanoseek.tasks.base import Problem, Split, Task, TaskError, split_of
+from nanoseek.tasks.countdown import CountdownTask
+from nanoseek.tasks.program import ProgramTask
+from nanoseek.tasks.registry import TASKS, get_task
+from nanoseek.tasks.rewards import RewardBreakdown, RewardWeights, accuracy_reward, format_reward, score, score_batch
+from nanoseek.tasks.template import Parsed, format_response, parse_completion, pretraining_documents, prompt_text
 
 __all__ = [
     "ArithmeticTask", "CountdownTask", "Parsed", "ProgramTask", "Problem", "RewardBreakdown", "RewardWeights", "Split", "TASKS", "Task", "TaskError",

@@ -33,7 +33,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from .base import Problem, Task, TaskError
+from nanoseek.tasks.base import Problem, Task, TaskError
 
 OPS = "+-*"
 _ANSWER = re.compile(r"[+-]?[0-9]{1,40}")  # ASCII digits only (`\d` would take other scripts' digits)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..errors import NanoseekError
+from nanoseek.errors import NanoseekError
 
 Split = Literal["train", "heldout"]
 

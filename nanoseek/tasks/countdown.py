@@ -47,7 +47,7 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .base import Problem, Task, TaskError
+from nanoseek.tasks.base import Problem, Task, TaskError
 
 MAX_ANSWER_CHARS = 200
 MAX_DEPTH = 16  # parentheses nesting

@@ -32,8 +32,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..sandbox import SandboxConfig, run_many
-from .base import Problem, Task, TaskError
+from nanoseek.sandbox.runner import SandboxConfig, run_many
+from nanoseek.tasks.base import Problem, Task, TaskError
 
 MAX_CODE_CHARS = 4000
 LETTERS = "abcde"

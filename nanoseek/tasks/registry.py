@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from .arithmetic import ArithmeticTask
-from .base import Task, TaskError
-from .countdown import CountdownTask
-from .program import ProgramTask
+from nanoseek.tasks.arithmetic import ArithmeticTask
+from nanoseek.tasks.base import Task, TaskError
+from nanoseek.tasks.countdown import CountdownTask
+from nanoseek.tasks.program import ProgramTask
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ArithmeticTask, CountdownTask, ProgramTask)}
 

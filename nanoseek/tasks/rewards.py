@@ -15,15 +15,17 @@ With the default weights a right, well-formed completion scores 1.1, a wrong wel
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .base import Problem, Task
-from .registry import get_task
-from .template import Parsed, parse_completion
+from nanoseek.tasks.base import Problem, Task
+from nanoseek.tasks.registry import get_task
+from nanoseek.tasks.template import Parsed, parse_completion
 
-__all__ = ["Parsed", "RewardBreakdown", "RewardWeights", "accuracy_reward", "format_reward",
-           "parse_completion", "score", "score_batch"]
+__all__ = ["Parsed", "RewardBreakdown", "RewardFn", "RewardWeights", "accuracy_reward", "format_reward",
+           "parse_completion", "score", "score_batch", "task_reward_fn"]
+
+RewardFn = Callable[[Sequence[Problem], Sequence[str]], list["RewardBreakdown"]]
 
 
 @dataclass(frozen=True)
@@ -80,3 +82,10 @@ def score_batch(problems: Sequence[Problem], completions: Sequence[str],
     return [RewardBreakdown(total=weights.accuracy * acc + weights.format * float(pc.well_formed),
                             accuracy=acc, format=float(pc.well_formed))
             for acc, pc in zip(accuracy, parsed)]
+
+
+def task_reward_fn(task: Task, weights: RewardWeights = RewardWeights()) -> RewardFn:
+    """The reward every caller uses (GRPO, evaluation, the zero pipeline, distillation, benchmarks):
+    `fn(problems, completions)` scores completions of `task`'s problems with `task` itself as the verifier
+    (its knobs, e.g. sandbox limits, apply)."""
+    return lambda problems, completions: score_batch(problems, completions, weights, {task.name: task})

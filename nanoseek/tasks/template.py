@@ -20,11 +20,10 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..tokenizer import EOS, render_chat
-from .base import Problem, Split, Task, TaskError
-from .registry import get_task
+from nanoseek.checkpoint.tokenizer import ANSWER_CLOSE, ANSWER_OPEN, EOS, THINK_CLOSE, THINK_OPEN, render_chat
+from nanoseek.tasks.base import Problem, Split, Task, TaskError
+from nanoseek.tasks.registry import get_task
 
-THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 
 
 def prompt_text(problem: Problem) -> str:

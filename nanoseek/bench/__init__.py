@@ -1,0 +1,6 @@
+"""Every `nanoseek bench` measurement: nanoseek beside the reference a user would pick instead, in one run,
+with the ratio. `decode.py` (engine vs transformers' `generate`), `train.py` (training step vs transformers),
+`grpo.py` (GRPO step vs TRL's `GRPOTrainer`), `serve.py` (concurrent streaming clients against the server).
+
+Imports: any nanoseek package but `nanoseek.cli`; the references (transformers, TRL) where they run.
+"""

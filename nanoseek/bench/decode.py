@@ -1,0 +1,222 @@
+"""`nanoseek bench decode`: the engine against transformers' `generate` on the same checkpoint, in one run.
+
+    nanoseek bench decode --preset small                      # random weights, saved and reloaded by both
+    nanoseek bench decode --model runs/small/checkpoints/step_00000300 --prompt "... User: What is 26 + 49? Assistant:"
+
+Reported, as medians over `--rounds` interleaved rounds (the machine is shared and noisy, so drift hits
+both sides alike):
+- prefill tokens/s of one `--prefill-len` prompt (nanoseek: the engine's prefill step; transformers:
+  `generate` of one token) and greedy decode tokens/s at each `--batch` size, aggregate over the batch
+  (nanoseek: the engine's decode steps after the prefill; transformers: `generate` of N+1 tokens minus
+  `generate` of 1), with nanoseek / transformers as the ratio;
+- the batch-1 fraction of the memory-bandwidth limit: (weight bytes a batch-1 token reads: every
+  parameter but the input embedding and the routed experts it is not sent to) ÷ (copy bandwidth measured
+  in this run, bytes read + written per second);
+- KV-cache bytes per token: MLA's latent against a naive per-head cache and an MHA model of the same heads;
+- with MTP modules in the checkpoint: the draft acceptance rate and the batch-1 decode speedup of
+  self-speculative decoding over plain decoding (both nanoseek, same prompts, interleaved).
+
+Both sides run fp32 greedy decoding with EOS ignored, so every run makes exactly the tokens asked for.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanoseek.engine.engine import Engine
+from nanoseek.errors import NanoseekError
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.model.stats import model_stats
+from nanoseek.checkpoint.hf import save_pretrained
+
+
+@dataclass
+class DecodeBenchConfig:
+    model: str | None = None
+    preset: str | None = None
+    seed: int = 0
+    prompt: list[str] | None = None  # texts; batches and the MTP rounds cycle through them
+    prompt_len: int = 32
+    prefill_len: int = 256
+    tokens: int = 64
+    batch: list[int] = field(default_factory=lambda: [1, 16])
+    rounds: int = 3
+    threads: int | None = None
+    no_reference: bool = False
+    bandwidth_mb: int = 256  # size of the copy that measures memory bandwidth (well past the caches)
+
+
+def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes moved (read + written) per second by a large tensor copy: the machine's streaming bandwidth."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def engine_decode(engine: Engine, prompts: list[list[int]], n_new: int) -> tuple[float, float]:
+    """Greedy decode of n_new tokens for every prompt at once: (aggregate decode tokens/s after the prefill,
+    acceptance rate of this run's drafts when the engine speculates)."""
+    params = SamplingParams(max_tokens=n_new + 1, temperature=0, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    engine.step()  # admission: every prompt is prefilled and gets its first token
+    if engine.waiting:
+        raise NanoseekError(f"{len(prompts)} prompts did not fit the engine's batch or cache")
+    drafts, accepted = engine.stats.draft_tokens, engine.stats.accepted_tokens
+    t0, n = time.perf_counter(), 0
+    while engine.has_unfinished():
+        n += len(engine.step())
+    dt = time.perf_counter() - t0
+    for rid in ids:
+        engine.pop_output(rid)
+    d = engine.stats.draft_tokens - drafts
+    return n / dt, (engine.stats.accepted_tokens - accepted) / d if d else 0.0
+
+
+def engine_prefill(engine: Engine, prompt: list[int]) -> float:
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    t0 = time.perf_counter()
+    engine.step()
+    dt = time.perf_counter() - t0
+    engine.pop_output(rid)
+    return len(prompt) / dt
+
+
+def hf_generate_time(hf, prompts: list[list[int]], n_new: int) -> float:
+    """Wall time of transformers' greedy `generate` of n_new tokens for the prompts (left-padded)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                    eos_token_id=None, pad_token_id=0)
+    return time.perf_counter() - t0
+
+
+def _prompts(cfg: DecodeBenchConfig, engine: Engine, batch: int, gen: torch.Generator) -> list[list[int]]:
+    if cfg.prompt:
+        if engine.tokenizer is None:
+            raise NanoseekError("--prompt needs a checkpoint with tokenizer.json")
+        tok = engine.tokenizer
+        ids = [tok.encode(cfg.prompt[i % len(cfg.prompt)]) for i in range(batch)]
+        return [t if t[:1] == [tok.bos_id] else [tok.bos_id] + t for t in ids]  # templates may hold the BOS
+    vocab = engine.model.config.vocab_size
+    return torch.randint(5, vocab, (batch, cfg.prompt_len), generator=gen).tolist()
+
+
+def run(cfg: DecodeBenchConfig, log=print) -> dict:
+    """Run the benchmark, print the table, return the medians."""
+    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek.model.presets import get_preset
+    from nanoseek.model.transformer import Transformer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.model:
+            path, name = Path(cfg.model), cfg.model
+        else:
+            torch.manual_seed(cfg.seed)
+            model = Transformer(get_preset(cfg.preset))
+            path, name = Path(tmp), f"preset {cfg.preset} (random weights, seed {cfg.seed})"
+            save_pretrained(model, path)
+            del model
+        model = from_pretrained(path).eval()
+        hf = None
+        if not cfg.no_reference:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    mc = model.config
+    max_b = max(cfg.batch)
+    engine = Engine(model, max_batch_size=max_b, cache_tokens=max_b * (cfg.prefill_len + cfg.tokens + 64))
+    if cfg.model and (Path(cfg.model) / "tokenizer.json").exists():
+        from nanoseek.checkpoint.tokenizer import Tokenizer
+
+        engine.tokenizer = Tokenizer.from_pretrained(cfg.model)
+    mtp_engine = Engine(model, max_batch_size=1, use_mtp=True) if len(model.mtp) else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    prompts = {b: _prompts(cfg, engine, b, gen) for b in cfg.batch}
+    mtp_prompts = _prompts(cfg, engine, max(cfg.rounds, len(cfg.prompt or [])), gen)  # one per MTP round
+    prefill_prompt = torch.randint(5, mc.vocab_size, (cfg.prefill_len,), generator=gen).tolist()
+
+    # warm-up: one short run of each path (allocations, first-call costs)
+    engine_decode(engine, prompts[cfg.batch[0]], 4)
+    if mtp_engine:
+        engine_decode(mtp_engine, mtp_prompts[:1], 4)
+    if hf is not None:
+        hf_generate_time(hf, prompts[cfg.batch[0]], 2)
+
+    res: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        res.setdefault(key, []).append(value)
+
+    bandwidth = [copy_bandwidth(cfg.bandwidth_mb << 20)]
+    for r in range(cfg.rounds):
+        add("prefill/nanoseek", engine_prefill(engine, prefill_prompt))
+        if hf is not None:
+            add("prefill/transformers", cfg.prefill_len / hf_generate_time(hf, [prefill_prompt], 1))
+        for b in cfg.batch:
+            add(f"decode{b}/nanoseek", engine_decode(engine, prompts[b], cfg.tokens)[0])
+            if hf is not None:
+                t_full, t_one = hf_generate_time(hf, prompts[b], cfg.tokens + 1), hf_generate_time(hf, prompts[b], 1)
+                add(f"decode{b}/transformers", b * cfg.tokens / (t_full - t_one))
+        if mtp_engine:
+            one = [mtp_prompts[r]]
+            tok_s, acc = engine_decode(mtp_engine, one, cfg.tokens)
+            add("mtp/speculative", tok_s)
+            add("mtp/acceptance", acc)
+            add("mtp/plain", engine_decode(engine, one, cfg.tokens)[0])
+        log(f"round {r + 1}/{cfg.rounds} done", flush=True)
+    bandwidth.append(copy_bandwidth(cfg.bandwidth_mb << 20))
+    med = {k: statistics.median(v) for k, v in res.items()}
+    med["bandwidth"] = statistics.median(bandwidth)
+
+    # ---- report --------------------------------------------------------------------------------
+    p = next(model.parameters())
+    st = model_stats(mc, cache_dtype_bytes=engine.cache.pool.element_size())
+    weight_bytes = st.active * p.element_size()
+    limit = med["bandwidth"] / weight_bytes
+    med["bandwidth_limit"] = limit
+    log(f"\nnanoseek bench decode: {name}")
+    log(f"  {st.total / 1e6:.1f}M parameters, {st.active / 1e6:.1f}M active per token; {p.dtype}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; medians of {cfg.rounds} rounds")
+    log(f"  {'':34}{'nanoseek':>12}{'transformers':>14}{'ratio':>8}")
+    rows = [("prefill", f"prefill tok/s ({cfg.prefill_len}-token prompt)")]
+    rows += [(f"decode{b}", f"decode tok/s, batch {b}" + (" (aggregate)" if b > 1 else "")) for b in cfg.batch]
+    for key, label in rows:
+        ours, ref = med[f"{key}/nanoseek"], med.get(f"{key}/transformers")
+        ref_s = f"{ref:14.1f}" if ref else f"{'-':>14}"
+        ratio = f"{ours / ref:7.2f}x" if ref else f"{'-':>8}"
+        log(f"  {label:34}{ours:12.1f}{ref_s}{ratio}")
+    log(f"  memory: copy bandwidth {med['bandwidth'] / 1e9:.1f} GB/s (read + write); a batch-1 token reads "
+        f"{weight_bytes / 1e6:.1f} MB of weights -> limit {limit:.0f} tok/s")
+    if "decode1/nanoseek" in med:
+        med["bandwidth_fraction"] = med["decode1/nanoseek"] / limit
+        log(f"  batch-1 decode at {med['bandwidth_fraction']:.0%} of the memory-bandwidth limit")
+    b = st.cache_dtype_bytes
+    log(f"  KV cache per token ({b}-byte values, {mc.num_hidden_layers} layers): MLA latent "
+        f"{st.latent_cache_bytes:,} B; naive per-head K/V {st.naive_cache_bytes:,} B "
+        f"({st.naive_cache_bytes / st.latent_cache_bytes:.1f}x); MHA with the same heads {st.mha_cache_bytes:,} B "
+        f"({st.mha_cache_bytes / st.latent_cache_bytes:.1f}x)")
+    if mtp_engine:
+        med["mtp/speedup"] = med["mtp/speculative"] / med["mtp/plain"]
+        log(f"  MTP self-speculative decoding, batch 1: acceptance {med['mtp/acceptance']:.0%}, "
+            f"{med['mtp/speculative']:.1f} vs {med['mtp/plain']:.1f} tok/s plain -> {med['mtp/speedup']:.2f}x")
+    else:
+        log("  MTP: the checkpoint has no MTP modules (nothing to measure)")
+    return med

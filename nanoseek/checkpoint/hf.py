@@ -1,0 +1,295 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors (single file or sharded).
+
+    model = nanoseek.from_pretrained("path/to/DeepSeek-V3", device="cpu", dtype=torch.bfloat16)
+    model.save_pretrained("out/")  # loads in transformers.AutoModelForCausalLM, no remote code
+
+Weights are read from safetensors only: a directory holding only pickle files (.bin, .pt) is refused,
+never unpickled. Names on disk are transformers' (`model.layers.N.mlp.experts.J.gate_proj.weight`, one
+tensor per expert); in memory the routed experts are stacked (E, out, in) for grouped matmuls, and the
+MTP modules sit in `mtp.K` instead of `model.layers.{num_hidden_layers + K}`. DeepSeek's FP8 release
+(float8_e4m3fn weights with a `weight_scale_inv` per 128x128 block) is dequantized on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanoseek.model.config import ConfigError, ModelConfig
+from nanoseek.errors import NanoseekError
+from nanoseek.model.transformer import Transformer
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class CheckpointError(NanoseekError):
+    """A checkpoint directory that cannot be loaded; the message names the file or tensor."""
+
+
+# ---- name mapping --------------------------------------------------------------------------------
+_EXPERT = re.compile(r"^(layers|mtp)\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
+
+
+def _hf_layer_prefix(cfg: ModelConfig, native: str) -> str:
+    """'layers.3.x' -> 'model.layers.3.x'; 'mtp.0.x' -> 'model.layers.{L}.x'."""
+    kind, idx, rest = native.split(".", 2)
+    layer = int(idx) + (cfg.num_hidden_layers if kind == "mtp" else 0)
+    return f"model.layers.{layer}.{rest}"
+
+
+def hf_names(cfg: ModelConfig, native: str, n_experts: int) -> list[str]:
+    """The on-disk tensor name(s) behind one native state-dict entry (several for stacked experts)."""
+    m = _EXPERT.match(native)
+    if m:
+        prefix = _hf_layer_prefix(cfg, f"{m[1]}.{m[2]}.mlp.experts")
+        return [f"{prefix}.{j}.{m[3]}.weight" for j in range(n_experts)]
+    if native.startswith(("layers.", "mtp.")):
+        return [_hf_layer_prefix(cfg, native)]
+    if native == "lm_head.weight":
+        return [native]
+    return [f"model.{native}"]
+
+
+def _native_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """State dict without derived entries (rope tables, tied head)."""
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def to_hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs for the whole model, experts unstacked, MTP shared weights copied."""
+    cfg = model.config
+    for native, t in _native_state(model).items():
+        names = hf_names(cfg, native, cfg.n_routed_experts)
+        if len(names) == 1:
+            yield names[0], t
+        else:
+            yield from zip(names, t.unbind(0))
+    # Released V3 checkpoints store the (shared) embedding and head again inside each MTP layer;
+    # vLLM and SGLang read them from there.
+    for k in range(cfg.num_nextn_predict_layers):
+        prefix = f"model.layers.{cfg.num_hidden_layers + k}"
+        yield f"{prefix}.embed_tokens.weight", model.embed_tokens.weight.clone()
+        yield f"{prefix}.shared_head.head.weight", model.lm_head.weight.clone()
+
+
+# ---- reading -------------------------------------------------------------------------------------
+class SafetensorsDir:
+    """Lazy tensor access over the safetensors files of a checkpoint directory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        index = path / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+            self.where = {name: path / fname for name, fname in weight_map.items()}
+        elif (path / SINGLE_NAME).exists():
+            self.where = {name: path / SINGLE_NAME for name in self._keys(path / SINGLE_NAME)}
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+                if pickles:
+                    raise CheckpointError(
+                        f"{path} holds only pickle weights ({', '.join(pickles)}); nanoseek loads safetensors "
+                        "only, because unpickling runs code from the file. Convert it with safetensors first."
+                    )
+                raise CheckpointError(f"no safetensors weights in {path}")
+            self.where = {name: f for f in files for name in self._keys(f)}
+        for f in set(self.where.values()):
+            if not f.exists():
+                raise CheckpointError(f"{f.name}, named in {INDEX_NAME}, is missing from {path}")
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def _keys(f: Path) -> list[str]:
+        try:
+            with safe_open(f, framework="pt") as h:
+                return list(h.keys())
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.where[name]
+        if f not in self._handles:
+            self._handles[f] = safe_open(f, framework="pt")
+        try:
+            return self._handles[f].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"tensor {name} in {f.name} cannot be read ({e})") from None
+
+    def get_weight(self, name: str, block: tuple[int, int]) -> torch.Tensor:
+        """A tensor, dequantized if it is FP8 with a block-wise `weight_scale_inv` beside it."""
+        t = self.get(name)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_name = name.removesuffix("weight") + "weight_scale_inv"
+            if scale_name not in self:
+                raise CheckpointError(f"FP8 tensor {name} has no {scale_name} beside it in {self.where[name].name}")
+            t = dequantize_fp8(t, self.get(scale_name), block)
+        return t
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """weight (M, N) fp8 x scale_inv (ceil(M/bm), ceil(N/bn)) -> fp32: each block times its scale."""
+    M, N = weight.shape
+    bm, bn = block
+    expected = (-(-M // bm), -(-N // bn))
+    if tuple(scale_inv.shape) != expected:
+        raise CheckpointError(f"weight_scale_inv of shape {tuple(scale_inv.shape)} does not tile a {M}x{N} "
+                              f"weight in {bm}x{bn} blocks (expected {expected})")
+    scale = scale_inv.float().repeat_interleave(bm, 0)[:M].repeat_interleave(bn, 1)[:, :N]
+    return weight.float() * scale
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint directory {p} does not exist")
+    return p
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    return ModelConfig.from_json(_resolve(path) / "config.json")
+
+
+def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> Transformer:
+    """Build the model of `path/config.json` and fill it from the directory's safetensors.
+
+    dtype: parameter dtype (default: float32, the compute dtype on CPU). The MoE correction bias
+    stays float32. Every expected tensor must be present with its exact shape; unknown tensors are
+    an error too, so a mismatched checkpoint never loads silently.
+    """
+    root = _resolve(path)
+    cfg = load_config(root)
+    raw = json.loads((root / "config.json").read_text())
+    block = tuple((raw.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+    dtype = dtype or torch.float32
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.to(dtype)
+    files = SafetensorsDir(root)
+    used: set[str] = set()
+    state = _native_state(model)
+    with torch.no_grad():
+        for native, param in state.items():
+            names = hf_names(cfg, native, cfg.n_routed_experts)
+            for name in names:
+                if name not in files:
+                    raise CheckpointError(f"tensor {name} is missing from the checkpoint in {root}")
+            parts = [files.get_weight(n, block) for n in names]
+            expected = param.shape[1:] if len(names) > 1 else param.shape
+            for name, t in zip(names, parts):
+                if tuple(t.shape) != tuple(expected):
+                    raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(expected)} "
+                                          f"from config.json ({files.where[name].name})")
+            value = torch.stack(parts) if len(names) > 1 else parts[0]
+            param.copy_(value.to(param.dtype))
+            used.update(names)
+    _check_unexpected(cfg, files, used, root)
+    for moe in model.moe_layers():
+        moe.tokens_per_expert.zero_()
+    return model.eval()
+
+
+
+def _check_unexpected(cfg: ModelConfig, files: SafetensorsDir, used: set[str], root: Path) -> None:
+    mtp_shared = {
+        f"model.layers.{cfg.num_hidden_layers + k}.{n}"
+        for k in range(cfg.num_nextn_predict_layers)
+        for n in ("embed_tokens.weight", "shared_head.head.weight")
+    }
+    extra = [
+        n for n in files.where
+        if n not in used and n not in mtp_shared and not n.endswith(("weight_scale_inv", "rotary_emb.inv_freq"))
+        and files.get(n).numel() > 0  # transformers writes zero-width shared experts when there are none
+    ]
+    if extra:
+        shown = ", ".join(sorted(extra)[:5]) + (" ..." if len(extra) > 5 else "")
+        raise CheckpointError(f"{len(extra)} tensor(s) in {root} that config.json does not account for: {shown}")
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def save_pretrained(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    max_shard_bytes: int = 5 * 1024**3) -> None:
+    """Write config.json and safetensors (sharded with an index above max_shard_bytes).
+
+    Each file is written under a temporary name and renamed into place, so a kill mid-save never
+    leaves a truncated file under a real name. dtype: storage dtype (default: the parameters').
+    """
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in to_hf_state_dict(model):
+        if name.endswith("e_score_correction_bias"):
+            t = t.float()  # must stay fp32 (HF keeps it in _keep_in_fp32_modules_strict)
+        elif dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        nbytes = t.numel() * t.element_size()
+        if size + nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().contiguous().cpu().clone() if _shares_storage(t) else t.detach().contiguous().cpu()
+        size += nbytes
+    for stale in list(root.glob("model*.safetensors")) + [root / INDEX_NAME]:
+        stale.unlink(missing_ok=True)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic(root / SINGLE_NAME, lambda p: save_file(shards[0], str(p), metadata=meta))
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic(root / fname, lambda p, s=shard: save_file(s, str(p), metadata=meta))
+            weight_map.update({n: fname for n in shard})
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _atomic(root / INDEX_NAME, lambda p: p.write_text(json.dumps(index, indent=2)))
+    storage = dtype or next(model.parameters()).dtype
+    out_cfg = cfg.replace(torch_dtype=str(storage).replace("torch.", ""))
+    _atomic(root / "config.json", lambda p: out_cfg.to_json(p))
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
+    _atomic(root / "generation_config.json", lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
+
+
+def _shares_storage(t: torch.Tensor) -> bool:
+    # Views (unbound experts, tied/copied MTP embeddings) must own their memory for safetensors.
+    return t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset() != 0
+
+
+def _atomic(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["from_pretrained", "save_pretrained", "load_config", "CheckpointError", "ConfigError", "dequantize_fp8"]

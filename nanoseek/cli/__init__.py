@@ -1,0 +1,42 @@
+"""The `nanoseek` command line: thin wrappers that map flags onto the library's config dataclasses.
+
+    nanoseek init --preset tiny --out ckpt/ [--seed 0] [--corpus text.txt]
+    nanoseek info ckpt/            # or a preset name: deepseek-v3, small, ...
+
+Each area registers its own subcommands from `nanoseek/cli/<area>.py`; benchmarks live under
+`nanoseek bench <what>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nanoseek.errors import NanoseekError
+
+COMMAND_MODULES = ("model", "serve", "rl", "train", "generate", "zero")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 and R1-Zero, small and readable.")
+    sub = p.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="benchmarks: nanoseek beside the reference, as ratios")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"nanoseek.cli.{name}").register(sub, bench_sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (NanoseekError, FileNotFoundError, UnicodeDecodeError) as e:
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nanoseek {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+

@@ -1,0 +1,102 @@
+"""`nanoseek generate` (a quick look at a checkpoint, streamed) and `nanoseek bench decode` (see docs/engine.md).
+
+    nanoseek generate --model runs/tiny --prompt "What is 12 + 30?" --max-tokens 64 --temperature 0
+    nanoseek generate --model runs/tiny --prompt "Hi" --chat --n 3 --seed 1 --mtp
+    nanoseek bench decode --preset small            # or --model DIR; nanoseek vs transformers, as ratios
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nanoseek.errors import NanoseekError
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from nanoseek.engine.engine import Engine
+    from nanoseek.engine.sampling import SamplingParams
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise NanoseekError(f"{args.model} is not a checkpoint directory (no config.json)")
+    if not (Path(args.model) / "tokenizer.json").is_file():
+        raise NanoseekError(f"{args.model} has no tokenizer.json: `generate` takes and prints text")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, n=args.n)
+    engine = Engine(args.model, use_mtp=args.mtp, device=args.device, max_batch_size=max(args.n, 1))
+    tok = engine.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    try:
+        if args.n == 1:
+            _stream(engine, tok, tok.encode(text), params)
+        else:
+            for c in engine.generate([tok.encode(text)], params)[0].outputs:
+                print(f"--- sample {c.index} ({c.finish_reason}, {len(c.token_ids)} tokens)\n{c.text}")
+    except ValueError as e:  # the engine refuses a request with ValueError: say what and exit 2
+        raise NanoseekError(str(e)) from None
+    s = engine.stats
+    mtp = f", MTP acceptance {s.acceptance_rate:.0%}" if engine.use_mtp else ""
+    print(f"[{s.generated_tokens} tokens in {s.decode_steps} decode steps{mtp}]", file=sys.stderr)
+
+
+def _stream(engine, tok, ids: list[int], params) -> None:
+    """Print text as tokens arrive; a character split over tokens waits for its last byte."""
+    decoder = tok.decode_stream(skip_special_tokens=True)
+    printed, out_ids, finish = "", [], None
+    for event in engine.stream(ids, params):
+        out_ids.append(event.token_id)
+        piece = decoder.step(tok.tk, event.token_id)
+        if piece:
+            print(piece, end="", flush=True)
+            printed += piece
+        finish = event.finish_reason
+    full = tok.decode(out_ids, skip_special_tokens=True)  # the end may hold incomplete bytes: print them as
+    print(full[len(printed):] if full.startswith(printed) else "")  # the full decode does (U+FFFD)
+    print(f"[finished: {finish}]", file=sys.stderr)
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> None:
+    from nanoseek.bench.decode import DecodeBenchConfig, run
+
+    if bool(args.model) == bool(args.preset):
+        raise NanoseekError("give either --model DIR or --preset NAME")
+    run(DecodeBenchConfig(**{k: getattr(args, k) for k in DecodeBenchConfig.__dataclass_fields__}))
+
+
+def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="generate text from a checkpoint through the engine (streams)")
+    g.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    g.add_argument("--seed", type=int, help="same seed, same output")
+    g.add_argument("--n", type=int, default=1, help="samples of the prompt (sharing one prefill)")
+    g.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding (checkpoints with MTP modules)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    g.set_defaults(func=cmd_generate)
+
+    b = bench.add_parser("decode", help="prefill and decode tokens/s against transformers' generate, bandwidth "
+                                        "fraction, KV-cache bytes, MTP acceptance and speedup")
+    b.add_argument("--model", help="checkpoint directory")
+    b.add_argument("--preset", help="or a preset with random weights (e.g. small)")
+    b.add_argument("--seed", type=int, default=0, help="weights of --preset and the random prompts")
+    b.add_argument("--prompt", nargs="+", help="prompt texts for the decode runs, cycled through (needs the "
+                                               "checkpoint's tokenizer); default: random token ids")
+    b.add_argument("--prompt-len", type=int, default=32, help="random prompt length for the decode runs")
+    b.add_argument("--prefill-len", type=int, default=256, help="prompt length of the prefill measurement")
+    b.add_argument("--tokens", type=int, default=64, help="new tokens per decode measurement")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes")
+    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    b.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    b.add_argument("--bandwidth-mb", type=int, default=256, help="size of the copy measuring memory bandwidth")
+    b.add_argument("--no-reference", action="store_true", help="skip transformers (nanoseek figures only)")
+    b.set_defaults(func=cmd_bench_decode)

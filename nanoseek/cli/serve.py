@@ -1,0 +1,125 @@
+"""`nanoseek serve`, `nanoseek chat` and `nanoseek bench serve`: the OpenAI-compatible server, the terminal
+chat, and concurrent streaming clients against a server (see docs/server.md)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from nanoseek.errors import NanoseekError
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def _check_model_dir(path: str) -> None:
+    if not (Path(path) / "config.json").is_file():
+        raise NanoseekError(f"{path} is not a checkpoint directory (no config.json)")
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise NanoseekError(f"{path} has no tokenizer.json: serving and chat need the checkpoint's tokenizer")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host in LOOPBACK or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise NanoseekError(f"nanoseek serve needs the serve extra ({e.name} is missing): "
+                            "pip install -e \".[serve]\"") from None
+
+    from nanoseek.server import ServerConfig, create_app
+
+    _check_model_dir(args.model)
+    api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
+    cfg = ServerConfig(model=args.model, host=args.host, port=args.port, api_key=api_key,
+                       served_model_name=args.served_model_name, max_batch_size=args.max_batch_size,
+                       cache_tokens=args.cache_tokens, max_n=args.max_n, max_request_bytes=args.max_request_bytes,
+                       device=args.device)
+    if args.max_n < 1 or args.max_batch_size < 1 or args.max_request_bytes < 1:
+        raise NanoseekError("--max-n, --max-batch-size and --max-request-bytes must be positive")
+    if not _is_loopback(args.host) and not api_key:
+        print(f"nanoseek serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "machine can use the model", file=sys.stderr)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    app = create_app(cfg)
+    print(f"nanoseek serve: model `{cfg.model_name}` at http://{args.host}:{args.port}/v1 "
+          f"(auth {'on' if api_key else 'off'})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                access_log=args.log_level == "debug", timeout_graceful_shutdown=5)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from nanoseek.cli import chat
+    from nanoseek.engine.sampling import SamplingParams
+
+    _check_model_dir(args.model)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    try:
+        params.validate()
+    except ValueError as e:
+        raise NanoseekError(str(e)) from None
+    chat.main(args.model, params, system=args.system, device=args.device)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from nanoseek.bench.serve import BenchConfig, run_bench
+
+    if bool(args.url) == bool(args.model):
+        raise NanoseekError("give either --url of a running server or --model to start one")
+    if args.model:
+        _check_model_dir(args.model)
+    run_bench(BenchConfig(**{k: getattr(args, k) for k in BenchConfig.__dataclass_fields__}))
+
+
+def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="OpenAI-compatible API server (FastAPI + uvicorn) on the engine")
+    serve.add_argument("--model", required=True, help="checkpoint directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (or set NANOSEEK_API_KEY)")
+    serve.add_argument("--served-model-name", help="the model name clients use (default: the directory name)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
+    serve.add_argument("--cache-tokens", type=int, help="latent-cache capacity in tokens (default: the engine's)")
+    serve.add_argument("--max-n", type=int, default=128, help="largest `n` (samples per request) accepted")
+    serve.add_argument("--max-request-bytes", type=int, default=8 << 20, help="larger bodies get 413")
+    serve.add_argument("--device", default="cpu", help="cpu or cuda")
+    serve.add_argument("--threads", type=int, help="torch threads for the engine (default: torch's choice)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
+    chat = sub.add_parser("chat", help="interactive terminal chat with a checkpoint (streams, shows reasoning)")
+    chat.add_argument("--model", required=True, help="checkpoint directory")
+    chat.add_argument("--system", help="system message")
+    chat.add_argument("--max-tokens", type=int, default=1024, help="longest answer (and the context bounds it)")
+    chat.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (DeepSeek suggests 0.6 for R1)")
+    chat.add_argument("--top-p", type=float, default=0.95)
+    chat.add_argument("--seed", type=int)
+    chat.add_argument("--device", default="cpu")
+    chat.set_defaults(func=cmd_chat)
+
+    b = bench.add_parser("serve", help="N concurrent streaming clients against a server: tokens/s, TTFT, ITL, cost")
+    b.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8000")
+    b.add_argument("--model", help="checkpoint to serve for the run (started on a free loopback port)")
+    b.add_argument("--api-key", help="bearer key for --url")
+    b.add_argument("--clients", type=int, default=32, help="concurrent streaming clients")
+    b.add_argument("--requests", type=int, default=64, help="requests in all (spread over the clients)")
+    b.add_argument("--max-tokens", type=int, default=128, help="tokens per response (EOS ignored)")
+    b.add_argument("--prompt", default="Tell me a story about a dragon and a knight.", help="user message")
+    b.add_argument("--price-per-hour", type=float, default=1.0, help="machine price in $/hour for the cost figure")
+    b.add_argument("--rounds", type=int, default=3, help="rounds (server and in-process engine interleaved)")
+    b.add_argument("--max-batch-size", type=int, default=32, help="with --model: the server's batch")
+    b.add_argument("--threads", type=int, help="with --model: torch threads of the server and the in-process engine")
+    b.set_defaults(func=cmd_bench_serve)

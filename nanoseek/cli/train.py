@@ -1,0 +1,342 @@
+"""`nanoseek pretrain`, `nanoseek plot` and `nanoseek bench train`.
+
+    nanoseek pretrain runs/tiny --preset tiny --task arithmetic --task-docs 20000 --max-steps 500
+    nanoseek pretrain runs/text --preset small --corpus book.txt notes.jsonl --seq-len 512
+    nanoseek pretrain runs/tiny --resume                 # continue where the run (or a kill) left it
+    torchrun --nproc_per_node 2 -m nanoseek.cli pretrain runs/ddp --preset tiny --task arithmetic [--fsdp | --expert-parallel]
+    nanoseek plot runs/tiny                              # runs/tiny/plots/*.png
+    nanoseek bench train --preset small                  # tokens/s against transformers, and MFU
+
+Flags map onto `nanoseek.train.TrainConfig`. On --resume every setting comes from the run itself; a flag
+given again must agree with it (only --max-steps and the eval/save/log cadence may change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nanoseek.errors import NanoseekError
+from nanoseek.train.trainer import TrainConfig, TrainError
+from nanoseek.checkpoint.hf import save_pretrained
+
+TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
+    "--seq-len": ("seq_len", int, "tokens per sequence (default 256)"),
+    "--batch-size": ("batch_size", int, "sequences per micro-batch per process (default 8)"),
+    "--grad-accum": ("grad_accum", int, "micro-batches per optimizer step (default 1)"),
+    "--max-steps": ("max_steps", int, "optimizer steps (default 1000)"),
+    "--lr": ("lr", float, "peak learning rate (default 3e-4)"),
+    "--min-lr-ratio": ("min_lr_ratio", float, "final lr as a fraction of --lr (default 0.1)"),
+    "--warmup-steps": ("warmup_steps", int, "linear warmup steps (default 100)"),
+    "--schedule": ("schedule", str, "cosine or wsd (default cosine)"),
+    "--decay-fraction": ("decay_fraction", float, "wsd: fraction of steps in the final decay (default 0.2)"),
+    "--weight-decay": ("weight_decay", float, "AdamW weight decay on matrices (default 0.1)"),
+    "--grad-clip": ("grad_clip", float, "global gradient-norm clip, 0 = off (default 1.0)"),
+    "--mtp-depth": ("mtp_depth", int, "MTP modules to train (default: all the model has; 0 = off)"),
+    "--mtp-lambda": ("mtp_lambda", float, "MTP loss weight λ (default 0.3)"),
+    "--bias-update-speed": ("bias_update_speed", float, "γ of the aux-loss-free bias update (default 1e-3)"),
+    "--aux-loss-alpha": ("aux_loss_alpha", float, "α of the sequence-wise balance loss (default: model config)"),
+    "--seed": ("seed", int, "model init and data order (default 0)"),
+    "--device": ("device", str, "auto, cpu, cuda, cuda:N (default auto)"),
+    "--dtype": ("dtype", str, "auto, fp32 or bf16 autocast (default auto: bf16 on CUDA, fp32 on CPU)"),
+    "--eval-every": ("eval_every", int, "steps between held-out evaluations; 0 = end only, -1 = never (default 100)"),
+    "--eval-sequences": ("eval_sequences", int, "held-out sequences per evaluation, in total (default 32)"),
+    "--save-every": ("save_every", int, "steps between checkpoints; 0 = end only (default 500)"),
+    "--keep-last": ("keep_last", int, "checkpoints kept (default 3)"),
+    "--log-every": ("log_every", int, "steps between metric lines (default 1)"),
+}
+SWITCHES = {  # argparse dest -> (TrainConfig field, value when the flag is given)
+    "no_doc_mask": ("doc_mask", False),
+    "compile": ("compile", True),
+    "expert_parallel": ("expert_parallel", True),
+    "fsdp": ("fsdp", True),
+}
+
+
+LAUNCH_FIELDS = ("device", "compile", "expert_parallel", "fsdp")
+
+
+def _train_config(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
+    changes = {}
+    for flag, (name, _, _) in TRAIN_FLAGS.items():
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    for dest, (name, value) in SWITCHES.items():
+        if getattr(args, dest):
+            changes[name] = value
+    if args.beta1 is not None or args.beta2 is not None:
+        changes["betas"] = (args.beta1 if args.beta1 is not None else base.betas[0],
+                            args.beta2 if args.beta2 is not None else base.betas[1])
+    if args.peak_tflops is not None:
+        changes["peak_flops"] = args.peak_tflops * 1e12
+    return dataclasses.replace(base, **changes)
+
+
+def _task_knobs(pairs: list[str]) -> dict:
+    knobs = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise TrainError(f"--task-knob takes key=value, got {pair!r}")
+        try:
+            knobs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            knobs[key] = value
+    return knobs
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from nanoseek.train import parallel
+    from nanoseek.checkpoint.hf import from_pretrained, load_config
+    from nanoseek.model.presets import get_preset
+    from nanoseek.train.data import TaskCorpus, TextCorpus, build_dataset, load_dataset
+    from nanoseek.checkpoint.tokenizer import Tokenizer
+    from nanoseek.train.trainer import RUN_FILE, check_run_dir, pretrain
+
+    run_dir = Path(args.run_dir)
+    sources = [n for n in ("preset", "init", "corpus", "task", "data") if getattr(args, n)]
+    if args.resume:
+        if sources:
+            raise TrainError(f"--resume continues the run's own model and data; drop --{' --'.join(sources)}")
+        ckpt = check_run_dir(run_dir, args.resume)
+        saved = json.loads((ckpt / "trainer_state.json").read_text())["state"]
+        # How the run was launched (device, compile, expert parallelism) is for this launch's flags to say.
+        base = dataclasses.replace(TrainConfig.from_dict(saved["train_config"]),
+                                   **{f: getattr(TrainConfig(), f) for f in LAUNCH_FIELDS})
+        cfg = _train_config(args, base)
+        model = load_config(ckpt)
+        data = saved["dataset"]
+        run_file = run_dir / RUN_FILE
+        if run_file.exists():
+            data = json.loads(run_file.read_text()).get("dataset", data)
+        resume = ckpt if args.resume is not True else True
+    else:
+        cfg = _train_config(args, TrainConfig())
+        cfg.validate()
+        check_run_dir(run_dir, False)  # refuse to overwrite a run before any tokenizing starts
+        for flag, on in (("--expert-parallel", cfg.expert_parallel), ("--fsdp", cfg.fsdp)):
+            if on and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+                raise TrainError(f"{flag} needs several processes: launch with torchrun --nproc_per_node N")
+        if bool(args.preset) == bool(args.init):
+            raise TrainError("give the model as exactly one of --preset NAME or --init CHECKPOINT")
+        if sum(bool(x) for x in (args.corpus, args.task, args.data)) != 1:
+            raise TrainError("give the data as exactly one of --data DATASET_DIR, --corpus FILE... or --task NAME")
+        if args.data and (args.vocab_size or args.heldout_percent is not None):
+            raise TrainError("--vocab-size and --heldout-percent shape a new dataset; --data names a built one")
+        model = get_preset(args.preset) if args.preset else from_pretrained(args.init)
+        tokenizer = None
+        if args.init and (Path(args.init) / "tokenizer.json").exists():
+            tokenizer = Tokenizer.from_pretrained(args.init)
+        elif args.init and not args.data:
+            raise TrainError(f"{args.init} has no tokenizer.json; the data must be tokenized with the model's tokenizer")
+        data = args.data
+        rank, _ = parallel.init_distributed("cuda" if (cfg.device.startswith("cuda") or
+                                                     (cfg.device == "auto" and torch.cuda.is_available())) else "cpu")
+        if not data:
+            data = run_dir / "data"
+            if rank == 0:
+                heldout_percent = 5.0 if args.heldout_percent is None else args.heldout_percent
+                vocab = args.vocab_size or (model.config.vocab_size if args.init else model.vocab_size)
+                if args.corpus:
+                    train_docs, heldout_docs = TextCorpus(args.corpus, txt_split=args.txt_split), None
+                else:
+                    knobs = _task_knobs(args.task_knob)
+                    train_docs = TaskCorpus(args.task, args.task_docs, cfg.seed, "train", args.reasoning_fraction, **knobs)
+                    heldout_docs = (TaskCorpus(args.task, args.heldout_docs, cfg.seed, "heldout", args.reasoning_fraction,
+                                               **knobs) if args.heldout_docs > 0 else None)
+                    heldout_percent = 0.0 if heldout_docs is None else heldout_percent
+                print(f"tokenizing into {data} ...", flush=True)
+                ds = build_dataset(data, train_docs, heldout_docs, tokenizer=tokenizer, vocab_size=vocab,
+                                   heldout_percent=heldout_percent,
+                                   chat_template="r1_zero" if args.task else "deepseek")
+                s = ds.meta["splits"]
+                print(f"dataset: {s['train']['n_tokens']:,} train tokens in {s['train']['n_docs']:,} documents, "
+                      f"{s['heldout']['n_tokens']:,} held-out tokens; vocab {ds.tokenizer.vocab_size}")
+            parallel.barrier()
+        ds = load_dataset(data)
+        if args.preset:  # the model's special ids follow the dataset's tokenizer
+            model = model.replace(bos_token_id=ds.tokenizer.bos_id, eos_token_id=ds.tokenizer.eos_id,
+                                  pad_token_id=ds.tokenizer.pad_id)
+        data = ds
+        resume = False
+    result = pretrain(model, cfg, data, run_dir, resume=resume, progress=not args.no_progress)
+    if parallel.rank() == 0:
+        held = f"{result.heldout_loss:.4f}" if result.heldout_loss is not None else "n/a"
+        mfu = f", MFU {result.mfu:.1%}" if result.mfu is not None else ""
+        load = f", expert load max/mean {max(result.expert_load):.2f}" if result.expert_load else ""
+        print(f"step {result.step}: train loss {result.train_loss:.4f}, held-out loss {held}, "
+              f"{result.tokens_per_s:,.0f} tokens/s{mfu}{load}")
+        print(f"checkpoint: {result.checkpoint}\nmetrics: {run_dir / 'metrics.jsonl'} (plot: nanoseek plot {run_dir})")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from nanoseek.train.metrics import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+
+
+# ---- benchmark -----------------------------------------------------------------------------------
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    """Training steps of nanoseek and of transformers' DeepseekV3ForCausalLM on the same weights and batches.
+
+    One step = forward, cross-entropy, backward, clip, fused AdamW step, for every side. nanoseek's step is the
+    trainer's own objective plus the aux-loss-free bias update; MTP is off (transformers does not train MTP)
+    and every sequence is one document (no document mask), so all sides compute the same function. The sides
+    take turns step by step, so load on a shared machine hits them alike. Wall-clock medians are the result;
+    CPU-time medians (process time / threads) are printed beside them because they hardly move with the
+    machine's load. transformers runs its default experts implementation (grouped_mm on this version);
+    --hf-eager-experts adds its expert-by-expert loop as a further row.
+    """
+    import os as _os
+
+    import torch.nn.functional as F
+
+    from nanoseek.model.presets import get_preset
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.model.moe import update_bias
+    from nanoseek.train.trainer import PretrainObjective, peak_flops, training_flops_per_token
+
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise NanoseekError("bench train compares against transformers: pip install 'transformers>=5.20'") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    cfg = get_preset(args.preset, num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    ours = Transformer(cfg).train()
+    hf = {}
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(ours, d)
+        hf["transformers"] = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
+        if args.hf_eager_experts:
+            hf["transformers (eager experts)"] = AutoModelForCausalLM.from_pretrained(
+                d, dtype=torch.float32, experts_implementation="eager").train()
+    objective = PretrainObjective(ours, 0)
+    forward = torch.compile(objective) if args.compile else objective
+    B, T = args.batch, args.seq
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, cfg.vocab_size, (B, T + 1), generator=gen) for _ in range(args.steps + 1)]
+
+    def adamw(m):
+        return torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+    def ours_step(opt):
+        def step(x):
+            sums, _ = forward(x[:, :-1], [x[:, 1:]], None)
+            (sums[0] / x[:, 1:].numel()).backward()
+            torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            update_bias(ours, 1e-3)
+        return step
+
+    def hf_step(model, opt):
+        def step(x):
+            logits = model(x[:, :-1]).logits
+            F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    sides = {f"nanoseek{' (compiled)' if args.compile else ''}": ours_step(adamw(ours))}
+    sides.update({name: hf_step(m, adamw(m)) for name, m in hf.items()})
+    print(f"preset {args.preset} (MTP off), batch {B} x {T} tokens, {threads} threads, fp32; {args.steps} steps "
+          f"per side, interleaved, after a warm-up; load average {_os.getloadavg()[0]:.1f} on "
+          f"{_os.cpu_count()} CPUs", flush=True)
+    for step in sides.values():  # warm-up (and compilation)
+        step(batches[0])
+    wall: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
+    for x in batches[1:]:
+        for name, step in sides.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            step(x)
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append((time.process_time() - c0) / threads)
+    flops = training_flops_per_token(cfg, T)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(torch.device("cpu"), torch.float32)
+    print(f"{'':30}{'tokens/s':>10}{'step s':>9}{'MFU':>8}   {'tokens/s by CPU time':>20}{'MFU':>8}")
+    rate = {}
+    for name in sides:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        rate[name] = (B * T / w, B * T / c)
+        mfu = [f"{flops * r / peak:8.1%}" if peak else "     n/a" for r in rate[name]]
+        print(f"{name:30}{rate[name][0]:10.0f}{w:9.2f}{mfu[0]}   {rate[name][1]:20.0f}{mfu[1]}")
+    ours_name = next(iter(sides))
+    for name in hf:
+        print(f"ratio nanoseek / {name}: {rate[ours_name][0] / rate[name][0]:.2f}x wall-clock, "
+              f"{rate[ours_name][1] / rate[name][1]:.2f}x by CPU time")
+    if peak:
+        print(f"MFU: {flops / 1e6:.1f} MFLOP per token (6 x activated "
+              f"parameters + causal attention) over a peak of {peak / 1e9:.1f} GFLOP/s ({threads} threads x "
+              "FLOPs/cycle x base clock; --peak-tflops to override)")
+
+
+def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a base model (resumable; torchrun for several processes)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="run directory: metrics.jsonl, checkpoints/, data/, run.json")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", help="a fresh model of this preset (tiny, small, ...)")
+    g.add_argument("--init", help="continue training a checkpoint directory (HF format)")
+    g = p.add_argument_group("data (one of)")
+    g.add_argument("--data", help="a dataset directory built before (meta.json, train.bin, ...)")
+    g.add_argument("--corpus", nargs="+", help=".txt (one document per blank-line paragraph) or .jsonl ('text') files")
+    g.add_argument("--task", help="a synthetic task's R1-Zero documents (arithmetic, countdown, ...)")
+    g = p.add_argument_group("building the dataset")
+    g.add_argument("--txt-split", choices=("paragraph", "file"), default="paragraph",
+                   help=".txt documents: per blank-line-separated paragraph (default) or per file")
+    g.add_argument("--vocab-size", type=int, help="tokenizer size when training one (default: the model's vocab)")
+    g.add_argument("--heldout-percent", type=float, help="share of corpus documents held out, by hash (default 5)")
+    g.add_argument("--task-docs", type=int, default=20000, help="training documents of --task (default 20000)")
+    g.add_argument("--heldout-docs", type=int, default=500, help="held-out documents of --task (default 500)")
+    g.add_argument("--reasoning-fraction", type=float, default=1.0,
+                   help="share of task documents with a worked solution in <think> (default 1.0)")
+    g.add_argument("--task-knob", action="append", metavar="KEY=VALUE", help="task difficulty knob, repeatable")
+    g = p.add_argument_group("training")
+    for flag, (name, typ, help_) in TRAIN_FLAGS.items():
+        g.add_argument(flag, dest=name, type=typ, default=None, help=help_)
+    g.add_argument("--beta1", type=float, default=None, help="AdamW β1 (default 0.9)")
+    g.add_argument("--beta2", type=float, default=None, help="AdamW β2 (default 0.95)")
+    g.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: estimated)")
+    g.add_argument("--no-doc-mask", action="store_true",
+                   help="let packed documents attend to each other (faster; default: masked)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
+    g.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun: each process holds a slice of the routed experts (all_to_all dispatch)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue RUN_DIR from its latest checkpoint (or the one given)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
+
+    pl = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", help="output directory (default RUN_DIR/plots)")
+    pl.set_defaults(func=cmd_plot)
+
+    b = bench.add_parser("train", help="training tokens/s: nanoseek vs transformers DeepseekV3ForCausalLM, and MFU")
+    b.add_argument("--preset", default="small")
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--seq", type=int, default=256)
+    b.add_argument("--steps", type=int, default=5, help="timed steps per side (median reported)")
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--compile", action="store_true", help="torch.compile nanoseek's training forward")
+    b.add_argument("--hf-eager-experts", action="store_true",
+                   help="also time transformers with its expert-by-expert loop (experts_implementation='eager')")
+    b.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: estimated)")
+    b.set_defaults(func=cmd_bench_train)

@@ -1,0 +1,11 @@
+"""The inference engine, the one generation path (eval, RL rollouts, server, chat): scheduling with
+continuous batching and absorbed-MLA decoding (`engine.py`), the paged latent cache (`kv_cache.py`), batched
+sampling (`sampling.py`), and the text side (`text.py`: detokenizing, stop strings, the reasoning split).
+
+Imports: `nanoseek.model`, `nanoseek.checkpoint`, `nanoseek.errors`.
+"""
+
+from nanoseek.engine.engine import Completion, Engine, RequestOutput, TokenEvent
+from nanoseek.engine.sampling import SamplingParams
+
+__all__ = ["Completion", "Engine", "RequestOutput", "SamplingParams", "TokenEvent"]

@@ -1,0 +1,257 @@
+"""Model configuration: one dataclass with Hugging Face's DeepSeek-V2/V3 field names.
+
+`ModelConfig.from_hf_dict(json.load(...))` reads a `config.json` of `model_type` deepseek_v3 or
+deepseek_v2 (rope scaling in either the older `rope_scaling` + `rope_theta` spelling or the newer
+`rope_parameters` one); `to_hf_dict()` writes one that transformers loads with no remote code.
+`PRESETS` holds named shapes: `tiny`, `small` (sized for this project's CPUs) and the published
+`deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoseek.errors import NanoseekError
+
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+
+class ConfigError(NanoseekError):
+    """A config.json or preset that cannot describe a DeepSeek model."""
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V2/V3 hyper-parameters, named as in the Hugging Face config.
+
+    Attention is Multi-head Latent Attention (DeepSeek-V2 §2.1): queries through a `q_lora_rank`
+    bottleneck (0: one plain projection), keys and values through a `kv_lora_rank` latent, plus a
+    decoupled RoPE key of `qk_rope_head_dim` shared by all heads. The FFN of every layer from
+    `first_k_dense_replace` on is DeepSeekMoE (DeepSeek-V3 §2.1.2): `n_shared_experts` always-on
+    experts plus `num_experts_per_tok` of `n_routed_experts`, chosen by `topk_method` over
+    `scoring_func` scores, limited to `topk_group` of `n_group` groups.
+    """
+
+    model_type: str = "deepseek_v3"
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 384  # dense FFN width (first_k_dense_replace layers)
+    moe_intermediate_size: int = 128  # width of each routed / shared expert
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    # MLA (DeepSeek-V2 §2.1.2-2.1.3)
+    q_lora_rank: int = 0  # 0 = no query compression (HF writes null)
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    # DeepSeekMoE (DeepSeek-V3 §2.1.2)
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    # Sequence-wise balance loss weight α (DeepSeek-V3 eq. 17); 0 disables it.
+    aux_loss_alpha: float = 0.0
+    seq_aux: bool = True
+    # Positions
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", "beta_fast",
+    # "beta_slow", "mscale", "mscale_all_dim"}; None = plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
+    rope_interleave: bool = True  # checkpoint rope dims are adjacent pairs, as DeepSeek ships them
+    # Multi-Token Prediction modules (DeepSeek-V3 §2.2)
+    num_nextn_predict_layers: int = 0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = None
+    torch_dtype: str = "float32"  # storage dtype written to config.json
+    # Keys of a loaded config.json that nanoseek does not use, written back unchanged.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived sizes ----------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """(qk_nope + qk_rope)^-0.5, times mscale^2 under YaRN (DeepSeek-V2 appendix, YaRN)."""
+        scale = self.qk_head_dim**-0.5
+        rs = self.rope_scaling
+        if rs and rs.get("mscale_all_dim"):
+            mscale = yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+            scale *= mscale * mscale
+        return scale
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (
+            self.n_routed_experts > 0
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    # ---- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.model_type in MODEL_TYPES, f"unknown model_type {self.model_type!r}; nanoseek reads {MODEL_TYPES}")
+        need(self.topk_method in TOPK_METHODS, f"unknown topk_method {self.topk_method!r}; expected one of {TOPK_METHODS}")
+        need(self.scoring_func in SCORING_FUNCS, f"unknown scoring_func {self.scoring_func!r}; expected one of {SCORING_FUNCS}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        need(self.q_lora_rank >= 0, f"q_lora_rank must be >= 0, got {self.q_lora_rank}")
+        if self.n_routed_experts > 0:
+            need(0 < self.num_experts_per_tok <= self.n_routed_experts,
+                 f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..n_routed_experts={self.n_routed_experts}")
+            need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+                 f"n_routed_experts={self.n_routed_experts} must divide into n_group={self.n_group} groups")
+            need(1 <= self.topk_group <= self.n_group, f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
+            if self.topk_method == "noaux_tc":
+                need(self.n_routed_experts // self.n_group >= 2,
+                     "noaux_tc scores a group by its top-2 experts: need >= 2 experts per group")
+            if self.topk_method != "greedy":
+                need(self.topk_group * (self.n_routed_experts // self.n_group) >= self.num_experts_per_tok,
+                     "topk_group groups hold fewer experts than num_experts_per_tok")
+        if self.rope_scaling is not None:
+            need(self.rope_scaling.get("type") == "yarn",
+                 f"only YaRN rope scaling is supported, got {self.rope_scaling.get('type')!r}")
+            need(float(self.rope_scaling.get("factor") or 0) >= 1.0, "rope_scaling.factor must be >= 1")
+
+    # ---- Hugging Face config.json -----------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        model_type = d.pop("model_type", None)
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"unknown model_type {model_type!r} in config.json; nanoseek reads {MODEL_TYPES}")
+        v3 = model_type == "deepseek_v3"
+        kw: dict[str, Any] = {"model_type": model_type}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "model_type", "rope_scaling", "torch_dtype"}
+        for name in names:
+            if name in d:
+                kw[name] = d.pop(name)
+        # Defaults where the HF class defaults differ by model type.
+        kw.setdefault("topk_method", "noaux_tc" if v3 else "greedy")
+        kw.setdefault("scoring_func", "sigmoid" if v3 else "softmax")
+        kw.setdefault("norm_topk_prob", v3)
+        kw.setdefault("first_k_dense_replace", 3 if v3 else 0)
+        if "num_mtp_layers" in d:  # transformers' alias
+            kw.setdefault("num_nextn_predict_layers", d.pop("num_mtp_layers"))
+        # HF writes null for "absent": no query compression, one group.
+        for key, absent in (("q_lora_rank", 0), ("n_group", 1), ("topk_group", 1)):
+            if key in kw and kw[key] is None:
+                kw[key] = absent
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        kw["rope_theta"], kw["rope_scaling"] = _read_rope(d, kw.get("rope_theta"))
+        dtype = d.pop("dtype", None)
+        dtype = d.pop("torch_dtype", None) or dtype
+        if dtype:
+            kw["torch_dtype"] = str(dtype).replace("torch.", "")
+        d.pop("rope_parameters", None)
+        d.pop("rope_scaling", None)
+        d.pop("quantization_config", None)  # weights are dequantized on load
+        for derived in ("qk_head_dim", "head_dim", "num_key_value_heads", "architectures",
+                        "transformers_version", "auto_map"):
+            d.pop(derived, None)
+        try:
+            return cls(**kw, extra=d)
+        except TypeError as e:  # a field of the wrong type
+            raise ConfigError(f"bad config.json: {e}") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "rope_scaling"):
+                continue
+            d[f.name] = getattr(self, f.name)
+        arch = "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
+        d["architectures"] = [arch]
+        d["q_lora_rank"] = self.q_lora_rank or None
+        d["num_key_value_heads"] = self.num_attention_heads
+        d["head_dim"] = self.qk_rope_head_dim  # what transformers derives; written for older readers
+        d["dtype"] = self.torch_dtype
+        # Both spellings: the newer `rope_parameters` (transformers >= 5) and the older
+        # `rope_scaling` + `rope_theta` that vLLM, SGLang and DeepSeek's own code read.
+        d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        rp = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rp.update({k: v for k, v in self.rope_scaling.items() if k != "type"})
+            rp["rope_type"] = "yarn"
+        d["rope_parameters"] = rp
+        return dict(sorted(d.items()))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no config.json at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        return cls.from_hf_dict(data)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _read_rope(d: dict[str, Any], rope_theta: float | None) -> tuple[float, dict[str, Any] | None]:
+    """Normalize the two HF spellings of rope settings to (rope_theta, yarn dict or None)."""
+    params = d.get("rope_parameters") or d.get("rope_scaling")
+    theta = rope_theta
+    if params and "rope_theta" in params:
+        theta = params["rope_theta"]
+    theta = float(theta if theta is not None else 10000.0)
+    if not params:
+        return theta, None
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "yarn":
+        raise ConfigError(f"unsupported rope scaling type {kind!r}; DeepSeek models use 'yarn'")
+    out = {"type": "yarn"}
+    for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+              "mscale_all_dim", "attention_factor", "truncate"):
+        if params.get(k) is not None:
+            out[k] = params[k]
+    if "factor" not in out:
+        raise ConfigError("yarn rope scaling needs a 'factor'")
+    return theta, out
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: 0.1 * mscale * ln(s) + 1 (YaRN paper eq. 22)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0

@@ -1,0 +1,67 @@
+"""Named model shapes: `tiny`, `small` (sized for a laptop-class CPU) and the published `deepseek-v2-lite`,
+`deepseek-v2`, `deepseek-v3` configs (built on the meta device by `nanoseek info`, they take no memory)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nanoseek.model.config import ConfigError, ModelConfig
+
+_DEEPSEEK_YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                  "beta_fast": 32, "beta_slow": 1}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~2.5M parameters: trains in minutes on 2 CPU cores. V3 routing, one dense layer, MTP.
+    "tiny": dict(
+        vocab_size=2048, hidden_size=128, intermediate_size=384, moe_intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+        routed_scaling_factor=1.0, max_position_embeddings=1024, num_nextn_predict_layers=1,
+    ),
+    # ~60M total parameters, about half active: the shape REFERENCE §3 measures transformers on.
+    "small": dict(
+        vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+        num_hidden_layers=8, num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1,
+        routed_scaling_factor=1.0, max_position_embeddings=2048, num_nextn_predict_layers=1,
+    ),
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=0,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
+        topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0,
+        first_k_dense_replace=1, aux_loss_alpha=0.001, max_position_embeddings=163840,
+        rope_scaling={**_DEEPSEEK_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+        bos_token_id=100000, eos_token_id=100001, torch_dtype="bfloat16",
+    ),
+    "deepseek-v2": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+        moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=3,
+        topk_method="group_limited_greedy", scoring_func="softmax", norm_topk_prob=False,
+        routed_scaling_factor=16.0, first_k_dense_replace=1, aux_loss_alpha=0.003,
+        max_position_embeddings=163840,
+        rope_scaling={**_DEEPSEEK_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+        bos_token_id=100000, eos_token_id=100001, torch_dtype="bfloat16",
+    ),
+    "deepseek-v3": dict(
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+        topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
+        first_k_dense_replace=3, aux_loss_alpha=0.001, max_position_embeddings=163840,
+        rope_scaling={**_DEEPSEEK_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+        num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16",
+    ),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

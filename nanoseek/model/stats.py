@@ -1,0 +1,88 @@
+"""Parameter and KV-cache accounting for a model config, computed on the meta device (no memory).
+
+Counting follows DeepSeek's reports: "total" is every main-model parameter; "active" is what one
+token touches — everything except the input embedding (a table lookup, not compute) and the routed
+experts it was not sent to. MTP modules are counted apart, as DeepSeek does (V3: 671B + 14B MTP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.model.config import ModelConfig
+from nanoseek.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    total: int  # main model parameters
+    active: int  # per-token activated parameters (DeepSeek's convention, see module docstring)
+    embedding: int
+    mtp: int  # unique parameters of the MTP modules (embedding and head are shared)
+    mtp_stored: int  # as a released checkpoint stores them: with copies of the embedding and head
+    latent_cache_bytes: int  # per token, all layers: c_kv + k_pe (MLA)
+    naive_cache_bytes: int  # per token: expanded per-head K (nope+rope) and V
+    mha_cache_bytes: int  # per token: an MHA model with the same heads, K and V of v_head_dim each
+    cache_dtype_bytes: int
+
+
+def model_stats(cfg: ModelConfig, cache_dtype_bytes: int = 2) -> ModelStats:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    total = sum(p.numel() for p in model.parameters()) - mtp
+    embedding = model.embed_tokens.weight.numel()
+    idle = 0
+    for layer in model.layers:
+        if hasattr(layer.mlp, "experts"):
+            routed = sum(p.numel() for p in layer.mlp.experts.parameters())
+            idle += routed * (cfg.n_routed_experts - cfg.num_experts_per_tok) // cfg.n_routed_experts
+    active = total - embedding - idle
+    if cfg.tie_word_embeddings:
+        active += embedding  # the tied head still computes over the whole vocabulary
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    return ModelStats(
+        total=total,
+        active=active,
+        embedding=embedding,
+        mtp=mtp,
+        mtp_stored=mtp + cfg.num_nextn_predict_layers * 2 * embedding,  # embed_tokens + shared_head.head
+        latent_cache_bytes=(cfg.kv_lora_rank + cfg.qk_rope_head_dim) * L * cache_dtype_bytes,
+        naive_cache_bytes=H * (cfg.qk_head_dim + cfg.v_head_dim) * L * cache_dtype_bytes,
+        mha_cache_bytes=2 * H * cfg.v_head_dim * L * cache_dtype_bytes,
+        cache_dtype_bytes=cache_dtype_bytes,
+    )
+
+
+def _human(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def format_stats(name: str, cfg: ModelConfig, s: ModelStats) -> str:
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    lines = [
+        f"{name}: {cfg.model_type}, {cfg.num_hidden_layers} layers ({moe_layers} MoE), hidden {cfg.hidden_size}, "
+        f"{cfg.num_attention_heads} heads, {cfg.n_routed_experts} routed experts top-{cfg.num_experts_per_tok} "
+        f"+ {cfg.n_shared_experts} shared",
+        f"  parameters, total        {_human(s.total):>10}   ({s.total:,})",
+        f"  parameters, active/token {_human(s.active):>10}   ({s.active:,}; excludes the input embedding)",
+    ]
+    if s.mtp:
+        lines.append(f"  MTP modules              {_human(s.mtp):>10}   ({s.mtp:,}; {_human(s.mtp_stored)} as stored "
+                     "with copies of the embedding and head)")
+    b = s.cache_dtype_bytes
+    rows = [
+        (f"MLA latent (c_kv {cfg.kv_lora_rank} + k_pe {cfg.qk_rope_head_dim})", s.latent_cache_bytes),
+        ("naive per-head K and V", s.naive_cache_bytes),
+        (f"MHA, same {cfg.num_attention_heads} heads, d_h {cfg.v_head_dim}", s.mha_cache_bytes),
+    ]
+    lines.append(f"  KV cache per token ({b}-byte values, all {cfg.num_hidden_layers} layers):")
+    for label, nbytes in rows:
+        ratio = "" if nbytes == s.latent_cache_bytes else f"  ({nbytes / s.latent_cache_bytes:.1f}x the latent)"
+        lines.append(f"    {label:<36} {nbytes:>12,} B{ratio}")
+    return "\n".join(lines)

@@ -1,0 +1,6 @@
+"""Pretraining: corpora to packed token batches (`data.py`), the trainer (`trainer.py`), its atomic checkpoints
+and resume (`state.py`), the optimizer (`optim.py`), `torch.distributed` (`parallel.py`: DDP, FSDP2, expert
+parallelism) and per-step metrics with their curves (`metrics.py`).
+
+Imports: `nanoseek.model`, `nanoseek.checkpoint`, `nanoseek.tasks`, `nanoseek.errors`, `nanoseek.fileio`.
+"""

@@ -1,0 +1,227 @@
+"""Helpers shared by several test files: small model configs in the styles the parity tests need, seeded
+random models, a tiny model trained on the spot to reason in both templates, and GRPO's toy task."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanoseek.checkpoint.hf import save_pretrained
+from nanoseek.checkpoint.tokenizer import Tokenizer, render_chat, train_tokenizer
+from nanoseek.engine.engine import Engine
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.model.config import ModelConfig
+from nanoseek.model.transformer import Transformer
+from nanoseek.tasks.base import Problem, Task
+from functools import lru_cache
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+
+
+BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+            num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+            max_position_embeddings=256)
+
+
+CONFIGS = {
+    # V3: sigmoid scores, noaux_tc with groups, query compression, a dense first layer, shared expert, YaRN.
+    "v3": ModelConfig(**BASE, model_type="deepseek_v3", q_lora_rank=24, n_shared_experts=1, n_group=4,
+                      topk_group=2, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
+                      routed_scaling_factor=2.5, first_k_dense_replace=1,
+                      rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    # V3 with no shared expert, plain RoPE in the rotate-half layout.
+    "v3_noshared": ModelConfig(**BASE, model_type="deepseek_v3", q_lora_rank=24, n_shared_experts=0,
+                               n_group=2, topk_group=1, first_k_dense_replace=2, rope_interleave=False),
+    # V2-Lite style: softmax, greedy, no query compression, two shared experts, YaRN mscale 0.707.
+    "v2_greedy": ModelConfig(**BASE, model_type="deepseek_v2", q_lora_rank=0, n_shared_experts=2,
+                             topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
+                             first_k_dense_replace=1, rope_scaling=YARN),
+    # V2 style: softmax, group-limited greedy, routed scaling.
+    "v2_group": ModelConfig(**BASE, model_type="deepseek_v2", q_lora_rank=0, n_shared_experts=2, n_group=4,
+                            topk_group=2, topk_method="group_limited_greedy", scoring_func="softmax",
+                            norm_topk_prob=False, routed_scaling_factor=16.0, first_k_dense_replace=1),
+}
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A model with every weight random, norms and the correction bias off their defaults, so a
+    mapping mistake anywhere shows in the logits. Routers get a larger scale so top-k choices are
+    far from ties."""
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("gate.weight"):
+                p.normal_(0, 0.5)
+            else:
+                p.normal_(0, 0.08)
+        for moe in model.moe_layers():
+            if moe.gate.e_score_correction_bias is not None:
+                moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model
+
+
+# ---- a model that reasons, trained on the spot ---------------------------------------------------------
+R1_SYSTEM = "Think first."  # a short R1-Zero system prompt (the template's preamble is replaceable)
+
+
+QA = [("What is 2+3?", "2 plus 3 makes 5.", "5"),
+      ("What is 7*6?", "7 times 6 makes 42.", "42"),
+      ("Say hi.", "A greeting is asked for.", "Hi there!"),
+      ("Name a color.", "Any color will do.", "Blue.")]
+
+
+def _conversations(template: str) -> list[tuple[str, str]]:
+    out = []
+    for q, reasoning, answer in QA:
+        if template == "deepseek":
+            msgs, reply = [{"role": "user", "content": q}], f"<think>{reasoning}</think>{answer}"
+        else:
+            msgs = [{"role": "system", "content": R1_SYSTEM}, {"role": "user", "content": q}]
+            reply = f" <think> {reasoning} </think> <answer> {answer} </answer>"
+        out.append((render_chat(msgs, template), reply))
+    return out
+
+
+@lru_cache(maxsize=None)
+def think_checkpoint(root: Path) -> Path:
+    """A 100k-parameter model trained to memorize QA in both formats (about 100 full-batch AdamW steps).
+    Returns a checkpoint with the deepseek template; `variant` derives the others."""
+    out = root / "think"
+    if (out / "tokenizer_config.json").exists():
+        return out
+    pairs = _conversations("deepseek") + _conversations("r1_zero")
+    tok = train_tokenizer([p + r for p, r in pairs] * 10 + ["The quick brown fox jumps over the lazy dog."] * 5,
+                          vocab_size=512)
+    cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=32, q_lora_rank=0,
+                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                      num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                      max_position_embeddings=512, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                      pad_token_id=tok.pad_id)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    seqs = [(tok.encode(p), tok.encode(r) + [tok.eos_id]) for p, r in pairs]
+    T = max(len(p) + len(r) for p, r in seqs)
+    ids = torch.full((len(seqs), T), tok.pad_id)
+    target = torch.full((len(seqs), T), -100)  # loss on the replies only
+    for i, (p, r) in enumerate(seqs):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        target[i, len(p) - 1: len(p) + len(r) - 1] = torch.tensor(r)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread (and never fights for cores)
+    try:
+        for _ in range(400):
+            loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), target.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if loss.item() < 0.02:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    engine = Engine(model, tok)
+    for p, r in pairs:  # the fixture's own check: greedy decoding reproduces every reply
+        got = engine.generate([p], SamplingParams(max_tokens=40, temperature=0))[0].outputs[0]
+        assert got.text == r and got.finish_reason == "stop", (p, got.text, loss.item())
+    save_pretrained(model, out)
+    tok.save_pretrained(out)
+    return out
+
+
+def variant(base: Path, name: str, template: str | None = None, context: int | None = None) -> Path:
+    """A copy of a checkpoint with another chat template and/or context length (same weights)."""
+    out = base.parent / name
+    if not out.exists():
+        tmp = base.parent / f".{name}.tmp"
+        tmp.mkdir()
+        for f in base.iterdir():
+            (tmp / f.name).write_bytes(f.read_bytes())
+        if template:
+            Tokenizer.from_pretrained(tmp).with_chat_template(template).save_pretrained(tmp)
+        if context:
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["max_position_embeddings"] = context
+            (tmp / "config.json").write_text(json.dumps(cfg))
+        tmp.rename(out)
+    return out
+
+
+# ---- GRPO's toy task and tiny models --------------------------------------------------------------------
+TOKENIZER = train_tokenizer(["say some digits 0123456789 please", "hello world, abc xyz"] * 20, vocab_size=300)
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=256, q_lora_rank=24,
+                bos_token_id=TOKENIZER.bos_id, eos_token_id=TOKENIZER.eos_id, pad_token_id=TOKENIZER.pad_id)
+    return ModelConfig(**{**base, **kw})
+
+
+def tiny_model(seed=0, std=0.02):
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config())
+    if std != 0.02:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0, std)
+    return model
+
+
+class SayDigits(Task):
+    """Test-only task: any prompt; the reward is the fraction of digit characters in the completion."""
+
+    name = "say_digits"
+
+    def generate(self, rng):
+        n = rng.randint(0, 99_999)
+        return Problem(self.name, f"say {n}", str(n), str(n))
+
+    def verify(self, problem, answer):
+        return answer == problem.answer
+
+    def solution(self, problem):
+        return problem.answer
+
+
+@dataclass
+class Score:
+    total: float
+    accuracy: float
+    format: float
+
+
+def digit_reward(problems, completions):
+    return [Score(f, f, 0.0) for f in (sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions)]
+
+
+def short_prompt(problem):
+    return problem.question
+
+
+def arithmetic_checkpoint(path):
+    """A random tiny model with a tokenizer trained on arithmetic documents, saved as an HF directory."""
+    from nanoseek.tasks import get_task, pretraining_documents
+
+    tok = train_tokenizer(list(pretraining_documents(get_task("arithmetic"), n=200, seed=0)), vocab_size=400,
+                          chat_template="r1_zero")
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=400, max_position_embeddings=512, bos_token_id=tok.bos_id,
+                                    eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
+    save_pretrained(model, path)
+    tok.save_pretrained(path)
+    return path
