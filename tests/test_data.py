@@ -7,8 +7,17 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.train.data import IGNORE_INDEX, Batch, DataError, PackedBatches, TaskCorpus, TextCorpus, build_dataset, load_dataset
 from nanoseek.checkpoint.tokenizer import train_tokenizer
+from nanoseek.train.data import (
+    IGNORE_INDEX,
+    Batch,
+    DataError,
+    PackedBatches,
+    TaskCorpus,
+    TextCorpus,
+    build_dataset,
+    load_dataset,
+)
 
 PARAGRAPHS = [f"Paragraph {i} talks about topic {i % 7}.\nIt has a second line, number {i * 13}." for i in range(200)]
 
@@ -27,7 +36,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def dataset(text_file, tokenizer, tmp_path_factory):
-    return build_dataset(tmp_path_factory.mktemp("ds"), TextCorpus([text_file]), tokenizer=tokenizer, heldout_percent=10)
+    return build_dataset(
+        tmp_path_factory.mktemp("ds"), TextCorpus([text_file]), tokenizer=tokenizer, heldout_percent=10
+    )
 
 
 def test_txt_paragraphs_are_documents_and_jsonl_text_fields(tmp_path, text_file):
@@ -99,10 +110,21 @@ def test_targets_never_cross_a_document_boundary():
 def test_packed_document_sees_exactly_what_it_sees_alone():
     """Document masking + relative RoPE: a document's logits (and MTP logits) inside a packed window equal
     its logits as a batch of its own, wherever it sits in the window."""
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                      num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
-                      qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
-                      num_nextn_predict_layers=1)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        num_nextn_predict_layers=1,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     a, b = torch.randint(2, 64, (1, 7)), torch.randint(2, 64, (1, 9))

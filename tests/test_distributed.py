@@ -11,28 +11,57 @@ import pytest
 import torch
 
 from nanoseek import from_pretrained, get_preset
+from nanoseek.checkpoint.hf import save_pretrained
 from nanoseek.cli import main
+from nanoseek.model.transformer import Transformer
 from nanoseek.train.data import TaskCorpus, build_dataset
 from nanoseek.train.metrics import read_metrics
-from nanoseek.model.transformer import Transformer
-from nanoseek.checkpoint.hf import save_pretrained
 
 pytestmark = pytest.mark.slow
 
-MODEL = get_preset("tiny", vocab_size=384, hidden_size=64, intermediate_size=192, moe_intermediate_size=64,
-                   num_hidden_layers=2, q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                   v_head_dim=16)
-FLAGS = ["--seq-len", "64", "--lr", "3e-3", "--warmup-steps", "1", "--max-steps", "4", "--save-every", "2",
-         "--eval-every", "2", "--eval-sequences", "6", "--no-progress"]
+MODEL = get_preset(
+    "tiny",
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=192,
+    moe_intermediate_size=64,
+    num_hidden_layers=2,
+    q_lora_rank=0,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+)
+FLAGS = [
+    "--seq-len",
+    "64",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "1",
+    "--max-steps",
+    "4",
+    "--save-every",
+    "2",
+    "--eval-every",
+    "2",
+    "--eval-sequences",
+    "6",
+    "--no-progress",
+]
 REL = 1e-4  # fp32 sums in a different order (per-rank partial sums, all_reduce) than one process
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    ds = build_dataset(root / "data", TaskCorpus("arithmetic", 300, split="train", max_digits=2),
-                       TaskCorpus("arithmetic", 30, split="heldout", max_digits=2), vocab_size=384,
-                       chat_template="r1_zero")
+    ds = build_dataset(
+        root / "data",
+        TaskCorpus("arithmetic", 300, split="train", max_digits=2),
+        TaskCorpus("arithmetic", 30, split="heldout", max_digits=2),
+        vocab_size=384,
+        chat_template="r1_zero",
+    )
     torch.manual_seed(0)
     save_pretrained(Transformer(MODEL), root / "init")
     ds.tokenizer.save_pretrained(root / "init")
@@ -53,8 +82,20 @@ def single_process(argv):
 
 def torchrun(run_dir, args, batch=("--batch-size", "2")):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "nanoseek.cli", "pretrain", str(run_dir), *batch, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "nanoseek.cli",
+        "pretrain",
+        str(run_dir),
+        *batch,
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -62,8 +103,11 @@ def torchrun(run_dir, args, batch=("--batch-size", "2")):
 
 def curve(run_dir):
     rows = read_metrics(run_dir)
-    return ([r["loss/train"] for r in rows], [r["loss/heldout"] for r in rows if "loss/heldout" in r],
-            [r["grad_norm"] for r in rows])
+    return (
+        [r["loss/train"] for r in rows],
+        [r["loss/heldout"] for r in rows if "loss/heldout" in r],
+        [r["grad_norm"] for r in rows],
+    )
 
 
 def assert_same_run(a, b):

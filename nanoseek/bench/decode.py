@@ -29,11 +29,14 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.checkpoint.hf import from_pretrained, save_pretrained
+from nanoseek.checkpoint.tokenizer import Tokenizer
 from nanoseek.engine.engine import Engine
-from nanoseek.errors import NanoseekError
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.errors import NanoseekError
+from nanoseek.model.presets import get_preset
 from nanoseek.model.stats import model_stats
-from nanoseek.checkpoint.hf import save_pretrained
+from nanoseek.model.transformer import Transformer
 
 
 @dataclass
@@ -100,8 +103,15 @@ def hf_generate_time(hf, prompts: list[list[int]], n_new: int) -> float:
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     t0 = time.perf_counter()
     with torch.no_grad():
-        hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                    eos_token_id=None, pad_token_id=0)
+        hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     return time.perf_counter() - t0
 
 
@@ -118,10 +128,6 @@ def _prompts(cfg: DecodeBenchConfig, engine: Engine, batch: int, gen: torch.Gene
 
 def run(cfg: DecodeBenchConfig, log=print) -> dict:
     """Run the benchmark, print the table, return the medians."""
-    from nanoseek.checkpoint.hf import from_pretrained
-    from nanoseek.model.presets import get_preset
-    from nanoseek.model.transformer import Transformer
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,6 +142,7 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
         model = from_pretrained(path).eval()
         hf = None
         if not cfg.no_reference:
+            # transformers is the reference, a dev dependency only: imported when it runs.
             import transformers
 
             transformers.logging.set_verbosity_error()
@@ -144,8 +151,6 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
     max_b = max(cfg.batch)
     engine = Engine(model, max_batch_size=max_b, cache_tokens=max_b * (cfg.prefill_len + cfg.tokens + 64))
     if cfg.model and (Path(cfg.model) / "tokenizer.json").exists():
-        from nanoseek.checkpoint.tokenizer import Tokenizer
-
         engine.tokenizer = Tokenizer.from_pretrained(cfg.model)
     mtp_engine = Engine(model, max_batch_size=1, use_mtp=True) if len(model.mtp) else None
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -193,8 +198,10 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
     limit = med["bandwidth"] / weight_bytes
     med["bandwidth_limit"] = limit
     log(f"\nnanoseek bench decode: {name}")
-    log(f"  {st.total / 1e6:.1f}M parameters, {st.active / 1e6:.1f}M active per token; {p.dtype}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}; medians of {cfg.rounds} rounds")
+    log(
+        f"  {st.total / 1e6:.1f}M parameters, {st.active / 1e6:.1f}M active per token; {p.dtype}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; medians of {cfg.rounds} rounds"
+    )
     log(f"  {'':34}{'nanoseek':>12}{'transformers':>14}{'ratio':>8}")
     rows = [("prefill", f"prefill tok/s ({cfg.prefill_len}-token prompt)")]
     rows += [(f"decode{b}", f"decode tok/s, batch {b}" + (" (aggregate)" if b > 1 else "")) for b in cfg.batch]
@@ -203,20 +210,26 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
         ref_s = f"{ref:14.1f}" if ref else f"{'-':>14}"
         ratio = f"{ours / ref:7.2f}x" if ref else f"{'-':>8}"
         log(f"  {label:34}{ours:12.1f}{ref_s}{ratio}")
-    log(f"  memory: copy bandwidth {med['bandwidth'] / 1e9:.1f} GB/s (read + write); a batch-1 token reads "
-        f"{weight_bytes / 1e6:.1f} MB of weights -> limit {limit:.0f} tok/s")
+    log(
+        f"  memory: copy bandwidth {med['bandwidth'] / 1e9:.1f} GB/s (read + write); a batch-1 token reads "
+        f"{weight_bytes / 1e6:.1f} MB of weights -> limit {limit:.0f} tok/s"
+    )
     if "decode1/nanoseek" in med:
         med["bandwidth_fraction"] = med["decode1/nanoseek"] / limit
         log(f"  batch-1 decode at {med['bandwidth_fraction']:.0%} of the memory-bandwidth limit")
     b = st.cache_dtype_bytes
-    log(f"  KV cache per token ({b}-byte values, {mc.num_hidden_layers} layers): MLA latent "
+    log(
+        f"  KV cache per token ({b}-byte values, {mc.num_hidden_layers} layers): MLA latent "
         f"{st.latent_cache_bytes:,} B; naive per-head K/V {st.naive_cache_bytes:,} B "
         f"({st.naive_cache_bytes / st.latent_cache_bytes:.1f}x); MHA with the same heads {st.mha_cache_bytes:,} B "
-        f"({st.mha_cache_bytes / st.latent_cache_bytes:.1f}x)")
+        f"({st.mha_cache_bytes / st.latent_cache_bytes:.1f}x)"
+    )
     if mtp_engine:
         med["mtp/speedup"] = med["mtp/speculative"] / med["mtp/plain"]
-        log(f"  MTP self-speculative decoding, batch 1: acceptance {med['mtp/acceptance']:.0%}, "
-            f"{med['mtp/speculative']:.1f} vs {med['mtp/plain']:.1f} tok/s plain -> {med['mtp/speedup']:.2f}x")
+        log(
+            f"  MTP self-speculative decoding, batch 1: acceptance {med['mtp/acceptance']:.0%}, "
+            f"{med['mtp/speculative']:.1f} vs {med['mtp/plain']:.1f} tok/s plain -> {med['mtp/speedup']:.2f}x"
+        )
     else:
         log("  MTP: the checkpoint has no MTP modules (nothing to measure)")
     return med

@@ -1,8 +1,8 @@
 """`nanoseek generate` (a quick look at a checkpoint, streamed) and `nanoseek bench decode` (see docs/engine.md).
 
-    nanoseek generate --model runs/tiny --prompt "What is 12 + 30?" --max-tokens 64 --temperature 0
-    nanoseek generate --model runs/tiny --prompt "Hi" --chat --n 3 --seed 1 --mtp
-    nanoseek bench decode --preset small            # or --model DIR; nanoseek vs transformers, as ratios
+nanoseek generate --model runs/tiny --prompt "What is 12 + 30?" --max-tokens 64 --temperature 0
+nanoseek generate --model runs/tiny --prompt "Hi" --chat --n 3 --seed 1 --mtp
+nanoseek bench decode --preset small            # or --model DIR; nanoseek vs transformers, as ratios
 """
 
 from __future__ import annotations
@@ -11,23 +11,29 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from nanoseek.bench.decode import DecodeBenchConfig, run
+from nanoseek.engine.engine import Engine
+from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import NanoseekError
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from nanoseek.engine.engine import Engine
-    from nanoseek.engine.sampling import SamplingParams
-
     if not (Path(args.model) / "config.json").is_file():
         raise NanoseekError(f"{args.model} is not a checkpoint directory (no config.json)")
     if not (Path(args.model) / "tokenizer.json").is_file():
         raise NanoseekError(f"{args.model} has no tokenizer.json: `generate` takes and prints text")
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, n=args.n)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        n=args.n,
+    )
     engine = Engine(args.model, use_mtp=args.mtp, device=args.device, max_batch_size=max(args.n, 1))
     tok = engine.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
@@ -56,13 +62,11 @@ def _stream(engine, tok, ids: list[int], params) -> None:
             printed += piece
         finish = event.finish_reason
     full = tok.decode(out_ids, skip_special_tokens=True)  # the end may hold incomplete bytes: print them as
-    print(full[len(printed):] if full.startswith(printed) else "")  # the full decode does (U+FFFD)
+    print(full[len(printed) :] if full.startswith(printed) else "")  # the full decode does (U+FFFD)
     print(f"[finished: {finish}]", file=sys.stderr)
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> None:
-    from nanoseek.bench.decode import DecodeBenchConfig, run
-
     if bool(args.model) == bool(args.preset):
         raise NanoseekError("give either --model DIR or --preset NAME")
     run(DecodeBenchConfig(**{k: getattr(args, k) for k in DecodeBenchConfig.__dataclass_fields__}))
@@ -84,13 +88,20 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     g.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     g.set_defaults(func=cmd_generate)
 
-    b = bench.add_parser("decode", help="prefill and decode tokens/s against transformers' generate, bandwidth "
-                                        "fraction, KV-cache bytes, MTP acceptance and speedup")
+    b = bench.add_parser(
+        "decode",
+        help="prefill and decode tokens/s against transformers' generate, bandwidth "
+        "fraction, KV-cache bytes, MTP acceptance and speedup",
+    )
     b.add_argument("--model", help="checkpoint directory")
     b.add_argument("--preset", help="or a preset with random weights (e.g. small)")
     b.add_argument("--seed", type=int, default=0, help="weights of --preset and the random prompts")
-    b.add_argument("--prompt", nargs="+", help="prompt texts for the decode runs, cycled through (needs the "
-                                               "checkpoint's tokenizer); default: random token ids")
+    b.add_argument(
+        "--prompt",
+        nargs="+",
+        help="prompt texts for the decode runs, cycled through (needs the "
+        "checkpoint's tokenizer); default: random token ids",
+    )
     b.add_argument("--prompt-len", type=int, default=32, help="random prompt length for the decode runs")
     b.add_argument("--prefill-len", type=int, default=256, help="prompt length of the prefill measurement")
     b.add_argument("--tokens", type=int, default=64, help="new tokens per decode measurement")

@@ -3,9 +3,11 @@
     nanoseek pretrain runs/tiny --preset tiny --task arithmetic --task-docs 20000 --max-steps 500
     nanoseek pretrain runs/text --preset small --corpus book.txt notes.jsonl --seq-len 512
     nanoseek pretrain runs/tiny --resume                 # continue where the run (or a kill) left it
-    torchrun --nproc_per_node 2 -m nanoseek.cli pretrain runs/ddp --preset tiny --task arithmetic [--fsdp | --expert-parallel]
+    torchrun --nproc_per_node 2 -m nanoseek.cli pretrain runs/ddp --preset tiny --task arithmetic \
+        [--fsdp | --expert-parallel]
     nanoseek plot runs/tiny                              # runs/tiny/plots/*.png
     nanoseek bench train --preset small                  # tokens/s against transformers, and MFU
+    nanoseek bench train --preset small --mode forward   # forward and forward+backward tokens/s
 
 Flags map onto `nanoseek.train.TrainConfig`. On --resume every setting comes from the run itself; a flag
 given again must agree with it (only --max-steps and the eval/save/log cadence may change).
@@ -17,16 +19,20 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from nanoseek.errors import NanoseekError
-from nanoseek.train.trainer import TrainConfig, TrainError
-from nanoseek.checkpoint.hf import save_pretrained
+from nanoseek.bench.train import MODES, TrainBenchConfig
+from nanoseek.bench.train import run as run_bench_train
+from nanoseek.checkpoint.hf import from_pretrained, load_config
+from nanoseek.checkpoint.tokenizer import Tokenizer
+from nanoseek.model.presets import get_preset
+from nanoseek.train import parallel
+from nanoseek.train.data import TaskCorpus, TextCorpus, build_dataset, load_dataset
+from nanoseek.train.metrics import plot_run
+from nanoseek.train.resume import read_saved_state
+from nanoseek.train.trainer import RUN_FILE, TrainConfig, TrainError, check_run_dir, pretrain
 
 TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--seq-len": ("seq_len", int, "tokens per sequence (default 256)"),
@@ -74,8 +80,10 @@ def _train_config(args: argparse.Namespace, base: TrainConfig) -> TrainConfig:
         if getattr(args, dest):
             changes[name] = value
     if args.beta1 is not None or args.beta2 is not None:
-        changes["betas"] = (args.beta1 if args.beta1 is not None else base.betas[0],
-                            args.beta2 if args.beta2 is not None else base.betas[1])
+        changes["betas"] = (
+            args.beta1 if args.beta1 is not None else base.betas[0],
+            args.beta2 if args.beta2 is not None else base.betas[1],
+        )
     if args.peak_tflops is not None:
         changes["peak_flops"] = args.peak_tflops * 1e12
     return dataclasses.replace(base, **changes)
@@ -95,23 +103,17 @@ def _task_knobs(pairs: list[str]) -> dict:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from nanoseek.train import parallel
-    from nanoseek.checkpoint.hf import from_pretrained, load_config
-    from nanoseek.model.presets import get_preset
-    from nanoseek.train.data import TaskCorpus, TextCorpus, build_dataset, load_dataset
-    from nanoseek.checkpoint.tokenizer import Tokenizer
-    from nanoseek.train.trainer import RUN_FILE, check_run_dir, pretrain
-
     run_dir = Path(args.run_dir)
     sources = [n for n in ("preset", "init", "corpus", "task", "data") if getattr(args, n)]
     if args.resume:
         if sources:
             raise TrainError(f"--resume continues the run's own model and data; drop --{' --'.join(sources)}")
         ckpt = check_run_dir(run_dir, args.resume)
-        saved = json.loads((ckpt / "trainer_state.json").read_text())["state"]
+        saved = read_saved_state(ckpt)
         # How the run was launched (device, compile, expert parallelism) is for this launch's flags to say.
-        base = dataclasses.replace(TrainConfig.from_dict(saved["train_config"]),
-                                   **{f: getattr(TrainConfig(), f) for f in LAUNCH_FIELDS})
+        base = dataclasses.replace(
+            TrainConfig.from_dict(saved["train_config"]), **{f: getattr(TrainConfig(), f) for f in LAUNCH_FIELDS}
+        )
         cfg = _train_config(args, base)
         model = load_config(ckpt)
         data = saved["dataset"]
@@ -137,10 +139,13 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         if args.init and (Path(args.init) / "tokenizer.json").exists():
             tokenizer = Tokenizer.from_pretrained(args.init)
         elif args.init and not args.data:
-            raise TrainError(f"{args.init} has no tokenizer.json; the data must be tokenized with the model's tokenizer")
+            raise TrainError(
+                f"{args.init} has no tokenizer.json; the data must be tokenized with the model's tokenizer"
+            )
         data = args.data
-        rank, _ = parallel.init_distributed("cuda" if (cfg.device.startswith("cuda") or
-                                                     (cfg.device == "auto" and torch.cuda.is_available())) else "cpu")
+        rank, _ = parallel.init_distributed(
+            "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
+        )
         if not data:
             data = run_dir / "data"
             if rank == 0:
@@ -150,22 +155,36 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                     train_docs, heldout_docs = TextCorpus(args.corpus, txt_split=args.txt_split), None
                 else:
                     knobs = _task_knobs(args.task_knob)
-                    train_docs = TaskCorpus(args.task, args.task_docs, cfg.seed, "train", args.reasoning_fraction, **knobs)
-                    heldout_docs = (TaskCorpus(args.task, args.heldout_docs, cfg.seed, "heldout", args.reasoning_fraction,
-                                               **knobs) if args.heldout_docs > 0 else None)
+                    train_docs = TaskCorpus(
+                        args.task, args.task_docs, cfg.seed, "train", args.reasoning_fraction, **knobs
+                    )
+                    heldout_docs = (
+                        TaskCorpus(args.task, args.heldout_docs, cfg.seed, "heldout", args.reasoning_fraction, **knobs)
+                        if args.heldout_docs > 0
+                        else None
+                    )
                     heldout_percent = 0.0 if heldout_docs is None else heldout_percent
                 print(f"tokenizing into {data} ...", flush=True)
-                ds = build_dataset(data, train_docs, heldout_docs, tokenizer=tokenizer, vocab_size=vocab,
-                                   heldout_percent=heldout_percent,
-                                   chat_template="r1_zero" if args.task else "deepseek")
+                ds = build_dataset(
+                    data,
+                    train_docs,
+                    heldout_docs,
+                    tokenizer=tokenizer,
+                    vocab_size=vocab,
+                    heldout_percent=heldout_percent,
+                    chat_template="r1_zero" if args.task else "deepseek",
+                )
                 s = ds.meta["splits"]
-                print(f"dataset: {s['train']['n_tokens']:,} train tokens in {s['train']['n_docs']:,} documents, "
-                      f"{s['heldout']['n_tokens']:,} held-out tokens; vocab {ds.tokenizer.vocab_size}")
+                print(
+                    f"dataset: {s['train']['n_tokens']:,} train tokens in {s['train']['n_docs']:,} documents, "
+                    f"{s['heldout']['n_tokens']:,} held-out tokens; vocab {ds.tokenizer.vocab_size}"
+                )
             parallel.barrier()
         ds = load_dataset(data)
         if args.preset:  # the model's special ids follow the dataset's tokenizer
-            model = model.replace(bos_token_id=ds.tokenizer.bos_id, eos_token_id=ds.tokenizer.eos_id,
-                                  pad_token_id=ds.tokenizer.pad_id)
+            model = model.replace(
+                bos_token_id=ds.tokenizer.bos_id, eos_token_id=ds.tokenizer.eos_id, pad_token_id=ds.tokenizer.pad_id
+            )
         data = ds
         resume = False
     result = pretrain(model, cfg, data, run_dir, resume=resume, progress=not args.no_progress)
@@ -173,121 +192,30 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         held = f"{result.heldout_loss:.4f}" if result.heldout_loss is not None else "n/a"
         mfu = f", MFU {result.mfu:.1%}" if result.mfu is not None else ""
         load = f", expert load max/mean {max(result.expert_load):.2f}" if result.expert_load else ""
-        print(f"step {result.step}: train loss {result.train_loss:.4f}, held-out loss {held}, "
-              f"{result.tokens_per_s:,.0f} tokens/s{mfu}{load}")
+        print(
+            f"step {result.step}: train loss {result.train_loss:.4f}, held-out loss {held}, "
+            f"{result.tokens_per_s:,.0f} tokens/s{mfu}{load}"
+        )
         print(f"checkpoint: {result.checkpoint}\nmetrics: {run_dir / 'metrics.jsonl'} (plot: nanoseek plot {run_dir})")
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from nanoseek.train.metrics import plot_run
-
     for path in plot_run(args.run_dir, args.out):
         print(path)
 
 
-# ---- benchmark -----------------------------------------------------------------------------------
 def cmd_bench_train(args: argparse.Namespace) -> None:
-    """Training steps of nanoseek and of transformers' DeepseekV3ForCausalLM on the same weights and batches.
-
-    One step = forward, cross-entropy, backward, clip, fused AdamW step, for every side. nanoseek's step is the
-    trainer's own objective plus the aux-loss-free bias update; MTP is off (transformers does not train MTP)
-    and every sequence is one document (no document mask), so all sides compute the same function. The sides
-    take turns step by step, so load on a shared machine hits them alike. Wall-clock medians are the result;
-    CPU-time medians (process time / threads) are printed beside them because they hardly move with the
-    machine's load. transformers runs its default experts implementation (grouped_mm on this version);
-    --hf-eager-experts adds its expert-by-expert loop as a further row.
-    """
-    import os as _os
-
-    import torch.nn.functional as F
-
-    from nanoseek.model.presets import get_preset
-    from nanoseek.model.transformer import Transformer
-    from nanoseek.model.moe import update_bias
-    from nanoseek.train.trainer import PretrainObjective, peak_flops, training_flops_per_token
-
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise NanoseekError("bench train compares against transformers: pip install 'transformers>=5.20'") from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    cfg = get_preset(args.preset, num_nextn_predict_layers=0)
-    torch.manual_seed(0)
-    ours = Transformer(cfg).train()
-    hf = {}
-    with tempfile.TemporaryDirectory() as d:
-        save_pretrained(ours, d)
-        hf["transformers"] = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
-        if args.hf_eager_experts:
-            hf["transformers (eager experts)"] = AutoModelForCausalLM.from_pretrained(
-                d, dtype=torch.float32, experts_implementation="eager").train()
-    objective = PretrainObjective(ours, 0)
-    forward = torch.compile(objective) if args.compile else objective
-    B, T = args.batch, args.seq
-    gen = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, cfg.vocab_size, (B, T + 1), generator=gen) for _ in range(args.steps + 1)]
-
-    def adamw(m):
-        return torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-
-    def ours_step(opt):
-        def step(x):
-            sums, _ = forward(x[:, :-1], [x[:, 1:]], None)
-            (sums[0] / x[:, 1:].numel()).backward()
-            torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0, foreach=True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            update_bias(ours, 1e-3)
-        return step
-
-    def hf_step(model, opt):
-        def step(x):
-            logits = model(x[:, :-1]).logits
-            F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
-    sides = {f"nanoseek{' (compiled)' if args.compile else ''}": ours_step(adamw(ours))}
-    sides.update({name: hf_step(m, adamw(m)) for name, m in hf.items()})
-    print(f"preset {args.preset} (MTP off), batch {B} x {T} tokens, {threads} threads, fp32; {args.steps} steps "
-          f"per side, interleaved, after a warm-up; load average {_os.getloadavg()[0]:.1f} on "
-          f"{_os.cpu_count()} CPUs", flush=True)
-    for step in sides.values():  # warm-up (and compilation)
-        step(batches[0])
-    wall: dict[str, list[float]] = {name: [] for name in sides}
-    cpu: dict[str, list[float]] = {name: [] for name in sides}
-    for x in batches[1:]:
-        for name, step in sides.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            step(x)
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append((time.process_time() - c0) / threads)
-    flops = training_flops_per_token(cfg, T)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(torch.device("cpu"), torch.float32)
-    print(f"{'':30}{'tokens/s':>10}{'step s':>9}{'MFU':>8}   {'tokens/s by CPU time':>20}{'MFU':>8}")
-    rate = {}
-    for name in sides:
-        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-        rate[name] = (B * T / w, B * T / c)
-        mfu = [f"{flops * r / peak:8.1%}" if peak else "     n/a" for r in rate[name]]
-        print(f"{name:30}{rate[name][0]:10.0f}{w:9.2f}{mfu[0]}   {rate[name][1]:20.0f}{mfu[1]}")
-    ours_name = next(iter(sides))
-    for name in hf:
-        print(f"ratio nanoseek / {name}: {rate[ours_name][0] / rate[name][0]:.2f}x wall-clock, "
-              f"{rate[ours_name][1] / rate[name][1]:.2f}x by CPU time")
-    if peak:
-        print(f"MFU: {flops / 1e6:.1f} MFLOP per token (6 x activated "
-              f"parameters + causal attention) over a peak of {peak / 1e9:.1f} GFLOP/s ({threads} threads x "
-              "FLOPs/cycle x base clock; --peak-tflops to override)")
+    """Training throughput against transformers: see `nanoseek.bench.train`."""
+    run_bench_train(TrainBenchConfig(**{k: getattr(args, k) for k in TrainBenchConfig.__dataclass_fields__}))
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a base model (resumable; torchrun for several processes)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a base model (resumable; torchrun for several processes)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run_dir", help="run directory: metrics.jsonl, checkpoints/, data/, run.json")
     g = p.add_argument_group("model")
     g.add_argument("--preset", help="a fresh model of this preset (tiny, small, ...)")
@@ -297,14 +225,22 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     g.add_argument("--corpus", nargs="+", help=".txt (one document per blank-line paragraph) or .jsonl ('text') files")
     g.add_argument("--task", help="a synthetic task's R1-Zero documents (arithmetic, countdown, ...)")
     g = p.add_argument_group("building the dataset")
-    g.add_argument("--txt-split", choices=("paragraph", "file"), default="paragraph",
-                   help=".txt documents: per blank-line-separated paragraph (default) or per file")
+    g.add_argument(
+        "--txt-split",
+        choices=("paragraph", "file"),
+        default="paragraph",
+        help=".txt documents: per blank-line-separated paragraph (default) or per file",
+    )
     g.add_argument("--vocab-size", type=int, help="tokenizer size when training one (default: the model's vocab)")
     g.add_argument("--heldout-percent", type=float, help="share of corpus documents held out, by hash (default 5)")
     g.add_argument("--task-docs", type=int, default=20000, help="training documents of --task (default 20000)")
     g.add_argument("--heldout-docs", type=int, default=500, help="held-out documents of --task (default 500)")
-    g.add_argument("--reasoning-fraction", type=float, default=1.0,
-                   help="share of task documents with a worked solution in <think> (default 1.0)")
+    g.add_argument(
+        "--reasoning-fraction",
+        type=float,
+        default=1.0,
+        help="share of task documents with a worked solution in <think> (default 1.0)",
+    )
     g.add_argument("--task-knob", action="append", metavar="KEY=VALUE", help="task difficulty knob, repeatable")
     g = p.add_argument_group("training")
     for flag, (name, typ, help_) in TRAIN_FLAGS.items():
@@ -312,15 +248,28 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     g.add_argument("--beta1", type=float, default=None, help="AdamW β1 (default 0.9)")
     g.add_argument("--beta2", type=float, default=None, help="AdamW β2 (default 0.95)")
     g.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: estimated)")
-    g.add_argument("--no-doc-mask", action="store_true",
-                   help="let packed documents attend to each other (faster; default: masked)")
+    g.add_argument(
+        "--no-doc-mask", action="store_true", help="let packed documents attend to each other (faster; default: masked)"
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-    g.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
-    g.add_argument("--expert-parallel", action="store_true",
-                   help="under torchrun: each process holds a slice of the routed experts (all_to_all dispatch)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue RUN_DIR from its latest checkpoint (or the one given)")
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP",
+    )
+    g.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="under torchrun: each process holds a slice of the routed experts (all_to_all dispatch)",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue RUN_DIR from its latest checkpoint (or the one given)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
 
@@ -331,12 +280,24 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
 
     b = bench.add_parser("train", help="training tokens/s: nanoseek vs transformers DeepseekV3ForCausalLM, and MFU")
     b.add_argument("--preset", default="small")
+    b.add_argument(
+        "--mode",
+        choices=MODES,
+        default="step",
+        help="step: full training steps with the optimizer, and MFU (default); forward: forward and "
+        "forward+backward of the model alone",
+    )
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--seq", type=int, default=256)
-    b.add_argument("--steps", type=int, default=5, help="timed steps per side (median reported)")
+    b.add_argument("--steps", type=int, default=5, help="timed steps (or passes) per side (median reported)")
     b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--compile", action="store_true", help="torch.compile nanoseek's training forward")
-    b.add_argument("--hf-eager-experts", action="store_true",
-                   help="also time transformers with its expert-by-expert loop (experts_implementation='eager')")
+    b.add_argument(
+        "--compile", action="store_true", help="torch.compile nanoseek's side (the training forward, or the model)"
+    )
+    b.add_argument(
+        "--hf-eager-experts",
+        action="store_true",
+        help="also time transformers with its expert-by-expert loop (experts_implementation='eager')",
+    )
     b.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: estimated)")
     b.set_defaults(func=cmd_bench_train)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoseek.errors import NanoseekError
 from nanoseek.checkpoint.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.errors import NanoseekError
+from nanoseek.fileio import atomic_write, atomic_write_json
+from nanoseek.tasks import get_task, pretraining_documents, split_of
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "heldout")
@@ -91,8 +93,10 @@ class TextCorpus:
                 try:
                     yield lineno, raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(f"corpus file {path} is not UTF-8 text: line {lineno}, byte {e.start} "
-                                    f"is {raw[e.start:e.start + 1]!r}") from None
+                    raise DataError(
+                        f"corpus file {path} is not UTF-8 text: line {lineno}, byte {e.start} "
+                        f"is {raw[e.start : e.start + 1]!r}"
+                    ) from None
 
     def _txt(self, path: Path) -> Iterator[str]:
         para: list[str] = []
@@ -124,18 +128,15 @@ class TextCorpus:
 class TaskCorpus:
     """n documents of a synthetic task (`nanoseek.tasks.pretraining_documents`), the same every pass."""
 
-    def __init__(self, task: str, n: int, seed: int = 0, split: str = "train", reasoning_fraction: float = 1.0,
-                 **knobs: Any):
-        from nanoseek.tasks import get_task
-
+    def __init__(
+        self, task: str, n: int, seed: int = 0, split: str = "train", reasoning_fraction: float = 1.0, **knobs: Any
+    ):
         self.task = get_task(task, **knobs)
         self.n, self.seed, self.split, self.reasoning_fraction = n, seed, split, reasoning_fraction
         if n <= 0:
             raise DataError(f"a task corpus needs n > 0 documents, got {n}")
 
     def __iter__(self) -> Iterator[str]:
-        from nanoseek.tasks import pretraining_documents
-
         return pretraining_documents(self.task, self.n, self.seed, self.reasoning_fraction, split=self.split)
 
 
@@ -184,9 +185,17 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.tk.to_str().encode()).hexdigest()
 
 
-def build_dataset(out_dir: str | os.PathLike, train_docs: Iterable[str], heldout_docs: Iterable[str] | None = None, *,
-                  tokenizer: Tokenizer | None = None, vocab_size: int | None = None, heldout_percent: float = 5.0,
-                  chat_template: str = "deepseek", batch_docs: int = 1024) -> Dataset:
+def build_dataset(
+    out_dir: str | os.PathLike,
+    train_docs: Iterable[str],
+    heldout_docs: Iterable[str] | None = None,
+    *,
+    tokenizer: Tokenizer | None = None,
+    vocab_size: int | None = None,
+    heldout_percent: float = 5.0,
+    chat_template: str = "deepseek",
+    batch_docs: int = 1024,
+) -> Dataset:
     """Tokenize documents once into `out_dir` (see the module docstring for the layout).
 
     heldout_docs None: a `heldout_percent` of train_docs, by hash of the text, is held out instead.
@@ -196,7 +205,6 @@ def build_dataset(out_dir: str | os.PathLike, train_docs: Iterable[str], heldout
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / META).unlink(missing_ok=True)  # the dataset exists again only once complete
-    from nanoseek.tasks import split_of
 
     def route(docs: Iterable[str]) -> Iterator[tuple[str, str]]:
         for d in docs:
@@ -207,30 +215,38 @@ def build_dataset(out_dir: str | os.PathLike, train_docs: Iterable[str], heldout
             raise DataError("build_dataset needs a tokenizer or a vocab_size to train one")
         if isinstance(train_docs, Iterator):
             train_docs = list(train_docs)
-        tokenizer = train_tokenizer((d for d, s in route(train_docs) if s == "train"), vocab_size=vocab_size,
-                                    chat_template=chat_template)
+        tokenizer = train_tokenizer(
+            (d for d, s in route(train_docs) if s == "train"), vocab_size=vocab_size, chat_template=chat_template
+        )
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    writers = {s: _SplitWriter(root, s, dtype) for s in SPLITS}
-    pending: list[tuple[str, str]] = []
-
-    def flush() -> None:
-        for (_, split), ids in zip(pending, tokenizer.encode_batch([d for d, _ in pending])):
-            if ids and ids[0] != tokenizer.bos_id:
-                ids = [tokenizer.bos_id] + ids
-            if ids[-1] != tokenizer.eos_id:
-                ids = ids + [tokenizer.eos_id]
-            writers[split].add(ids)
-        pending.clear()
-
     sources = [route(train_docs)] + ([((d, "heldout") for d in heldout_docs)] if heldout_docs is not None else [])
-    for source in sources:
-        for item in source:
-            pending.append(item)
-            if len(pending) >= batch_docs:
-                flush()
-    flush()
-    if writers["train"].n_docs == 0:
-        raise DataError("the corpus has no training documents")
+    sizes: dict[str, dict[str, int]] = {}
+
+    def tokenize(tmps: list[Path]) -> None:
+        """Every document into the temporary train.bin, train.docs, heldout.bin, heldout.docs."""
+        writers = {s: _SplitWriter(tmps[2 * i], tmps[2 * i + 1], dtype) for i, s in enumerate(SPLITS)}
+        pending: list[tuple[str, str]] = []
+
+        def flush() -> None:
+            for (_, split), ids in zip(pending, tokenizer.encode_batch([d for d, _ in pending])):
+                if ids and ids[0] != tokenizer.bos_id:
+                    ids = [tokenizer.bos_id] + ids
+                if ids[-1] != tokenizer.eos_id:
+                    ids = ids + [tokenizer.eos_id]
+                writers[split].add(ids)
+            pending.clear()
+
+        for source in sources:
+            for item in source:
+                pending.append(item)
+                if len(pending) >= batch_docs:
+                    flush()
+        flush()
+        if writers["train"].n_docs == 0:
+            raise DataError("the corpus has no training documents")
+        sizes.update({s: w.close() for s, w in writers.items()})
+
+    _atomic_writes([root / f"{s}.{ext}" for s in SPLITS for ext in ("bin", "docs")], tokenize)
     tokenizer.save_pretrained(root)
     meta = {
         "format_version": 1,
@@ -240,19 +256,27 @@ def build_dataset(out_dir: str | os.PathLike, train_docs: Iterable[str], heldout
         "eos_token_id": tokenizer.eos_id,
         "tokenizer_sha256": tokenizer_hash(tokenizer),
         "heldout": "separate source" if heldout_docs is not None else f"{heldout_percent}% of documents by hash",
-        "splits": {s: w.close() for s, w in writers.items()},
+        "splits": sizes,
     }
-    tmp = root / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, root / META)
+    atomic_write_json(root / META, meta)
     return load_dataset(root)
 
 
+def _atomic_writes(paths: list[Path], fill: Callable[[list[Path]], None]) -> None:
+    """`fill(tmps)` writes a temporary file for each of `paths` at once; each then appears under its final
+    name through `nanoseek.fileio.atomic_write` (fsynced, renamed), or, if `fill` fails, none does."""
+    if not paths:
+        fill([])
+        return
+    atomic_write(paths[0], lambda tmp: _atomic_writes(paths[1:], lambda rest: fill([tmp, *rest])))
+
+
 class _SplitWriter:
-    def __init__(self, root: Path, split: str, dtype):
-        self.final = root / f"{split}.bin", root / f"{split}.docs"
-        self.tmp = [p.with_name(p.name + ".tmp") for p in self.final]
-        self.f = open(self.tmp[0], "wb")
+    """Appends one split's documents to its token file and records where each starts."""
+
+    def __init__(self, bin_path: Path, docs_path: Path, dtype):
+        self.f = open(bin_path, "wb")
+        self.docs_path = docs_path
         self.dtype = dtype
         self.starts: list[int] = []
         self.n_tokens = 0
@@ -268,9 +292,7 @@ class _SplitWriter:
 
     def close(self) -> dict[str, int]:
         self.f.close()
-        np.asarray(self.starts, dtype=np.int64).tofile(self.tmp[1])
-        for tmp, final in zip(self.tmp, self.final):
-            os.replace(tmp, final)
+        np.asarray(self.starts, dtype=np.int64).tofile(self.docs_path)
         return {"n_tokens": self.n_tokens, "n_docs": self.n_docs}
 
 
@@ -337,8 +359,10 @@ class PackedBatches:
         if seq_len < 1:
             raise DataError(f"seq_len must be positive, got {seq_len}")
         if split.n_tokens < seq_len + 1:
-            raise DataError(f"the {name} split has {split.n_tokens} tokens, fewer than one sequence of "
-                            f"seq_len + 1 = {seq_len + 1}; use a shorter --seq-len or more text")
+            raise DataError(
+                f"the {name} split has {split.n_tokens} tokens, fewer than one sequence of "
+                f"seq_len + 1 = {seq_len + 1}; use a shorter --seq-len or more text"
+            )
         self.split, self.seq_len, self.seed, self.shuffle = split, seq_len, seed, shuffle
         self.n_windows = (split.n_tokens - 1) // seq_len
         self._perm: tuple[int, np.ndarray] | None = None

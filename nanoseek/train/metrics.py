@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from nanoseek.errors import NanoseekError
+from nanoseek.fileio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 SKIP_PLOT = {"step", "time", "epoch"}
@@ -42,7 +42,7 @@ class MetricsLogger:
         kept = []
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= resume_step]
-        _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, step: int, **metrics: Any) -> None:
@@ -70,13 +70,6 @@ def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN/inf; keep it visible rather than invalid
     return v
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -114,11 +107,46 @@ def metric_groups(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
 LOG_SCALE = {"loss", "lr", "grad_norm"}
 
 
+Series = list[tuple[str, list[tuple[float, float]]]]  # (label, [(step, value), ...]) per line
+
+
+def plot_series(
+    path: str | os.PathLike,
+    title: str,
+    series: Series,
+    *,
+    ylabel: str | None = None,
+    log_y: bool = False,
+    size: tuple[float, float] = (7, 4),
+) -> Path:
+    """One PNG of lines over steps (the one plotting routine: run curves and the zero report's figures)."""
+    # matplotlib takes about a second to import: only runs that plot pay for it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # lazy too, as above
+
+    fig = Figure(figsize=size, dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, pts in series:
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=label, marker="o" if len(pts) < 30 else None, markersize=3, linewidth=1.2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=7, ncol=2 if len(series) > 6 else 1)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """One PNG per metric group under RUN_DIR/plots (or out_dir), x axis the step. Returns the paths."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     rows = read_metrics(run_dir)
     if not rows:
         raise MetricsError(f"{Path(run_dir) / METRICS_FILE} is empty: nothing to plot")
@@ -126,23 +154,9 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for group, keys in metric_groups(rows).items():
-        fig = Figure(figsize=(7, 4), dpi=110)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=key, marker="o" if len(pts) < 30 else None, markersize=3, linewidth=1.2)
-        if group in LOG_SCALE and all(r[k] > 0 for r in rows for k in keys if isinstance(r.get(k), (int, float))):
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(group)
-        ax.grid(alpha=0.3)
-        if len(keys) > 1:
-            ax.legend(fontsize=7, ncol=2 if len(keys) > 6 else 1)
-        fig.tight_layout()
-        path = out / f"{group.replace(os.sep, '_')}.png"
-        fig.savefig(path)
-        paths.append(path)
+        series = [
+            (k, [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and "step" in r]) for k in keys
+        ]
+        log_y = group in LOG_SCALE and all(v > 0 for _, pts in series for _, v in pts)
+        paths.append(plot_series(out / f"{group.replace(os.sep, '_')}.png", group, series, log_y=log_y))
     return paths

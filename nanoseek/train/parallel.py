@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanoseek.errors import NanoseekError
@@ -98,8 +100,9 @@ class ExpertParallelExperts(Experts):
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         if n_experts % self.ep_size:
-            raise DistributedError(f"expert parallelism needs n_routed_experts ({n_experts}) divisible by the "
-                                   f"world size ({self.ep_size})")
+            raise DistributedError(
+                f"expert parallelism needs n_routed_experts ({n_experts}) divisible by the world size ({self.ep_size})"
+            )
         self.n_local = n_experts // self.ep_size
         super().__init__(self.n_local, dim, inter_dim)
         self.n_experts, self.group = n_experts, group
@@ -200,8 +203,6 @@ def apply_fsdp(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
     root, which keeps the rest (embedding, final norm, head, MTP projections). `root` must be the module
     whose forward runs the training step, so its hooks gather the root parameters. Gradients are
     reduce-scattered as averages over ranks, as DDP's are."""
-    from torch.distributed.fsdp import fully_shard
-
     for block in blocks:
         fully_shard(block)
     fully_shard(root)
@@ -210,8 +211,6 @@ def apply_fsdp(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
 
 def no_gradient_sync(wrapped: nn.Module):
     """A context for the micro-steps of gradient accumulation that skips the gradient communication."""
-    import contextlib
-
     if isinstance(wrapped, nn.parallel.DistributedDataParallel):
         return wrapped.no_sync()
     if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2

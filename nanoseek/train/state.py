@@ -12,10 +12,10 @@ Layout of `run_dir/checkpoints/step_00000100/`:
     rng.safetensors          torch RNG state of every rank (and CUDA's), numpy's
     trainer_state.json       step, the caller's `state`, param groups, scheduler, Python RNG; written last
 
-Atomic: everything goes into `checkpoints/.tmp-step_00000100-<pid>/`, each file fsynced, then one
-`os.rename` makes the directory appear whole; a process killed at any point leaves either the previous
-checkpoints only, or the new one complete. `latest_checkpoint` ignores `.tmp-*` leftovers (the next save
-removes them). Nothing is pickled: tensors go to safetensors, the rest to JSON.
+Atomic (`nanoseek.fileio.atomic_directory`): everything goes into `checkpoints/.tmp-step_00000100-<pid>/`,
+each file fsynced, then one `os.rename` makes the directory appear whole; a process killed at any point
+leaves either the previous checkpoints only, or the new one complete. `latest_checkpoint` ignores `.tmp-*`
+leftovers (the next save removes them). Nothing is pickled: tensors go to safetensors, the rest to JSON.
 
 Checkpoints do not depend on the world size: FSDP shards and expert-parallel slices, and their optimizer
 state, are gathered to full tensors before writing and cut to this rank's part again on load. Under
@@ -38,8 +38,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from nanoseek.train import parallel
 from nanoseek.checkpoint.hf import CheckpointError, from_pretrained, save_pretrained
+from nanoseek.fileio import atomic_directory
+from nanoseek.model.transformer import Transformer
+from nanoseek.train import parallel
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -60,9 +62,9 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
         return []
     found = []
     for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and (p / STATE_FILE).exists():
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / STATE_FILE).exists():
             found.append(p)
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -71,9 +73,17 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 # ---- save ----------------------------------------------------------------------------------------
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, *, tokenizer=None,
-                    optimizer: torch.optim.Optimizer | None = None, scheduler=None,
-                    state: dict[str, Any] | None = None, keep_last: int | None = 3) -> Path:
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    *,
+    tokenizer=None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    state: dict[str, Any] | None = None,
+    keep_last: int | None = 3,
+) -> Path:
     """Write checkpoint `step` of `run_dir` atomically and keep only the newest `keep_last` (None: all).
 
     `state` is the caller's own JSON-serializable resume state (data position, config, ...).
@@ -92,14 +102,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, *, 
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-*"):  # leftovers of a killed save
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = root / f".tmp-{final.name}-{os.getpid()}"
-        tmp.mkdir()
-        _write_model(plain, model_tensors, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if optim_tensors:
-            save_file(optim_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
-        save_file(rng_tensors, str(tmp / RNG_FILE), metadata={"format": "pt"})
         meta = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -110,16 +112,15 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, *, 
             "world_size": parallel.world_size(),
         }
         _check_json(meta)
-        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (after a resume): move the old one aside first
-            old = root / f".tmp-old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
+        # Re-saving a step (after a resume) replaces the old directory; a kill leaves .tmp-* behind.
+        with atomic_directory(final) as tmp:
+            _write_model(plain, model_tensors, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if optim_tensors:
+                save_file(optim_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
+            save_file(rng_tensors, str(tmp / RNG_FILE), metadata={"format": "pt"})
+            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         if keep_last is not None:
             for old in list_checkpoints(run_dir)[: -max(keep_last, 1)]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -132,8 +133,6 @@ def _write_model(plain: nn.Module, full_state: dict[str, torch.Tensor], out: Pat
     if not parallel.is_sharded(plain):
         save_pretrained(plain, out)
         return
-    from nanoseek.model.transformer import Transformer
-
     with torch.device("meta"):
         full = Transformer(plain.config)
     full.load_state_dict(full_state, assign=True)
@@ -183,8 +182,14 @@ def _python_rng_state() -> list:
 
 
 # ---- load ----------------------------------------------------------------------------------------
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler=None, restore_rng: bool = True) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
     """Restore model weights (and the MoE correction biases), optimizer, scheduler and RNG state from a
     checkpoint directory. Returns the saved `state` with "step" added."""
     path = Path(path)
@@ -192,8 +197,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer: tor
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     meta_file = path / STATE_FILE
     if not meta_file.exists():
-        raise CheckpointError(f"{path} is not a training checkpoint (no {STATE_FILE}); "
-                              "a plain model directory can only initialize a run, not resume one")
+        raise CheckpointError(
+            f"{path} is not a training checkpoint (no {STATE_FILE}); "
+            "a plain model directory can only initialize a run, not resume one"
+        )
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
@@ -223,7 +230,9 @@ def _load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise CheckpointError(f"{path} has no optimizer state to resume from")
     params = dict(model.named_parameters())
     if len(groups) != len(optimizer.param_groups):
-        raise CheckpointError(f"{path} has {len(groups)} optimizer param groups, the optimizer {len(optimizer.param_groups)}")
+        raise CheckpointError(
+            f"{path} has {len(groups)} optimizer param groups, the optimizer {len(optimizer.param_groups)}"
+        )
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     state: dict[int, dict[str, torch.Tensor]] = {}
     with safe_open(file, framework="pt") as f:
@@ -263,8 +272,15 @@ def _restore_rng(path: Path, meta: dict) -> None:
             torch.cuda.set_rng_state(f.get_tensor(cuda))
         if "numpy.keys" in keys:
             pos, has_gauss = f.get_tensor("numpy.rest").tolist()
-            np.random.set_state(("MT19937", f.get_tensor("numpy.keys").numpy().astype(np.uint32), pos,
-                                 has_gauss, float(f.get_tensor("numpy.gauss")[0])))
+            np.random.set_state(
+                (
+                    "MT19937",
+                    f.get_tensor("numpy.keys").numpy().astype(np.uint32),
+                    pos,
+                    has_gauss,
+                    float(f.get_tensor("numpy.gauss")[0]),
+                )
+            )
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -280,24 +296,3 @@ def _check_json(obj: Any) -> None:
         json.dumps(obj)
     except TypeError as e:
         raise CheckpointError(f"checkpoint state must be JSON-serializable: {e}") from None
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

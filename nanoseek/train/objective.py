@@ -1,0 +1,136 @@
+"""What one training step computes and what it costs: the pretraining objective (`PretrainObjective`), the
+held-out loss (`heldout_loss`), and the FLOPs accounting behind MFU (`training_flops_per_token`, `peak_flops`).
+
+The objective is the same module for the trainer and `nanoseek bench train`; the held-out loss runs it with
+the next-token target only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.model.config import ModelConfig
+from nanoseek.model.stats import model_stats
+from nanoseek.model.transformer import Transformer
+from nanoseek.train import parallel
+from nanoseek.train.data import IGNORE_INDEX, PackedBatches
+
+
+# ---- the objective -------------------------------------------------------------------------------
+class PretrainObjective(nn.Module):
+    """Forward of one micro-batch: summed next-token and MTP cross-entropies, and the balance loss.
+
+    A module of its own so that DDP wraps the whole training forward (the MTP heads included)."""
+
+    def __init__(self, model: Transformer, mtp_depth: int):
+        super().__init__()
+        self.model, self.mtp_depth = model, mtp_depth
+
+    def forward(
+        self, inputs: torch.Tensor, targets: list[torch.Tensor], mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs (B, T); targets[k] (B, T-k) for k = 0..mtp_depth. Returns (cross-entropy sums (1+D,), aux loss)."""
+        h = self.model.hidden_states(inputs, mask=mask)
+        logits = [self.model.lm_head(h)]
+        if self.mtp_depth:
+            logits += self.model.mtp_logits(h, inputs, mask, depth=self.mtp_depth)
+        sums = torch.stack(
+            [
+                F.cross_entropy(lg.float().flatten(0, 1), tg.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+                for lg, tg in zip(logits, targets)
+            ]
+        )
+        aux = self.model.aux_loss()
+        return sums, aux if torch.is_tensor(aux) else h.new_zeros(())
+
+
+@torch.no_grad()
+def heldout_loss(
+    forward: nn.Module,
+    batches: PackedBatches,
+    n_sequences: int,
+    batch_size: int,
+    device: torch.device,
+    autocast=contextlib.nullcontext(),
+    doc_mask: bool = True,
+) -> float:
+    """Mean next-token cross-entropy over the first `n_sequences` windows of the held-out split: the same
+    windows, so the same number, whatever the batch size and world size. Rank r takes windows r, r+W, ...;
+    every rank runs the same number of forwards (FSDP and expert parallelism communicate inside them), a
+    rank out of windows with one dummy window that is not counted."""
+    rank, world = parallel.rank(), parallel.world_size()
+    n = min(n_sequences, batches.n_windows)
+    mine = list(range(rank, n, world))
+    forward.train(False)
+    total = torch.zeros(2, device=device)
+    try:
+        for f in range(math.ceil(math.ceil(n / world) / batch_size)):
+            rows = mine[f * batch_size : (f + 1) * batch_size]
+            mb = batches.take(rows or [0]).to(device)
+            tgt = mb.targets(0) if doc_mask else mb.tokens[:, 1:]
+            with autocast:
+                sums, _ = forward(mb.inputs, [tgt], mb.attention_mask() if doc_mask else None)
+            if rows:
+                total += torch.stack((sums[0].float(), (tgt != IGNORE_INDEX).sum().float()))
+    finally:
+        forward.train(True)
+    parallel.all_reduce_sum(total)
+    return float(total[0] / total[1].clamp_min(1))
+
+
+# ---- FLOPs ---------------------------------------------------------------------------------------
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, mtp_depth: int = 0) -> float:
+    """Model FLOPs of one trained token: 6 per activated parameter (forward 2, backward 4) plus causal
+    attention, 6 · H · (d_qk + d_v) · (T+1)/2 per layer (PaLM appendix B, halved for the causal mask).
+    Activated parameters as DeepSeek counts them (`stats.model_stats`); each MTP depth adds its block
+    (shared and top-k experts only) and another pass through the output head."""
+    s = model_stats(cfg)
+    params = s.active
+    if mtp_depth:
+        with torch.device("meta"):
+            block = Transformer(cfg.replace(num_nextn_predict_layers=1)).mtp[0]
+        mtp = sum(p.numel() for p in block.parameters())
+        if hasattr(block.mlp, "experts"):
+            routed = sum(p.numel() for p in block.mlp.experts.parameters())
+            mtp -= routed * (cfg.n_routed_experts - cfg.num_experts_per_tok) // cfg.n_routed_experts
+        params += mtp_depth * (mtp + cfg.vocab_size * cfg.hidden_size)
+    layers = cfg.num_hidden_layers + mtp_depth
+    attention = 6 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len + 1) / 2 * layers
+    return 6 * params + attention
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Nominal peak FLOP/s of one device. CPU: threads x FLOPs per cycle x base clock, where AVX2 cores with
+    two 256-bit FMA pipes do 32 fp32 FLOPs a cycle (64 with AVX-512). CUDA: dense bf16/tf32 of known cards."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {
+            "H100": 989e12,
+            "H200": 989e12,
+            "H800": 989e12,
+            "A100": 312e12,
+            "A800": 312e12,
+            "L40S": 362e12,
+            "4090": 165e12,
+            "L4": 121e12,
+        }
+        for key, bf16 in table.items():
+            if key in name:
+                return bf16 if dtype == torch.bfloat16 else bf16 / 2
+        return None
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    if not mhz:
+        return None
+    per_cycle = 64 if " avx512f" in flags else 32 if (" avx2" in flags and " fma" in flags) else 16
+    return torch.get_num_threads() * per_cycle * max(mhz) * 1e6
