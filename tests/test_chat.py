@@ -54,8 +54,12 @@ def test_reply_streams_reasoning_then_content_and_keeps_the_conversation(engine)
     assert "".join(t for k, t in pieces if k == "content") == "5"
     second = "".join(t for k, t in session.reply("Say hi.") if k == "content")
     # the history holds each answer without its reasoning (the model, trained on single turns, may wander)
-    assert session.messages == [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"},
-                                {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": second}]
+    assert session.messages == [
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": second},
+    ]
     session.reset()
     assert session.messages == []
 
@@ -72,8 +76,12 @@ def test_interrupted_answer_is_dropped_and_the_engine_is_clean(engine):
 
 def test_run_chat_shows_reasoning_dimmed_and_apart(engine):
     out = io.StringIO()
-    run_chat(ChatSession(engine, GREEDY), read=script("What is 2+3?", "", "/reset", "Name a color.", "/exit", "x"),
-             out=out, color=True)
+    run_chat(
+        ChatSession(engine, GREEDY),
+        read=script("What is 2+3?", "", "/reset", "Name a color.", "/exit", "x"),
+        out=out,
+        color=True,
+    )
     text = out.getvalue()
     assert f"{DIM}thinking: 2 plus 3 makes 5.{RESET}\n\n5{RESET}\n" in text
     assert "(conversation cleared)" in text and "Any color will do." in text and "Blue." in text
@@ -89,18 +97,24 @@ def test_context_overflow_is_reported_not_raised(engine):
 
 
 def _chat_process(model_dir, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "chat", "--model", str(model_dir),
-                             "--temperature", "0", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "nanoseek.cli", "chat", "--model", str(model_dir), "--temperature", "0", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+    )
 
 
 @pytest.mark.slow
 def test_chat_command_answers_and_exits_on_ctrl_d(model_dir):
     p = _chat_process(model_dir)
-    out, err = p.communicate("What is 2+3?\nSay hi.\n".encode(), timeout=120)  # then EOF = Ctrl-D
+    # two questions, each in a fresh conversation (the model was trained on single turns), then EOF = Ctrl-D
+    out, err = p.communicate("What is 2+3?\n/reset\nSay hi.\n".encode(), timeout=120)
     assert p.returncode == 0, err.decode()
     out = out.decode()
-    assert "thinking: 2 plus 3 makes 5.\n\n5\n" in out and "Hi there!" in out
+    assert "thinking: 2 plus 3 makes 5.\n\n5\n" in out and "(conversation cleared)" in out and "Hi there!" in out
     assert "\x1b" not in out and b"Traceback" not in err
 
 

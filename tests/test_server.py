@@ -4,40 +4,32 @@ ports, driven by the official `openai` client, httpx and schemathesis.
 The model under test is trained here, in a few seconds, to answer four questions in both reasoning formats
 (`<think>…</think>answer` after the deepseek template, `<think> … </think> <answer> … </answer>` after the
 R1-Zero one), so greedy outputs contain the tags for real and the reasoning/content split is checked on
-what a model actually wrote. Unit tests cover the text pipeline (reasoning split, stop strings, UTF-8) and
-the engine thread (failures stay with their requests, aborts free the slot).
+what a model actually wrote. The text pipeline and the engine thread alone: tests/test_server_text.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
+from nanoseek.bench.serve import BenchConfig, ServerProcess, run_bench
+from nanoseek.checkpoint.tokenizer import Tokenizer, render_chat
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
-from nanoseek.server.async_engine import AsyncEngine, GenerationFailed, RequestRefused
-from nanoseek.bench.serve import BenchConfig, ServerProcess, run_bench
-from nanoseek.engine.text import ReasoningSplitter, SampleText, TokenPieces, split_reasoning
-from nanoseek.checkpoint.tokenizer import Tokenizer, render_chat
-from helpers import QA, R1_SYSTEM, think_checkpoint, variant
 
-openai = pytest.importorskip("openai")
+from helpers import QA, R1_SYSTEM, think_checkpoint, variant
 
 KEY = "sk-test-key"
 
 
 # ---- a model that reasons, trained on the spot ---------------------------------------------------------
-
-
-
-
 
 
 # ---- real server processes ---------------------------------------------------------------------------
@@ -52,15 +44,21 @@ class Server(ServerProcess):
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines() if line and not line.startswith("#")}
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     base = think_checkpoint(tmp_path_factory.getbasetemp())
-    return {"think": base, "zero": variant(base, "zero", template="r1_zero"),
-            "small": variant(base, "small", context=48)}
+    return {
+        "think": base,
+        "zero": variant(base, "zero", template="r1_zero"),
+        "small": variant(base, "small", context=48),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +69,16 @@ def servers(checkpoints, tmp_path_factory):
     started = {
         "think": Server(checkpoints["think"], "--served-model-name", "think", log=logs / "think.log"),
         "zero": Server(checkpoints["zero"], "--served-model-name", "zero", log=logs / "zero.log"),
-        "locked": Server(checkpoints["small"], "--served-model-name", "small", "--api-key", KEY, "--max-n", "2",
-                         log=logs / "locked.log"),
+        "locked": Server(
+            checkpoints["small"],
+            "--served-model-name",
+            "small",
+            "--api-key",
+            KEY,
+            "--max-n",
+            "2",
+            log=logs / "locked.log",
+        ),
     }
     try:
         yield {k: s.wait_ready() for k, s in started.items()}
@@ -92,142 +98,13 @@ def offline(checkpoints):
     return Engine(str(checkpoints["think"]))
 
 
-def ask(q: str) -> list[dict]:
-    return [{"role": "user", "content": q}]
-
-
-# ---- unit: the text pipeline ----------------------------------------------------------------------------
-
-SPLIT_CASES = [
-    ("<think>2 plus 3 makes 5.</think>5", "deepseek", ("2 plus 3 makes 5.", "5")),
-    ("\n<think>\nlet me see\n</think>\n\nThe answer is 5.", "deepseek", ("let me see", "The answer is 5.")),
-    ("The answer is 5.", "deepseek", (None, "The answer is 5.")),
-    ("<think>cut short by max_tokens", "deepseek", ("cut short by max_tokens", "")),
-    (" <think> 2 plus 3. </think> <answer> 5 </answer>", "r1_zero", ("2 plus 3.", "5")),
-    (" <think> 2 plus 3. </think> <answer> 5 </answer>", "deepseek", ("2 plus 3.", "<answer> 5 </answer>")),
-    (" <think> a </think> no answer tags", "r1_zero", ("a", "no answer tags")),
-    ("<answer>5</answer>", "r1_zero", (None, "5")),
-    ("  <thi", "deepseek", (None, "<thi")),  # looked like a tag, was not
-    ("x </think> y", "deepseek", (None, "x </think> y")),  # no opening tag: all content
-]
-
-
-@pytest.mark.parametrize("text,template,expect", SPLIT_CASES)
-def test_reasoning_split_streams_like_the_whole(text, template, expect):
-    assert split_reasoning(text, template) == expect
-    for cut in range(len(text) + 1):  # every two-piece split, and one character at a time
-        for pieces in ([text[:cut], text[cut:]], list(text)):
-            s = ReasoningSplitter(template)
-            parts = [s.feed(p) for p in pieces] + [s.finish()]
-            got = ("".join(r for r, _ in parts) if s.has_reasoning else None, "".join(c for _, c in parts))
-            assert got == expect, (pieces, got)
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tok(checkpoints):
     return Tokenizer.from_pretrained(checkpoints["think"])
 
 
-@pytest.mark.parametrize("stop", [[], ["fox"], ["o", "lazy"], ["dog."], ["ümlaut"], ["not there"]])
-def test_sample_text_streams_utf8_and_cuts_at_stop_strings(tok, stop):
-    text = "The quick brown fox — ümlaut, 漢字 and 🦊 — jumps over the lazy dog."
-    ids = tok.encode(text)
-    out = SampleText(tok, stop)
-    shown = []
-    for t in ids:
-        shown.append(out.add(t))
-        assert "".join(shown) == text[: len("".join(shown))]  # never shows a broken character or a stop string
-        assert not any(s in "".join(shown) for s in stop)
-        if out.stopped:
-            break
-    shown.append(out.finish())
-    cuts = [text.find(s) for s in stop if s in text]
-    assert "".join(shown) == text[: min(cuts)] if cuts else text
-
-
-def test_token_pieces_are_the_raw_bytes(tok):
-    text = "<think>漢字 🦊</think> done"
-    ids = tok.encode(text)
-    pieces = TokenPieces(tok)
-    assert b"".join(pieces.bytes(t) for t in ids) == text.encode()
-    assert pieces.text(tok.token_to_id("<think>")) == "<think>"
-
-
-def test_engine_events_carry_logprobs(offline):
-    params = SamplingParams(max_tokens=8, temperature=0, logprobs=True, top_logprobs=3, ignore_eos=True)
-    events = list(offline.stream(offline.encode("What is 2+3?"), params))
-    ref = offline.generate([offline.encode("What is 2+3?")], params)[0].outputs[0]
-    assert [e.logprob for e in events] == pytest.approx(ref.logprobs, abs=1e-6)
-    for e in events:
-        assert len(e.top_logprobs) == 3 and e.top_logprobs[0][0] == e.token_id  # greedy: the best one
-        assert [lp for _, lp in e.top_logprobs] == sorted((lp for _, lp in e.top_logprobs), reverse=True)
-
-
-# ---- unit: the engine thread ---------------------------------------------------------------------------
-
-
-def _run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def _drain(stream) -> list[int]:
-    return [e.token_id async for events in stream for e in events]
-
-
-def test_engine_thread_survives_a_failing_step(checkpoints):
-    engine = Engine(str(checkpoints["think"]))
-    aengine = AsyncEngine(engine)
-    real_step, calls = engine.step, []
-
-    def flaky_step():
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("boom")
-        return real_step()
-
-    engine.step = flaky_step
-    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-
-    async def main():
-        aengine.start()
-        try:
-            first = await aengine.add_request("a", engine.encode("What is 2+3?"), params)
-            with pytest.raises(GenerationFailed, match="boom"):
-                await _drain(first)
-            with pytest.raises(RequestRefused, match="empty"):
-                await aengine.add_request("bad", [], params)
-            later = await aengine.add_request("b", engine.encode("What is 2+3?"), params)
-            return await _drain(later)
-        finally:
-            aengine.stop()
-
-    tokens = _run(main())
-    assert len(tokens) == 10 and aengine.snapshot.failed_steps == 1
-    assert engine.cache.n_free == engine.cache.n_blocks and not engine.has_unfinished()
-
-
-def test_closing_a_stream_stops_decoding_within_a_step(checkpoints):
-    engine = Engine(str(checkpoints["think"]))
-    aengine = AsyncEngine(engine)
-    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
-
-    async def main():
-        aengine.start()
-        try:
-            stream = await aengine.add_request("long", engine.encode("Say hi."), params)
-            for _ in range(3):
-                await stream.__anext__()
-            steps_at_close = aengine.snapshot.steps
-            stream.close()
-            while engine.has_unfinished() or aengine.snapshot.running_requests:
-                await asyncio.sleep(0.01)
-            return aengine.snapshot.steps - steps_at_close
-        finally:
-            aengine.stop()
-
-    extra_steps = _run(main())
-    assert extra_steps <= 1  # the step in flight when the abort arrived, at most
-    assert engine.cache.n_free == engine.cache.n_blocks and aengine.snapshot.aborted == 1
+def ask(q: str) -> list[dict]:
+    return [{"role": "user", "content": q}]
 
 
 # ---- the server, through the openai client ------------------------------------------------------------
@@ -260,8 +137,9 @@ def test_chat_reasoning_content_usage_non_stream_and_stream(server, tok, offline
         assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
         assert r.usage.completion_tokens_details.reasoning_tokens == len(tok.encode(f"<think>{reasoning}</think>"))
 
-        sr, sc, finish, chunks = _stream_chat(client, model="think", messages=ask(q), temperature=0,
-                                              stream_options={"include_usage": True})
+        sr, sc, finish, chunks = _stream_chat(
+            client, model="think", messages=ask(q), temperature=0, stream_options={"include_usage": True}
+        )
         assert (sr[0], sc[0], finish) == (reasoning, answer, {0: "stop"})
         assert chunks[0].choices[0].delta.role == "assistant"
         assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
@@ -278,9 +156,12 @@ def test_r1_zero_checkpoint_content_is_the_answer(servers):
         assert (msg.reasoning_content, msg.content) == (reasoning, answer)
         sr, sc, finish, _ = _stream_chat(client, model="zero", messages=msgs, temperature=0)
         assert (sr[0], sc[0], finish[0]) == (reasoning, answer, "stop")
-    raw = client.completions.create(model="zero", prompt=render_chat([{"role": "system", "content": R1_SYSTEM},
-                                                                     *ask("What is 2+3?")], "r1_zero"),
-                                    max_tokens=40, temperature=0)
+    raw = client.completions.create(
+        model="zero",
+        prompt=render_chat([{"role": "system", "content": R1_SYSTEM}, *ask("What is 2+3?")], "r1_zero"),
+        max_tokens=40,
+        temperature=0,
+    )
     assert raw.choices[0].text == " <think> 2 plus 3 makes 5. </think> <answer> 5 </answer>"  # the raw text
 
 
@@ -300,8 +181,13 @@ def test_stop_strings(server):
 @pytest.mark.slow
 def test_n_samples_and_seeds(server):
     client = server.client()
-    kw = dict(model="think", messages=ask("Tell me something."), temperature=1.0, max_tokens=12,
-              extra_body={"ignore_eos": True})
+    kw = dict(
+        model="think",
+        messages=ask("Tell me something."),
+        temperature=1.0,
+        max_tokens=12,
+        extra_body={"ignore_eos": True},
+    )
     a = client.chat.completions.create(n=3, seed=1, **kw)
     b = client.chat.completions.create(n=3, seed=1, **kw)
     c = client.chat.completions.create(n=3, seed=2, **kw)
@@ -315,8 +201,9 @@ def test_n_samples_and_seeds(server):
 
 @pytest.mark.slow
 def test_logprobs(server, tok):
-    r = server.client().chat.completions.create(model="think", messages=ask("What is 2+3?"), temperature=0,
-                                                logprobs=True, top_logprobs=2)
+    r = server.client().chat.completions.create(
+        model="think", messages=ask("What is 2+3?"), temperature=0, logprobs=True, top_logprobs=2
+    )
     entries = r.choices[0].logprobs.content
     assert len(entries) == r.usage.completion_tokens
     assert b"".join(bytes(e.bytes) for e in entries).decode().startswith("<think>2 plus 3 makes 5.</think>5")
@@ -328,8 +215,14 @@ def test_logprobs(server, tok):
 @pytest.mark.slow
 def test_completions(server, tok, offline):
     client = server.client()
-    r = client.completions.create(model="think", prompt="The quick brown", max_tokens=6, temperature=0,
-                                  logprobs=1, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="think",
+        prompt="The quick brown",
+        max_tokens=6,
+        temperature=0,
+        logprobs=1,
+        extra_body={"ignore_eos": True},
+    )
     alone = offline.generate(["The quick brown"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     ch = r.choices[0]
     assert r.object == "text_completion" and ch.text == alone.outputs[0].text and ch.finish_reason == "length"
@@ -337,15 +230,26 @@ def test_completions(server, tok, offline):
     assert len(ch.logprobs.tokens) == 6 and ch.logprobs.text_offset[0] == 0
     # token-id prompts, several prompts times n, echo, and streaming give the same text
     ids = tok.encode("The quick brown")
-    r2 = client.completions.create(model="think", prompt=[ids, ids], n=2, max_tokens=6, temperature=0,
-                                   extra_body={"ignore_eos": True})
+    r2 = client.completions.create(
+        model="think", prompt=[ids, ids], n=2, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert [c.index for c in r2.choices] == [0, 1, 2, 3] and {c.text for c in r2.choices} == {ch.text}
-    e = client.completions.create(model="think", prompt="The quick brown", echo=True, max_tokens=6, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    e = client.completions.create(
+        model="think", prompt="The quick brown", echo=True, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert e.choices[0].text == "The quick brown" + ch.text
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="think", prompt="The quick brown", max_tokens=6, temperature=0, stream=True,
-        extra_body={"ignore_eos": True}) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="think",
+            prompt="The quick brown",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        if c.choices
+    )
     assert streamed == ch.text
 
 
@@ -369,8 +273,13 @@ BAD_REQUESTS = [
     ("chat", {"model": "think", "messages": ask("hi"), "n": 10**9}, {}, 400, "n"),
     ("chat", {"model": "think", "messages": ask("hi"), "presence_penalty": 1.0}, {}, 400, "presence_penalty"),
     ("chat", {"model": "think", "messages": ask("hi"), "top_logprobs": 3}, {}, 400, "top_logprobs"),
-    ("chat", {"model": "think", "messages": ask("hi"), "stream_options": {"include_usage": True}}, {}, 400,
-     "stream_options"),
+    (
+        "chat",
+        {"model": "think", "messages": ask("hi"), "stream_options": {"include_usage": True}},
+        {},
+        400,
+        "stream_options",
+    ),
     ("chat", {"model": "think", "messages": ask("hi"), "tools": [{"type": "function"}]}, {}, 400, "tools"),
     ("chat", b"[1, 2, 3]", {}, 400, None),
     ("chat", b"NaN", {}, 400, None),
@@ -410,12 +319,17 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
 @pytest.mark.slow
 def test_chunked_body_over_the_limit_is_refused(servers, tmp_path):
     """No Content-Length (chunked upload): the limit is enforced as the body arrives."""
+
     def chunks():
         for _ in range(20):
             yield b" " * (1 << 20)
 
-    r = httpx.post(f"{servers['think'].url}/v1/chat/completions", content=chunks(),
-                   headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{servers['think'].url}/v1/chat/completions",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
@@ -444,18 +358,40 @@ def test_openapi_schema_describes_the_wire_format(servers):
     assert "text/event-stream" in chat["responses"]["200"]["content"]
     schemas = spec["components"]["schemas"]
     assert "reasoning_content" in schemas["ChatCompletionMessage"]["properties"]
-    assert "HTTPValidationError" not in schemas and spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert (
+        "HTTPValidationError" not in schemas and spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    )
 
 
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_errors_or_schema_violations(servers, tmp_path):
     s = servers["locked"]
-    cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{s.url}/openapi.json",
-           "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
-                       "response_schema_conformance,response_headers_conformance,negative_data_rejection",
-           "--max-examples", "25", "--max-time", "30", "--seed", "7", "--phases", "examples,coverage,fuzzing",
-           "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "30", "--workers", "2",
-           "--suppress-health-check", "all"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{s.url}/openapi.json",
+        "--checks",
+        "not_a_server_error,status_code_conformance,content_type_conformance,"
+        "response_schema_conformance,response_headers_conformance,negative_data_rejection",
+        "--max-examples",
+        "25",
+        "--max-time",
+        "30",
+        "--seed",
+        "7",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--header",
+        f"Authorization: Bearer {KEY}",
+        "--request-timeout",
+        "30",
+        "--workers",
+        "2",
+        "--suppress-health-check",
+        "all",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert httpx.get(f"{s.url}/health").status_code == 200
@@ -470,8 +406,7 @@ def test_32_concurrent_streams_equal_each_request_alone(server):
         text = []
         async for ch in await client.chat.completions.create(messages=ask(prompt), stream=True, **kw):
             for c in ch.choices:
-                text.append((getattr(c.delta, "reasoning_content", None) or "", c.delta.content or "",
-                             c.finish_reason))
+                text.append((getattr(c.delta, "reasoning_content", None) or "", c.delta.content or "", c.finish_reason))
         return text
 
     async def together():
@@ -494,8 +429,14 @@ def test_32_concurrent_streams_equal_each_request_alone(server):
 
 @pytest.mark.slow
 def test_client_that_disconnects_frees_its_slot(server):
-    body = {"model": "think", "messages": ask("Say hi."), "max_tokens": 450, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "model": "think",
+        "messages": ask("Say hi."),
+        "max_tokens": 450,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     before = server.metrics()
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
@@ -506,7 +447,8 @@ def test_client_that_disconnects_frees_its_slot(server):
     while time.time() < deadline:
         m = server.metrics()
         if m["nanoseek_requests_running"] == 0 and m["nanoseek_requests_aborted_total"] > before.get(
-                "nanoseek_requests_aborted_total", 0):
+            "nanoseek_requests_aborted_total", 0
+        ):
             break
         time.sleep(0.05)
     generated = m["nanoseek_generation_tokens_total"] - before["nanoseek_generation_tokens_total"]
@@ -515,9 +457,12 @@ def test_client_that_disconnects_frees_its_slot(server):
     assert generated < 450  # stopped long before max_tokens
     time.sleep(0.3)
     assert server.metrics()["nanoseek_generation_tokens_total"] == m["nanoseek_generation_tokens_total"]
-    # a non-streaming request whose client gives up is aborted too
+    # a non-streaming request whose client gives up is aborted too: 450 tokens (EOS ignored) take far longer
+    # than the 50 ms the client waits for its answer, on any machine (connecting has its usual time)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
+        httpx.post(
+            f"{server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=httpx.Timeout(30, read=0.05)
+        )
     deadline = time.time() + 10
     while time.time() < deadline:
         after = server.metrics()
@@ -531,42 +476,10 @@ def test_client_that_disconnects_frees_its_slot(server):
 
 @pytest.mark.slow
 def test_bench_serve_reports_throughput_latency_and_cost(server, capsys):
-    summary = run_bench(BenchConfig(url=f"{server.url}/v1", clients=3, requests=6, max_tokens=12, rounds=1,
-                                    price_per_hour=3.6))
+    summary = run_bench(
+        BenchConfig(url=f"{server.url}/v1", clients=3, requests=6, max_tokens=12, rounds=1, price_per_hour=3.6)
+    )
     assert summary["output_tokens_per_s"] > 0 and 0 < summary["ttft_p50_s"] <= summary["ttft_p99_s"]
     assert 0 < summary["itl_p50_s"] <= summary["itl_p99_s"]
     assert summary["usd_per_million_output_tokens"] == pytest.approx(1e3 / summary["output_tokens_per_s"])
     assert "cost per 1M output tokens" in capsys.readouterr().out
-
-
-def test_a_failing_step_fails_its_request_over_http_and_the_server_goes_on(checkpoints, caplog):
-    """In-process (FastAPI's TestClient runs the app and its engine thread): an exception inside a step is a
-    500 for a non-streamed request, an error event for a streamed one, and the next request is served."""
-    from fastapi.testclient import TestClient
-
-    from nanoseek.server import ServerConfig, create_app
-
-    engine = Engine(str(checkpoints["think"]))
-    fail = [False]
-
-    def explode(module, args, output):  # inside the model's forward, in the middle of a step
-        if fail[0]:
-            fail[0] = False
-            raise RuntimeError("injected failure")
-
-    engine.model.lm_head.register_forward_hook(explode)
-    body = {"model": "think", "messages": ask("What is 2+3?"), "temperature": 0}
-    with TestClient(create_app(ServerConfig(model=str(checkpoints["think"])), engine=engine)) as http:
-        fail[0] = True
-        r = http.post("/v1/chat/completions", json=body)
-        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
-        assert "injected failure" in r.json()["error"]["message"]
-        fail[0] = True
-        events = [line for line in http.post("/v1/chat/completions", json={**body, "stream": True}).text.splitlines()
-                  if line.startswith("data: ")]
-        assert "injected failure" in json.loads(events[-2][6:])["error"]["message"] and events[-1] == "data: [DONE]"
-        r = http.post("/v1/chat/completions", json=body)
-        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "5"
-        metrics = http.get("/metrics").text
-        assert "nanoseek_engine_step_failures_total 2" in metrics and "nanoseek_engine_up 1" in metrics
-    assert "engine step failed" in caplog.text

@@ -94,7 +94,7 @@ def test_final_checkpoint_serves_with_the_r1_zero_template(run):
 
     from nanoseek.engine.engine import Engine
     from nanoseek.engine.sampling import SamplingParams
-    from nanoseek.server import ServerConfig, create_app
+    from nanoseek.server.app import ServerConfig, create_app
     from nanoseek.tasks import prompt_text
 
     engine = Engine(run / "model")

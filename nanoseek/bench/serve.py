@@ -28,6 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import torch
+
+from nanoseek.engine.engine import Engine
+from nanoseek.engine.sampling import SamplingParams
 
 
 @dataclass
@@ -71,14 +75,19 @@ class ServerProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(model), "--port", str(self.port), *flags],
-            stdout=out, stderr=subprocess.STDOUT, env=env)
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
     def wait_ready(self, timeout: float = 120) -> ServerProcess:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with status {self.proc.returncode}"
-                                   + (f":\n{self.log.read_text()}" if self.log else ""))
+                raise RuntimeError(
+                    f"the server exited with status {self.proc.returncode}"
+                    + (f":\n{self.log.read_text()}" if self.log else "")
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return self
@@ -129,9 +138,16 @@ async def _one_request(http: httpx.AsyncClient, body: dict, result: RoundResult)
 
 
 async def _server_round(url: str, model: str, cfg: BenchConfig) -> RoundResult:
-    body = {"model": model, "messages": [{"role": "user", "content": cfg.prompt}], "max_tokens": cfg.max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-            "logprobs": True}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": cfg.prompt}],
+        "max_tokens": cfg.max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logprobs": True,
+    }
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     result = RoundResult(tokens=0, wall_s=0.0)
     left = cfg.requests
@@ -150,9 +166,7 @@ async def _server_round(url: str, model: str, cfg: BenchConfig) -> RoundResult:
     return result
 
 
-def _engine_round(engine, cfg: BenchConfig) -> RoundResult:
-    from nanoseek.engine.sampling import SamplingParams
-
+def _engine_round(engine: Engine, cfg: BenchConfig) -> RoundResult:
     tok = engine.tokenizer
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": cfg.prompt}]))
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0, ignore_eos=True)
@@ -167,13 +181,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.model:
         print(f"starting `nanoseek serve --model {cfg.model}` on a free loopback port ...", flush=True)
         threads = ["--threads", str(cfg.threads)] if cfg.threads else []
-        server = ServerProcess(cfg.model, "--max-batch-size", str(cfg.max_batch_size), "--log-level", "warning",
-                               *threads)
+        server = ServerProcess(
+            cfg.model, "--max-batch-size", str(cfg.max_batch_size), "--log-level", "warning", *threads
+        )
         server.wait_ready()
-        import torch
-
-        from nanoseek.engine.engine import Engine
-
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         engine = Engine(cfg.model, max_batch_size=cfg.max_batch_size)
@@ -181,15 +192,22 @@ def run_bench(cfg: BenchConfig) -> dict:
     try:
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
         model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
-        print(f"{cfg.clients} streaming clients, {cfg.requests} requests x {cfg.max_tokens} tokens, model `{model}`"
-              f" at {url}", flush=True)
-        asyncio.run(_server_round(url, model, BenchConfig(**{**cfg.__dict__, "requests": 2, "clients": 2,
-                                                             "max_tokens": 8})))  # warm-up
+        print(
+            f"{cfg.clients} streaming clients, {cfg.requests} requests x {cfg.max_tokens} tokens, model `{model}`"
+            f" at {url}",
+            flush=True,
+        )
+        asyncio.run(
+            _server_round(url, model, BenchConfig(**{**cfg.__dict__, "requests": 2, "clients": 2, "max_tokens": 8}))
+        )  # warm-up
         served, alone = [], []
         for k in range(cfg.rounds):
             served.append(asyncio.run(_server_round(url, model, cfg)))
-            line = (f"round {k + 1}: server {served[-1].tokens_per_s:8.1f} tok/s, TTFT p50 "
-                    f"{percentile(served[-1].ttft_s, 50) * 1e3:.0f} ms, ITL p50 {percentile(served[-1].itl_s, 50) * 1e3:.1f} ms")
+            line = (
+                f"round {k + 1}: server {served[-1].tokens_per_s:8.1f} tok/s, TTFT p50 "
+                f"{percentile(served[-1].ttft_s, 50) * 1e3:.0f} ms, "
+                f"ITL p50 {percentile(served[-1].itl_s, 50) * 1e3:.1f} ms"
+            )
             if engine is not None:
                 alone.append(_engine_round(engine, cfg))
                 line += f" | engine in-process {alone[-1].tokens_per_s:8.1f} tok/s"
@@ -209,9 +227,18 @@ def run_bench(cfg: BenchConfig) -> dict:
     }
     print(f"median of {cfg.rounds} rounds:")
     print(f"  output tokens/s            {tps:10.1f}")
-    print(f"  time to first token        p50 {summary['ttft_p50_s'] * 1e3:8.1f} ms   p99 {summary['ttft_p99_s'] * 1e3:8.1f} ms")
-    print(f"  inter-token latency        p50 {summary['itl_p50_s'] * 1e3:8.1f} ms   p99 {summary['itl_p99_s'] * 1e3:8.1f} ms")
-    print(f"  cost per 1M output tokens  ${summary['usd_per_million_output_tokens']:.2f} at ${cfg.price_per_hour:.2f}/hour")
+    print(
+        f"  time to first token        p50 {summary['ttft_p50_s'] * 1e3:8.1f} ms   "
+        f"p99 {summary['ttft_p99_s'] * 1e3:8.1f} ms"
+    )
+    print(
+        f"  inter-token latency        p50 {summary['itl_p50_s'] * 1e3:8.1f} ms   "
+        f"p99 {summary['itl_p99_s'] * 1e3:8.1f} ms"
+    )
+    print(
+        f"  cost per 1M output tokens  ${summary['usd_per_million_output_tokens']:.2f} "
+        f"at ${cfg.price_per_hour:.2f}/hour"
+    )
     if alone:
         engine_tps = med([r.tokens_per_s for r in alone])
         summary["engine_tokens_per_s"] = engine_tps

@@ -3,7 +3,7 @@
     nanoseek chat --model runs/tiny [--system "..."] [--temperature 0.6] [--max-tokens 512]
 
 Tokens stream as they are decoded; the text inside `<think>…</think>` is printed dimmed (on a terminal)
-under a "thinking" label, then the answer (the same reasoning/content rule as the server, server/text.py).
+under a "thinking" label, then the answer (engine/text.py: the same text pipeline as the server).
 The conversation is kept: each turn is rendered with the checkpoint's chat template, and earlier answers
 enter the prompt without their reasoning, as DeepSeek's API asks. Ctrl-C while the model writes stops that
 answer (the turn is dropped); Ctrl-C or Ctrl-D at the prompt leaves. /reset starts over, /exit leaves.
@@ -20,9 +20,9 @@ from dataclasses import replace
 from typing import TextIO
 
 from nanoseek.engine.engine import Engine
-from nanoseek.errors import NanoseekError
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.engine.text import ReasoningSplitter, SampleText
+from nanoseek.errors import NanoseekError
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -50,8 +50,10 @@ class ChatSession:
         ids = tok.encode(tok.apply_chat_template(messages))
         room = self.engine.max_len - len(ids)
         if room <= 0:
-            raise ChatError(f"the conversation has {len(ids)} tokens and the context holds {self.engine.max_len}; "
-                            "/reset to start over")
+            raise ChatError(
+                f"the conversation has {len(ids)} tokens and the context holds {self.engine.max_len}; "
+                "/reset to start over"
+            )
         params = replace(self.params, max_tokens=min(self.params.max_tokens, room))
         text, split = SampleText(tok, params.stop), ReasoningSplitter(tok.chat_template)
         content = []
@@ -90,8 +92,13 @@ def _deferred_sigint(session: ChatSession):
         signal.signal(signal.SIGINT, previous)
 
 
-def run_chat(session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout,
-             color: bool | None = None, banner: str = "") -> None:
+def run_chat(
+    session: ChatSession,
+    read: Callable[[str], str] = input,
+    out: TextIO = sys.stdout,
+    color: bool | None = None,
+    banner: str = "",
+) -> None:
     """The read-reply loop; returns on /exit, Ctrl-D or Ctrl-C at the prompt."""
     if color is None:
         color = out.isatty() and "NO_COLOR" not in os.environ
@@ -134,7 +141,7 @@ def run_chat(session: ChatSession, read: Callable[[str], str] = input, out: Text
 
 def main(model: str, params: SamplingParams, system: str | None = None, device: str = "cpu") -> None:
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        import readline  # noqa: F401  (optional, not on every platform: line editing and history for input())
     except ImportError:
         pass
     engine = Engine(model, max_batch_size=1, device=device)

@@ -9,7 +9,23 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
+from nanoseek.cli import chat
+from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import NanoseekError
+
+try:  # the serve extra (fastapi, uvicorn, httpx) is optional: without it every other command still works
+    import uvicorn
+
+    from nanoseek.bench.serve import BenchConfig, run_bench
+    from nanoseek.server.app import ServerConfig, create_app
+
+    MISSING_SERVE_EXTRA = None
+except ImportError as e:
+    if e.name not in ("fastapi", "starlette", "pydantic", "uvicorn", "httpx"):
+        raise
+    MISSING_SERVE_EXTRA = e.name
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
@@ -28,45 +44,60 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError as e:
-        raise NanoseekError(f"nanoseek serve needs the serve extra ({e.name} is missing): "
-                            "pip install -e \".[serve]\"") from None
+def _need_serve_extra(command: str) -> None:
+    if MISSING_SERVE_EXTRA:
+        raise NanoseekError(
+            f'{command} needs the serve extra ({MISSING_SERVE_EXTRA} is missing): pip install -e ".[serve]"'
+        )
 
-    from nanoseek.server import ServerConfig, create_app
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    _need_serve_extra("nanoseek serve")
 
     _check_model_dir(args.model)
     api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
-    cfg = ServerConfig(model=args.model, host=args.host, port=args.port, api_key=api_key,
-                       served_model_name=args.served_model_name, max_batch_size=args.max_batch_size,
-                       cache_tokens=args.cache_tokens, max_n=args.max_n, max_request_bytes=args.max_request_bytes,
-                       device=args.device)
+    cfg = ServerConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        served_model_name=args.served_model_name,
+        max_batch_size=args.max_batch_size,
+        cache_tokens=args.cache_tokens,
+        max_n=args.max_n,
+        max_request_bytes=args.max_request_bytes,
+        device=args.device,
+    )
     if args.max_n < 1 or args.max_batch_size < 1 or args.max_request_bytes < 1:
         raise NanoseekError("--max-n, --max-batch-size and --max-request-bytes must be positive")
     if not _is_loopback(args.host) and not api_key:
-        print(f"nanoseek serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
-              "machine can use the model", file=sys.stderr)
+        print(
+            f"nanoseek serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+            "machine can use the model",
+            file=sys.stderr,
+        )
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     app = create_app(cfg)
-    print(f"nanoseek serve: model `{cfg.model_name}` at http://{args.host}:{args.port}/v1 "
-          f"(auth {'on' if api_key else 'off'})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=args.log_level == "debug", timeout_graceful_shutdown=5)
+    print(
+        f"nanoseek serve: model `{cfg.model_name}` at http://{args.host}:{args.port}/v1 "
+        f"(auth {'on' if api_key else 'off'})",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.log_level == "debug",
+        timeout_graceful_shutdown=5,
+    )
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from nanoseek.cli import chat
-    from nanoseek.engine.sampling import SamplingParams
-
     _check_model_dir(args.model)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     try:
         params.validate()
     except ValueError as e:
@@ -75,8 +106,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:
-    from nanoseek.bench.serve import BenchConfig, run_bench
-
+    _need_serve_extra("nanoseek bench serve")
     if bool(args.url) == bool(args.model):
         raise NanoseekError("give either --url of a running server or --model to start one")
     if args.model:

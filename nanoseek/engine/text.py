@@ -1,7 +1,7 @@
 """From token ids to the text a client sees: incremental detokenizing, stop strings, reasoning vs content.
 
 Used by the server (streaming and not, through one path, so both modes return the same text) and by
-`nanoseek chat`:
+`nanoseek chat`; stop strings are found by `StopStrings` alone, incrementally:
 
     out = SampleText(tokenizer, stop=["\\n\\n"])
     split = ReasoningSplitter("deepseek")
@@ -55,7 +55,7 @@ class _Section:
             self.started = True
         text = self.pending_ws + text
         body = text.rstrip()
-        self.pending_ws = text[len(body):]
+        self.pending_ws = text[len(body) :]
         return body
 
 
@@ -82,26 +82,29 @@ class ReasoningSplitter:
             if self.state == "start":
                 s = self.buf.lstrip()
                 if s.startswith(THINK_OPEN):
-                    self.buf, self.state, self.has_reasoning = s[len(THINK_OPEN):], "reasoning", True
+                    self.buf, self.state, self.has_reasoning = s[len(THINK_OPEN) :], "reasoning", True
                     continue
                 if not s or (THINK_OPEN.startswith(s) and not final):
                     self.buf = s
                     break  # only whitespace, or maybe the start of `<think>`: wait for more
                 self.buf, self.state = s, "content"
                 continue
-            section, out, tags = ((self.reasoning, reasoning, (THINK_CLOSE,)) if self.state == "reasoning"
-                                  else (self.content, content, self.answer_tags))
+            section, out, tags = (
+                (self.reasoning, reasoning, (THINK_CLOSE,))
+                if self.state == "reasoning"
+                else (self.content, content, self.answer_tags)
+            )
             hits = [(self.buf.find(t), t) for t in tags if t in self.buf]
             if hits:
                 i, tag = min(hits)
                 out.append(section.emit(self.buf[:i]))
-                self.buf = self.buf[i + len(tag):]
+                self.buf = self.buf[i + len(tag) :]
                 if tag == THINK_CLOSE:
                     self.state = "content"
                 continue
             keep = 0 if final else _held_suffix(self.buf, tags)
             out.append(section.emit(self.buf[: len(self.buf) - keep]))
-            self.buf = self.buf[len(self.buf) - keep:]
+            self.buf = self.buf[len(self.buf) - keep :]
             break
         return "".join(reasoning), "".join(content)
 
@@ -114,41 +117,78 @@ def split_reasoning(text: str, template: str = "deepseek") -> tuple[str | None, 
     return (r1 + r2 if s.has_reasoning else None), c1 + c2
 
 
-class SampleText:
-    """The text of one sample as its tokens arrive: UTF-8-safe incremental decoding (byte-level BPE splits
-    characters across tokens) and stop strings, which end the text and are not part of it. Text that
-    could be the start of a stop string is held back until the next token decides."""
+class StopStrings:
+    """Stop strings in text that arrives piece by piece: the text ends before the first match, which is not
+    part of it. Incremental: each piece is searched together with only the characters before it that a
+    match ending in it could start in, and text that could be the start of a stop string is held back until
+    the next piece decides.
 
-    def __init__(self, tokenizer, stop: list[str] | None = None):
-        self.tk = tokenizer.tk
-        self.stream = tokenizer.decode_stream(skip_special_tokens=True)
+        stops = StopStrings(["\\n\\n"])
+        for piece in pieces:
+            show(stops.feed(piece))   # the text that is now safe to show
+            if stops.stopped:
+                break
+        show(stops.finish())
+    """
+
+    def __init__(self, stop: list[str] | None = None):
         self.stop = tuple(s for s in (stop or []) if s)
-        self.text = ""
-        self.sent = 0
+        self.longest = max(map(len, self.stop), default=0)
+        self.text = ""  # everything fed so far, cut at the first match once there is one
+        self.sent = 0  # how much of `text` has been returned
         self.stopped = False
-        self.offsets: list[int] = []  # where each token's text starts in `text` (legacy logprobs' text_offset)
 
-    def add(self, token_id: int) -> str:
-        """Feed one token; returns the text that is now safe to show."""
-        self.offsets.append(len(self.text))
+    def feed(self, piece: str) -> str:
+        """Add text; returns the text that is now safe to show ("" once stopped)."""
         if self.stopped:
             return ""
-        piece = self.stream.step(self.tk, token_id)
-        if piece:
-            self.text += piece
-        if self.stop:
-            start = max(0, self.sent - max(map(len, self.stop)))
+        searched = len(self.text)
+        self.text += piece
+        if self.stop and piece:
+            # earlier matches would have stopped the text: a new one ends inside `piece`
+            start = max(0, searched - self.longest + 1)
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 self.text, self.stopped = self.text[: min(hits)], True
         safe = len(self.text) if self.stopped else len(self.text) - _held_suffix(self.text, self.stop)
-        out, self.sent = self.text[self.sent:safe], max(self.sent, safe)
+        out, self.sent = self.text[self.sent : safe], max(self.sent, safe)
         return out
 
     def finish(self) -> str:
-        """The rest of the text once the sample has finished."""
-        out, self.sent = self.text[self.sent:], len(self.text)
+        """The rest of the text (what was held back) once no more pieces will come."""
+        out, self.sent = self.text[self.sent :], len(self.text)
         return out
+
+
+class SampleText:
+    """The text of one sample as its tokens arrive: UTF-8-safe incremental decoding (byte-level BPE splits
+    characters across tokens), then the stop strings (`StopStrings`). The one text path of the server and
+    `nanoseek chat`."""
+
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self.tk = tokenizer.tk
+        self.stream = tokenizer.decode_stream(skip_special_tokens=True)
+        self.stops = StopStrings(stop)
+        self.offsets: list[int] = []  # where each token's text starts in `text` (legacy logprobs' text_offset)
+
+    @property
+    def text(self) -> str:
+        return self.stops.text
+
+    @property
+    def stopped(self) -> bool:
+        return self.stops.stopped
+
+    def add(self, token_id: int) -> str:
+        """Feed one token; returns the text that is now safe to show."""
+        self.offsets.append(len(self.stops.text))
+        if self.stops.stopped:
+            return ""
+        return self.stops.feed(self.stream.step(self.tk, token_id) or "")
+
+    def finish(self) -> str:
+        """The rest of the text once the sample has finished."""
+        return self.stops.finish()
 
 
 class TokenPieces:

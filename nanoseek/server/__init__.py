@@ -1,20 +1,18 @@
 """nanoseek's OpenAI-compatible server: FastAPI + uvicorn over the continuous-batching engine.
 
     nanoseek serve --model runs/tiny [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    from nanoseek.server.app import ServerConfig, create_app     # the app, for uvicorn or a test client
 
-- app.py: routes, errors, auth; protocol.py: the wire format as pydantic models (also /openapi.json);
-- async_engine.py: the thread that owns the engine; text.py: detokenizing, stop strings, reasoning;
-- metrics.py: Prometheus text for /metrics; bench.py: `nanoseek bench serve`.
+Owns the HTTP side of generation; the text a client sees (detokenizing, stop strings, the reasoning split)
+is engine/text.py's, shared with `nanoseek chat`.
+- app.py: create_app, the routes; config.py: ServerConfig; routes.py: the chat and completions handlers;
+- errors.py: OpenAI's error object and the exception handlers; guard.py: API key, body limit, counting;
+- openapi.py: the schema as served; protocol.py: the wire format as pydantic models;
+- sample.py: one choice's text, logprobs and counts; streams.py: merging request streams, disconnects;
+- async_engine.py: the thread that owns the engine; prometheus.py: Prometheus text for /metrics.
+This package needs the `serve` extra (fastapi, uvicorn): nothing here is imported by `import nanoseek`.
 See docs/server.md.
+
+Imports: `nanoseek` (its version), `nanoseek.errors`, `nanoseek.checkpoint` (the tokenizer), `nanoseek.engine`;
+fastapi (with starlette and pydantic).
 """
-
-__all__ = ["ServerConfig", "create_app"]
-
-
-def __getattr__(name: str):
-    # Imported on first use, so `nanoseek chat` (which needs only text.py) runs without the `serve` extra.
-    if name in __all__:
-        from nanoseek.server import app
-
-        return getattr(app, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -231,7 +231,9 @@ class AsyncEngine:
             running_sequences=len(e.running),
             cache_blocks_used=e.cache.n_blocks - e.cache.n_free,
             cache_blocks_total=e.cache.n_blocks,
-            steps=self._steps, preemptions=e.stats.preemptions, aborted=self._aborted,
+            steps=self._steps,
+            preemptions=e.stats.preemptions,
+            aborted=self._aborted,
             failed_steps=self._failed_steps,
         )
 

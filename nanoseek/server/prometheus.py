@@ -58,13 +58,21 @@ class ServerMetrics:
 
         def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]] | float) -> None:
             lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-            for labels, value in (samples if isinstance(samples, list) else [("", samples)]):
+            for labels, value in samples if isinstance(samples, list) else [("", samples)]:
                 lines.append(f"{name}{labels} {value}")
 
-        metric("nanoseek_http_requests_total", "counter", "HTTP requests answered, by path and status.",
-               [(f'{{path="{p}",status="{s}"}}', v) for (p, s), v in sorted(self.http.items())])
-        metric("nanoseek_requests_finished_total", "counter", "Generation requests by outcome.",
-               [(f'{{finish_reason="{r}"}}', v) for r, v in sorted(self.finished.items())])
+        metric(
+            "nanoseek_http_requests_total",
+            "counter",
+            "HTTP requests answered, by path and status.",
+            [(f'{{path="{p}",status="{s}"}}', v) for (p, s), v in sorted(self.http.items())],
+        )
+        metric(
+            "nanoseek_requests_finished_total",
+            "counter",
+            "Generation requests by outcome.",
+            [(f'{{finish_reason="{r}"}}', v) for r, v in sorted(self.finished.items())],
+        )
         metric("nanoseek_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", self.prompt_tokens)
         metric("nanoseek_generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens)
         metric("nanoseek_requests_waiting", "gauge", "Requests queued, not yet decoding.", snap.waiting_requests)
@@ -76,11 +84,12 @@ class ServerMetrics:
         metric("nanoseek_kv_cache_blocks_total", "gauge", "Latent-cache blocks.", snap.cache_blocks_total)
         metric("nanoseek_engine_steps_total", "counter", "Engine steps run.", snap.steps)
         metric("nanoseek_preemptions_total", "counter", "Sequences preempted for cache room.", snap.preemptions)
-        metric("nanoseek_requests_aborted_total", "counter", "Requests dropped because the client left.",
-               snap.aborted)
+        metric("nanoseek_requests_aborted_total", "counter", "Requests dropped because the client left.", snap.aborted)
         metric("nanoseek_engine_step_failures_total", "counter", "Engine steps that raised.", snap.failed_steps)
         metric("nanoseek_engine_up", "gauge", "1 while the engine thread runs.", int(engine_up))
-        for name, hist, help_ in [("nanoseek_time_to_first_token_seconds", self.ttft, "Time to first token."),
-                                  ("nanoseek_request_latency_seconds", self.latency, "Request latency, end to end.")]:
+        for name, hist, help_ in [
+            ("nanoseek_time_to_first_token_seconds", self.ttft, "Time to first token."),
+            ("nanoseek_request_latency_seconds", self.latency, "Request latency, end to end."),
+        ]:
             lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} histogram", *hist.lines(name)])
         return "\n".join(lines) + "\n"

@@ -1,0 +1,81 @@
+"""OpenAI's error object for every failure: `APIError` raised by the handlers, `error_response` to build one,
+and the exception handlers that turn FastAPI's own errors (validation: 400, not 422; unknown paths: 404;
+anything unexpected: 500) into it."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanoseek.server import protocol as P
+
+
+class APIError(Exception):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type_: str | None = None
+    ):
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    type_: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
+    e = APIError(status, message, param, code, type_)
+    body = P.ErrorResponse(error=P.ErrorDetail(message=e.message, type=e.type, param=e.param, code=e.code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return error_response(e.status, e.message, e.param, e.code, e.type)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": ""}
+        if first.get("type") == "json_invalid":
+            return error_response(
+                400,
+                "We could not parse the JSON body of your request: "
+                f"{first.get('ctx', {}).get('error', 'invalid JSON')}.",
+                code="invalid_json",
+            )
+        param = _param(first["loc"])
+        same = list(dict.fromkeys(e["msg"] for e in errs if _param(e["loc"]) == param))  # a union's members
+        message = "; or ".join(same)
+        if param:
+            message = f"{param}: {message}"
+        others = sum(_param(e["loc"]) != param for e in errs)
+        if others:
+            message += f" (and {others} more error{'s' if others > 1 else ''})"
+        return error_response(400, message, param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
+        return error_response(e.status_code, str(e.detail), code=code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        return error_response(500, f"Internal server error: {type(e).__name__}", code="internal_error")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def _param(loc: tuple) -> str | None:
+    """A validation error's location as OpenAI's `param` ("messages.0.content"): pydantic's own markers (the
+    body, the member of a union it tried: "str", "list[TextContentPart]") are left out."""
+    keep = [
+        str(x) for x in loc if x != "body" and not (isinstance(x, str) and (x in _TYPE_TAGS or "[" in x or "-" in x))
+    ]
+    return ".".join(keep) or None
