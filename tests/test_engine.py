@@ -3,12 +3,14 @@ cache under pressure, n samples, streaming, stop rules and bad requests."""
 
 import pytest
 import torch
+import transformers
 
+from nanoseek.checkpoint.hf import save_pretrained
+from nanoseek.checkpoint.tokenizer import train_tokenizer
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 
 from helpers import CONFIGS, random_model
-from nanoseek.checkpoint.hf import save_pretrained
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 17, 99, 3], [42] * 9, list(range(20, 45)), [7]]
@@ -28,14 +30,14 @@ def plain(v3_model):
 
 @pytest.mark.parametrize("name", ["v3", "v2_greedy"])
 def test_greedy_equals_transformers_generate(name, tmp_path):
-    transformers = pytest.importorskip("transformers")
     model = random_model(CONFIGS[name]).eval()
     save_pretrained(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     outs = Engine(model, max_batch_size=8).generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)[0, len(prompt):].tolist()
+        ref = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
         assert out.outputs[0].token_ids == ref
         assert out.outputs[0].finish_reason == "length"
 
@@ -93,7 +95,9 @@ def test_n_samples_share_one_prefill(v3_model):
     again = Engine(v3_model).generate([PROMPTS[2]], params)[0]
     assert [c.token_ids for c in again.outputs] == samples  # and reproducible
     # n greedy samples are all the greedy continuation
-    greedy = Engine(v3_model).generate([PROMPTS[2]], SamplingParams(max_tokens=20, temperature=0, n=3, ignore_eos=True))[0]
+    greedy = Engine(v3_model).generate(
+        [PROMPTS[2]], SamplingParams(max_tokens=20, temperature=0, n=3, ignore_eos=True)
+    )[0]
     assert len({tuple(c.token_ids) for c in greedy.outputs}) == 1
 
 
@@ -118,13 +122,41 @@ def test_logprobs_are_those_of_the_full_forward(v3_model, use_mtp):
 def test_stop_token_ids_and_eos(v3_model, plain):
     full = plain[0]
     stop_at = full[5]
-    out = Engine(v3_model).generate([PROMPTS[0]], SamplingParams(max_tokens=64, temperature=0, stop_token_ids=[stop_at],
-                                                                ignore_eos=True))[0].outputs[0]
+    out = (
+        Engine(v3_model)
+        .generate(
+            [PROMPTS[0]], SamplingParams(max_tokens=64, temperature=0, stop_token_ids=[stop_at], ignore_eos=True)
+        )[0]
+        .outputs[0]
+    )
     assert out.finish_reason == "stop" and out.token_ids == full[: full.index(stop_at) + 1]
     engine = Engine(v3_model)
     engine.eos_id = full[3]
     out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=64, temperature=0))[0].outputs[0]
-    assert out.finish_reason == "stop" and out.token_ids[-1] == full[3] and len(out.token_ids) == full.index(full[3]) + 1
+    assert (
+        out.finish_reason == "stop" and out.token_ids[-1] == full[3] and len(out.token_ids) == full.index(full[3]) + 1
+    )
+
+
+def test_stop_strings_cut_the_text_at_the_earliest_match_and_end_the_sample():
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog, 0123456789."] * 50, vocab_size=300)
+    model = random_model(CONFIGS["v3"].replace(vocab_size=max(300, tok.vocab_size))).eval()
+    engine = Engine(model, tok)
+    params = dict(max_tokens=40, temperature=0, ignore_eos=True)
+    full = engine.generate(["the quick"], SamplingParams(**params))[0].outputs[0]
+    assert len(full.text) > 20
+    stop, never = full.text[12:15], "\x00never\x00"  # a stop string that may span tokens, one that cannot match
+    later = full.text[16:18]
+    got = engine.generate(["the quick"], SamplingParams(**params, stop=[later, never, stop]))[0].outputs[0]
+    first = min(i for i in (full.text.find(stop), full.text.find(later)) if i >= 0)
+    assert got.finish_reason == "stop" and got.text == full.text[:first]
+    # generation ends on the token that completes the match: the shortest prefix whose text holds it
+    k = next(
+        k
+        for k in range(1, len(full.token_ids) + 1)
+        if any(s in tok.decode(full.token_ids[:k], skip_special_tokens=True) for s in (stop, later))
+    )
+    assert got.token_ids == full.token_ids[:k]
 
 
 def test_stream_yields_the_generated_tokens(v3_model):
@@ -163,15 +195,18 @@ def test_context_limit_finishes_with_length(v3_model):
     assert out.finish_reason == "length" and len(out.token_ids) == 5
 
 
-@pytest.mark.parametrize("prompt,params,match", [
-    ([], GREEDY, "empty"),
-    ([1] * 300, GREEDY, "context holds 256"),
-    ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
-    ([1, 2], SamplingParams(temperature=-0.5), "temperature"),
-    ([1, 2], SamplingParams(top_p=0.0), "top_p"),
-    ([1, 2], SamplingParams(top_p=1.5), "top_p"),
-    ([1, 99999], GREEDY, "token ids"),
-])
+@pytest.mark.parametrize(
+    "prompt,params,match",
+    [
+        ([], GREEDY, "empty"),
+        ([1] * 300, GREEDY, "context holds 256"),
+        ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
+        ([1, 2], SamplingParams(temperature=-0.5), "temperature"),
+        ([1, 2], SamplingParams(top_p=0.0), "top_p"),
+        ([1, 2], SamplingParams(top_p=1.5), "top_p"),
+        ([1, 99999], GREEDY, "token ids"),
+    ],
+)
 def test_bad_request_fails_alone(v3_model, plain, prompt, params, match):
     engine = Engine(v3_model)
     with pytest.raises(ValueError, match=match):

@@ -5,7 +5,8 @@ sampling (`sampling.py`), and the text side (`text.py`: detokenizing, stop strin
 Imports: `nanoseek.model`, `nanoseek.checkpoint`, `nanoseek.errors`.
 """
 
-from nanoseek.engine.engine import Completion, Engine, RequestOutput, TokenEvent
+from nanoseek.engine.engine import Engine
+from nanoseek.engine.requests import Completion, RequestOutput, TokenEvent
 from nanoseek.engine.sampling import SamplingParams
 
 __all__ = ["Completion", "Engine", "RequestOutput", "SamplingParams", "TokenEvent"]

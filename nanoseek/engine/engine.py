@@ -6,7 +6,7 @@
     rid = engine.add_request(ids, params); while engine.has_unfinished(): engine.step()   # what a server does
 
 - Prefill runs MLA in the expanded form; decode runs it absorbed, attending over the cached latent
-  c_kv and rotated k_pe only (see MLA in model.py).
+  c_kv and rotated k_pe only (see nanoseek/model/mla.py).
 - The latents live in a paged block cache (kv_cache.py). Requests join and leave between decode steps
   (continuous batching); a request whose next block cannot be had preempts the youngest running
   sequence, which is recomputed later from its tokens, so its output does not change.
@@ -33,38 +33,13 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.checkpoint.hf import from_pretrained
+from nanoseek.checkpoint.tokenizer import Tokenizer
 from nanoseek.engine.kv_cache import CacheFull, PagedLatentCache
-from nanoseek.model.transformer import Transformer
+from nanoseek.engine.requests import Completion, EngineStats, RequestOutput, TokenEvent
 from nanoseek.engine.sampling import RowParams, SamplingParams, make_generator, sample_rows, verify_draft
-
-
-@dataclass
-class Completion:
-    index: int
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str | None  # "stop" (EOS, stop string or id) or "length" (max_tokens or context)
-    logprobs: list[float] | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[Completion] = field(default_factory=list)
-    error: str | None = None  # set when the request was refused; the others are served regardless
-
-
-@dataclass
-class TokenEvent:
-    """One decoded token of one sample, as `step()` reports it (what streaming is built from)."""
-
-    request_id: str
-    index: int
-    token_id: int
-    finish_reason: str | None
-    logprob: float | None = None  # with params.logprobs or params.top_logprobs
-    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
+from nanoseek.engine.text import SampleText
+from nanoseek.model.transformer import Transformer
 
 
 @dataclass(eq=False)  # identity: `s in self.running` must not compare every field
@@ -82,39 +57,29 @@ class _Sequence:
     draft: int | None = None  # MTP's guess of the token after the last one
     draft_probs: torch.Tensor | None = None  # (V,) the distribution the draft was drawn from; None: one-hot
     finish_reason: str | None = None
-    stop_text_end: int | None = None  # where a stop string cut the text
+    text: SampleText | None = None  # with stop strings: the text so far, cut at the first stop string
 
     @property
     def output_ids(self) -> list[int]:
         return self.tokens[self.n_prompt :]
 
 
-@dataclass
-class EngineStats:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    preemptions: int = 0
-    decode_steps: int = 0  # batched decode forwards (a speculative step verifies and drafts in one)
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
-
-
 class Engine:
-    def __init__(self, model: Transformer | str | Path, tokenizer=None, *, max_batch_size: int = 32,
-                 block_size: int = 16, cache_tokens: int | None = None, use_mtp: bool = False,
-                 device: str | torch.device | None = None):
+    def __init__(
+        self,
+        model: Transformer | str | Path,
+        tokenizer=None,
+        *,
+        max_batch_size: int = 32,
+        block_size: int = 16,
+        cache_tokens: int | None = None,
+        use_mtp: bool = False,
+        device: str | torch.device | None = None,
+    ):
         if isinstance(model, (str, Path)):
-            from nanoseek.checkpoint.hf import from_pretrained
-
             path = Path(model)
             model = from_pretrained(path, device=device or "cpu")
             if tokenizer is None and (path / "tokenizer.json").exists():
-                from nanoseek.checkpoint.tokenizer import Tokenizer
-
                 tokenizer = Tokenizer.from_pretrained(path)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -126,9 +91,13 @@ class Engine:
         cache_tokens = cache_tokens or min(max_batch_size * self.max_len, 1 << 16)
         p = next(model.parameters())
         self.cache = PagedLatentCache(
-            n_layers=cfg.num_hidden_layers + len(model.mtp), n_blocks=-(-cache_tokens // block_size),
-            block_size=block_size, kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim,
-            dtype=p.dtype, device=p.device,
+            n_layers=cfg.num_hidden_layers + len(model.mtp),
+            n_blocks=-(-cache_tokens // block_size),
+            block_size=block_size,
+            kv_lora_rank=cfg.kv_lora_rank,
+            rope_dim=cfg.qk_rope_head_dim,
+            dtype=p.dtype,
+            device=p.device,
         )
         self.device = p.device
         self.waiting: deque[_Sequence] = deque()
@@ -146,8 +115,9 @@ class Engine:
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         """Queue a request; raises ValueError (and queues nothing) if it cannot be served."""
         params = params or SamplingParams()
         params.validate()
@@ -158,19 +128,32 @@ class Engine:
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) >= self.max_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.max_len}, "
-                             "leaving no room to generate")
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; the context holds {self.max_len}, leaving no room to generate"
+            )
         if self.cache.blocks_for(len(ids) + 1) > self.cache.n_blocks:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the KV cache holds "
-                             f"{self.cache.n_blocks * self.cache.block_size}")
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; the KV cache holds {self.cache.n_blocks * self.cache.block_size}"
+            )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         arrival = next(self._arrivals)
-        seqs = [_Sequence(rid, i, list(ids), len(ids), params, make_generator(params.seed, i), arrival)
-                for i in range(params.n)]
+        seqs = [
+            _Sequence(
+                rid,
+                i,
+                list(ids),
+                len(ids),
+                params,
+                make_generator(params.seed, i),
+                arrival,
+                text=SampleText(self.tokenizer, params.stop) if params.stop else None,
+            )
+            for i in range(params.n)
+        ]
         self.requests[rid] = seqs
         self.waiting.extend(seqs)
         return rid
@@ -183,11 +166,6 @@ class Engine:
                 self.running.remove(seq)
         self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
 
-    def refresh_weights(self) -> None:
-        """Nothing to do, by design: the engine holds no derived copy of the weights (absorbed MLA's W_UK and
-        W_UV are views into kv_b_proj.weight), so an optimizer step on the model is seen by the next forward.
-        Kept so training code (GRPO) may call it after each update without knowing that."""
-
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -196,8 +174,7 @@ class Engine:
 
     def output(self, request_id: str) -> RequestOutput:
         seqs = self.requests[request_id]
-        return RequestOutput(request_id, seqs[0].tokens[: seqs[0].n_prompt],
-                             [self._completion(s) for s in seqs])
+        return RequestOutput(request_id, seqs[0].tokens[: seqs[0].n_prompt], [self._completion(s) for s in seqs])
 
     def pop_output(self, request_id: str) -> RequestOutput:
         out = self.output(request_id)
@@ -205,8 +182,9 @@ class Engine:
         return out
 
     # ---- high-level entry points --------------------------------------------------------------
-    def generate(self, prompts: list[str | list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(
+        self, prompts: list[str | list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
         """Run prompts to completion; a refused prompt gets `error` set while the others are served."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -299,9 +277,12 @@ class Engine:
                 # Entry T-1 pairs h_{T-1} with each sample's own first token and drafts its second.
                 seqs = [group[i] for i in alive]
                 self.cache.prepare([s.blocks for s in seqs], [T - 1] * len(seqs), 1, absorb=True)
-                x = self._mtp_hidden(h[:, -1:].expand(len(seqs), -1, -1), tokens[alive, None],
-                                     positions[:, -1:].expand(len(seqs), -1))
-                self._draft(seqs, x[:, 0], rows if len(seqs) == len(group) else RowParams.of([s.params for s in seqs], dev))
+                x = self._mtp_hidden(
+                    h[:, -1:].expand(len(seqs), -1, -1), tokens[alive, None], positions[:, -1:].expand(len(seqs), -1)
+                )
+                self._draft(
+                    seqs, x[:, 0], rows if len(seqs) == len(group) else RowParams.of([s.params for s in seqs], dev)
+                )
         return events
 
     def _decode(self, seqs: list[_Sequence]) -> list[TokenEvent]:
@@ -377,16 +358,23 @@ class Engine:
         return events
 
     @staticmethod
-    def _verify(seqs: list[_Sequence], rows: RowParams, logits: torch.Tensor, drafts: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _verify(
+        seqs: list[_Sequence], rows: RowParams, logits: torch.Tensor, drafts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(token at the last position, draft kept?, token after the draft), each (B,), from the verify
         forward's logits (B, 2, V)."""
         if rows.all_greedy:  # one-hot p and q: the rule reduces to argmaxes, no (B, V) work
             target = logits.argmax(dim=-1)  # (B, 2)
             return target[:, 0], target[:, 0] == drafts, target[:, 1]
         p, p_next = rows.probs(logits[:, 0]), rows.probs(logits[:, 1])  # (B, V) each
-        q = torch.stack([s.draft_probs if s.draft_probs is not None else
-                         torch.zeros_like(p[0]).index_fill_(0, drafts[i : i + 1], 1.0) for i, s in enumerate(seqs)])
+        q = torch.stack(
+            [
+                s.draft_probs
+                if s.draft_probs is not None
+                else torch.zeros_like(p[0]).index_fill_(0, drafts[i : i + 1], 1.0)
+                for i, s in enumerate(seqs)
+            ]
+        )
         gens = [s.generator for s in seqs]
         u_keep, u = rows.uniform(gens), rows.uniform(gens)
         first, keep = verify_draft(p, q, drafts, u_keep, u)
@@ -474,11 +462,9 @@ class Engine:
         p = seq.params
         if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
-        if p.stop:
-            text = self.tokenizer.decode(seq.output_ids)
-            hits = [text.find(s) for s in p.stop if s and s in text]
-            if hits:
-                seq.stop_text_end = min(hits)
+        if seq.text is not None:  # incremental: each token's text is searched once, never the whole output
+            seq.text.add(token)
+            if seq.text.stopped:
                 return "stop"
         if len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.max_len:
             return "length"
@@ -488,8 +474,8 @@ class Engine:
         ids = seq.output_ids
         text = None
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if seq.stop_text_end is not None:
-                text = text[: seq.stop_text_end]
-        return Completion(seq.index, list(ids), text, seq.finish_reason,
-                          list(seq.logprobs) if seq.params.logprobs else None)
+            stopped = seq.text is not None and seq.text.stopped
+            text = seq.text.text if stopped else self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Completion(
+            seq.index, list(ids), text, seq.finish_reason, list(seq.logprobs) if seq.params.logprobs else None
+        )

@@ -3,7 +3,7 @@ k_pe (qk_rope_head_dim), 576 values for V3, stored in fixed-size blocks handed o
 
 The engine gives each sequence a block table (list of block ids). Before a forward it calls `prepare`
 with the sequences of the step; MLA then calls `update(layer, c_kv, k_pe)` (the `LatentCache` protocol in
-model.py), which writes the new tokens into their slots and returns each sequence's cached latents,
+nanoseek/model/mla.py), which writes the new tokens into their slots and returns each sequence's cached latents,
 padded to a whole number of blocks, with the matching attention mask.
 
 Everything a step needs (slots to write, blocks to read, mask) is built once in `prepare` with a handful
@@ -34,8 +34,16 @@ class StepLayout:
 class PagedLatentCache:
     """Pool of `n_blocks` blocks of `block_size` tokens for `n_layers` layers (MTP layers included)."""
 
-    def __init__(self, n_layers: int, n_blocks: int, block_size: int, kv_lora_rank: int, rope_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        n_layers: int,
+        n_blocks: int,
+        block_size: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         self.block_size, self.n_blocks, self.kv_lora_rank = block_size, n_blocks, kv_lora_rank
         self.width = kv_lora_rank + rope_dim
         # (layers, blocks, block_size, r + rope): one row per cached token per layer

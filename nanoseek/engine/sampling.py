@@ -84,10 +84,16 @@ class RowParams:
     def of(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> "RowParams":
         temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
         greedy = [p.greedy for p in params]
-        return cls(greedy, torch.tensor(greedy, device=device)[:, None], torch.tensor(temps, device=device)[:, None],
-                   torch.tensor([p.top_k for p in params], device=device),
-                   torch.tensor([p.top_p for p in params], device=device)[:, None],
-                   all(greedy), max(p.top_k for p in params), any(p.top_p < 1 for p in params))
+        return cls(
+            greedy,
+            torch.tensor(greedy, device=device)[:, None],
+            torch.tensor(temps, device=device)[:, None],
+            torch.tensor([p.top_k for p in params], device=device),
+            torch.tensor([p.top_p for p in params], device=device)[:, None],
+            all(greedy),
+            max(p.top_k for p in params),
+            any(p.top_p < 1 for p in params),
+        )
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, V) logits -> (B, V) fp32 probabilities after temperature, top-k and top-p; one-hot on
@@ -120,8 +126,12 @@ class RowParams:
 
     def uniform(self, generators: list[torch.Generator]) -> torch.Tensor:
         """(B,) U[0, 1) numbers, each from its row's generator; greedy rows draw nothing (they get 0.5)."""
-        u = torch.cat([torch.full((1,), 0.5) if greedy else torch.rand(1, generator=gen)
-                       for greedy, gen in zip(self.greedy_rows, generators)])
+        u = torch.cat(
+            [
+                torch.full((1,), 0.5) if greedy else torch.rand(1, generator=gen)
+                for greedy, gen in zip(self.greedy_rows, generators)
+            ]
+        )
         return u.to(self.greedy.device)
 
 
@@ -133,8 +143,9 @@ def sample_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp(max=probs.shape[-1] - 1)
 
 
-def verify_draft(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_keep: torch.Tensor, u: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def verify_draft(
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_keep: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling's accept/resample rule (Leviathan et al. 2023, Chen et al. 2023).
 
     p, q (B, V): the target's and the draft's distributions at the draft's position; drafts (B,) drawn
