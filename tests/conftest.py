@@ -1,15 +1,10 @@
-"""Shared fixtures: small configs in the styles the parity tests need, and seeded random models."""
+"""Shared fixtures: each parity configuration by name, one torch thread for tiny models, and one `nanoseek zero
+--preset smoke` run for the zero and distill tests. Shared helper functions live in helpers.py."""
 
 import pytest
 import torch
 
 from helpers import CONFIGS
-
-
-
-# The configurations transformers must agree with (issue 2, "Must show").
-
-
 
 
 @pytest.fixture(params=sorted(CONFIGS))
@@ -31,7 +26,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def zero_smoke_run(tmp_path_factory):
     """One `nanoseek zero --preset smoke` run shared by the zero and distill tests (the run is the slowest
-    fixture of the suite; each test that changes it restores what it needs)."""
+    fixture of the suite). No test changes it: a test that changes or resumes a run copies it to its own
+    tmp_path first (shutil.copytree)."""
     from nanoseek.cli import main
 
     before = torch.get_num_threads()

@@ -4,17 +4,21 @@ writing its table into both reports."""
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
 
+from nanoseek.checkpoint.tokenizer import EOS
 from nanoseek.cli import main
-from nanoseek.rl.distill import IGNORE_INDEX, ROWS, SFTConfig, distill_preset, read_traces, sft, sft_batch, student_config, verified
-from nanoseek.rl.zero import load_run_config
+from nanoseek.rl.distill import SFTConfig, distill_preset, read_traces, sft, sft_batch, student_config, verified
+from nanoseek.rl.evaluate import task_label
+from nanoseek.rl.report import ROWS
+from nanoseek.rl.zero import evaluate_model
+from nanoseek.rl.zero_config import load_run_config
 from nanoseek.tasks import format_response, get_task
 from nanoseek.tasks.base import split_of
-from nanoseek.checkpoint.tokenizer import EOS
-
+from nanoseek.train.data import IGNORE_INDEX
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
@@ -44,19 +48,34 @@ def test_sft_lowers_the_response_loss():
     from nanoseek import ModelConfig, Transformer
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                    num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                                    v_head_dim=8, n_routed_experts=0, first_k_dense_replace=0,
-                                    max_position_embeddings=64))
-    traces = [{"prompt_ids": [0, 3, 4, 5], "completion_ids": [10, 11, 12, 1]},
-              {"prompt_ids": [0, 6, 7], "completion_ids": [13, 14, 1]}]
+    model = Transformer(
+        ModelConfig(
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            n_routed_experts=0,
+            first_k_dense_replace=0,
+            max_position_embeddings=64,
+        )
+    )
+    traces = [
+        {"prompt_ids": [0, 3, 4, 5], "completion_ids": [10, 11, 12, 1]},
+        {"prompt_ids": [0, 6, 7], "completion_ids": [13, 14, 1]},
+    ]
     losses = sft(model, traces, SFTConfig(epochs=30, batch_size=2, lr=1e-2, warmup_steps=2), pad_id=2, progress=False)
     assert losses[-1] < 0.2 * losses[0]
 
 
 @pytest.fixture
-def zero_run(zero_smoke_run):
-    return zero_smoke_run
+def zero_run(zero_smoke_run, tmp_path):
+    """A copy of the shared smoke run: distillation writes into the run (distill/, report.md)."""
+    return shutil.copytree(zero_smoke_run, tmp_path / "run")
 
 
 def test_distill_smoke_end_to_end(zero_run, capsys):
@@ -91,5 +110,12 @@ def test_distill_smoke_end_to_end(zero_run, capsys):
         text = report.read_text()
         for key, name in ROWS:
             assert f"| {name} | {100 * evals[key]['pass_at_1']:.1f}% |" in text
+        assert str(zero_run) not in text  # paths relative to the run directory
+    # the teacher's row is the zero run's own evaluation of its RL model
+    label = task_label(task)
+    assert evals["teacher"] == json.loads((zero_run / "eval_rl.json").read_text())[label]
+    # the published distilled student, loaded again and evaluated with the run's settings, gives eval.json's numbers
+    again = evaluate_model(out / "student_distill", [task], zero.eval, progress=False)[label]
+    for key in ("pass_at_1", "pass_at_k", "format_rate", "mean_response_length"):
+        assert again[key] == evals["student_distill"][key], key
     assert "pass@1: teacher" in capsys.readouterr().out
-

@@ -10,21 +10,23 @@ from nanoseek.engine.engine import Engine
 from nanoseek.rl.evaluate import EvalError, evaluate, pass_at_k
 from nanoseek.tasks.base import split_of
 
-from helpers import TOKENIZER, Score, SayDigits, arithmetic_checkpoint, short_prompt, tiny_model
-
+from helpers import TOKENIZER, SayDigits, Score, arithmetic_checkpoint, short_prompt, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
-@pytest.mark.parametrize("n,c,k,want", [
-    (5, 2, 1, 0.4),  # pass@1 is c/n
-    (5, 2, 2, 1 - 3 / 10),  # 1 - C(3,2)/C(5,2)
-    (10, 3, 4, 1 - 35 / 210),  # 1 - C(7,4)/C(10,4)
-    (5, 0, 3, 0.0),
-    (5, 3, 3, 1.0),  # n - c < k: some sample is always right
-    (4, 4, 1, 1.0),
-    (200, 7, 100, 1 - comb(193, 100) / comb(200, 100)),  # large n: no overflow, same value
-])
+@pytest.mark.parametrize(
+    "n,c,k,want",
+    [
+        (5, 2, 1, 0.4),  # pass@1 is c/n
+        (5, 2, 2, 1 - 3 / 10),  # 1 - C(3,2)/C(5,2)
+        (10, 3, 4, 1 - 35 / 210),  # 1 - C(7,4)/C(10,4)
+        (5, 0, 3, 0.0),
+        (5, 3, 3, 1.0),  # n - c < k: some sample is always right
+        (4, 4, 1, 1.0),
+        (200, 7, 100, 1 - comb(193, 100) / comb(200, 100)),  # large n: no overflow, same value
+    ],
+)
 def test_pass_at_k_unbiased_estimator(n, c, k, want):
     assert pass_at_k(n, c, k) == pytest.approx(want, rel=1e-9, abs=1e-12)
 
@@ -46,8 +48,19 @@ def test_evaluate_counts_from_the_engines_completions():
 
     task = SayDigits()
     engine = Engine(tiny_model(std=0.1), TOKENIZER)
-    r = evaluate(engine, task, n_problems=6, k=2, samples_per_problem=4, temperature=1.0, top_p=1.0, max_tokens=12,
-                 reward_fn=reward, prompt_fn=short_prompt, n_examples=2)
+    r = evaluate(
+        engine,
+        task,
+        n_problems=6,
+        k=2,
+        samples_per_problem=4,
+        temperature=1.0,
+        top_p=1.0,
+        max_tokens=12,
+        reward_fn=reward,
+        prompt_fn=short_prompt,
+        n_examples=2,
+    )
     assert len(seen) == 24 and (r.n_problems, r.samples_per_problem, r.k) == (6, 4, 2)
     problems = [p for p, _ in seen[::4]]
     assert all(split_of(p.key, task.heldout_percent) == "heldout" for p in problems)  # held-out split only
@@ -65,8 +78,13 @@ def test_evaluate_counts_from_the_engines_completions():
 
 def test_greedy_takes_one_sample_and_reports_pass_at_1():
     engine = Engine(tiny_model(std=0.1), TOKENIZER)
-    kw = dict(n_problems=3, temperature=0, max_tokens=8, prompt_fn=short_prompt,
-              reward_fn=lambda ps, cs: [Score(0.0, float("7" in c), 0.0) for c in cs])
+    kw = dict(
+        n_problems=3,
+        temperature=0,
+        max_tokens=8,
+        prompt_fn=short_prompt,
+        reward_fn=lambda ps, cs: [Score(0.0, float("7" in c), 0.0) for c in cs],
+    )
     r = evaluate(engine, SayDigits(), k=8, **kw)
     assert (r.samples_per_problem, r.k) == (1, 1) and r.pass_at_k == r.pass_at_1
     again = evaluate(engine, SayDigits(), **kw)
@@ -86,8 +104,26 @@ def test_eval_cli_on_arithmetic(tmp_path, capsys):
 
     arithmetic_checkpoint(tmp_path / "m")
     out = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(tmp_path / "m"), "--task", "arithmetic", "--n", "4", "--k", "2",
-                 "--max-tokens", "8", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "m"),
+                "--task",
+                "arithmetic",
+                "--n",
+                "4",
+                "--k",
+                "2",
+                "--max-tokens",
+                "8",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "pass@1" in printed and "pass@2" in printed
     result = json.loads(out.read_text())

@@ -5,19 +5,39 @@ docs say it is."""
 
 import json
 import re
+import shutil
 
 import pytest
 
 from nanoseek.cli import main
-from nanoseek.rl.zero import CONFIG_FILE, STAGES, CorpusPart, ZeroConfig, ZeroCorpus, corpus_stats, load_run_config, preset, task_label
-
+from nanoseek.rl.evaluate import task_label
+from nanoseek.rl.zero import ZeroCorpus, corpus_stats, evaluate_model
+from nanoseek.rl.zero_config import (
+    BASE_DIR,
+    CONFIG_FILE,
+    MODEL_DIR,
+    STAGES,
+    ZERO_PRESETS,
+    CorpusPart,
+    ZeroConfig,
+    ZeroError,
+    load_run_config,
+    preset,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture
 def run(zero_smoke_run):
+    """The shared smoke run, read only: a test that changes or resumes a run copies it first (`run_copy`)."""
     return zero_smoke_run
+
+
+@pytest.fixture
+def run_copy(zero_smoke_run, tmp_path):
+    """This test's own copy of the smoke run, to change or resume."""
+    return shutil.copytree(zero_smoke_run, tmp_path / "run")
 
 
 def _table_rows(report: str, header_start: str) -> list[list[str]]:
@@ -25,7 +45,7 @@ def _table_rows(report: str, header_start: str) -> list[list[str]]:
     lines = report.splitlines()
     i = next(i for i, line in enumerate(lines) if line.startswith(header_start))
     rows = []
-    for line in lines[i + 2:]:
+    for line in lines[i + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([c.strip() for c in line.strip("|").split("|")])
@@ -37,9 +57,21 @@ def _pct(cell: str) -> float:
 
 
 def test_smoke_run_writes_every_artifact(run):
-    for name in ("report.md", "config.json", "stages.json", "corpus.json", "eval_base.json", "eval_rl.json",
-                 "data/meta.json", "pretrain/metrics.jsonl", "grpo/metrics.jsonl", "base/config.json",
-                 "model/config.json", "model/model.safetensors", "model/tokenizer.json"):
+    for name in (
+        "report.md",
+        "config.json",
+        "stages.json",
+        "corpus.json",
+        "eval_base.json",
+        "eval_rl.json",
+        "data/meta.json",
+        "pretrain/metrics.jsonl",
+        "grpo/metrics.jsonl",
+        "base/config.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+    ):
         assert (run / name).is_file(), name
     for png in ("reward", "accuracy", "response_length", "pretrain_loss"):
         data = (run / "plots" / f"{png}.png").read_bytes()
@@ -75,7 +107,7 @@ def test_report_numbers_are_the_runs_own(run):
     assert [r["step"] for r in grpo] == list(range(1, cfg.grpo.max_steps + 1))
     assert f"{len(grpo)} steps x {cfg.grpo.prompts_per_step} prompts" in report
     lengths = [r["completion_length/mean"] for r in grpo]
-    early, late = lengths[: max(1, len(lengths) // 10)], lengths[-max(1, len(lengths) // 10):]
+    early, late = lengths[: max(1, len(lengths) // 10)], lengths[-max(1, len(lengths) // 10) :]
     trend = _table_rows(report, "| target | measured")[3][1]
     assert trend.startswith(f"{sum(early) / len(early):.1f} → {sum(late) / len(late):.1f} tokens")
     # pretraining: the steps and the last held-out loss
@@ -84,9 +116,29 @@ def test_report_numbers_are_the_runs_own(run):
     assert f"held-out loss {pre[-1]['loss/heldout']:.4f}" in report
     # the corpus section and the config are there
     corpus = json.loads((run / "corpus.json").read_text())["parts"][0]
-    assert (f"| {corpus['task']} | {corpus['format']} | {corpus['documents']:,} | {corpus['problems']:,} | "
-            f"{corpus['with_trace']:,} |") in report
+    assert (
+        f"| {corpus['task']} | {corpus['format']} | {corpus['documents']:,} | {corpus['problems']:,} | "
+        f"{corpus['with_trace']:,} |"
+    ) in report
     assert json.loads(report.split("```json\n")[1].split("\n```")[0]) == json.loads((run / CONFIG_FILE).read_text())
+    # paths are relative to the run directory: the report reads the same wherever the run is moved
+    assert str(run) not in report and str(run.parent) not in report
+    assert "nanoseek chat --model model\n" in report and "![reward](plots/reward.png)" in report
+
+
+@pytest.mark.parametrize("model, saved", [(MODEL_DIR, "eval_rl.json"), (BASE_DIR, "eval_base.json")])
+def test_published_model_reproduces_its_evaluation(run, model, saved):
+    """The model directory the run published, loaded again and evaluated with the run's own eval settings,
+    gives exactly the numbers the run recorded (evaluation is seeded): the published weights are the ones
+    that were evaluated."""
+    cfg = load_run_config(run)
+    recorded = json.loads((run / saved).read_text())
+    again = evaluate_model(run / model, cfg.eval_tasks(), cfg.eval, progress=False)
+    assert set(again) == set(recorded)
+    for label, ev in recorded.items():
+        for key in ("pass_at_1", "pass_at_k", "format_rate", "mean_response_length", "reasoning_rate"):
+            assert again[label][key] == ev[key], (label, key)
+        assert again[label]["examples"] == ev["examples"]
 
 
 def test_final_checkpoint_serves_with_the_r1_zero_template(run):
@@ -94,7 +146,8 @@ def test_final_checkpoint_serves_with_the_r1_zero_template(run):
 
     from nanoseek.engine.engine import Engine
     from nanoseek.engine.sampling import SamplingParams
-    from nanoseek.server.app import ServerConfig, create_app
+    from nanoseek.server.app import create_app
+    from nanoseek.server.config import ServerConfig
     from nanoseek.tasks import prompt_text
 
     engine = Engine(run / "model")
@@ -108,18 +161,27 @@ def test_final_checkpoint_serves_with_the_r1_zero_template(run):
     # the server's own loader and a chat completion through it
     with TestClient(create_app(ServerConfig(model=str(run / "model")))) as client:
         assert client.get("/v1/models").json()["data"][0]["id"] == "model"
-        r = client.post("/v1/chat/completions", json={"model": "model", "max_tokens": 8, "temperature": 0,
-                                                       "messages": [{"role": "user", "content": problem.question}]})
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "model",
+                "max_tokens": 8,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": problem.question}],
+            },
+        )
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["prompt_tokens"] == len(tok.encode(prompt_text(problem)))
 
 
-def test_resume_skips_finished_stages_and_finishes_an_interrupted_one(run, capsys):
+def test_resume_skips_finished_stages_and_finishes_an_interrupted_one(run_copy, capsys):
+    run = run_copy
     stages_path = run / "stages.json"
     before = json.loads(stages_path.read_text())
     # as if killed during eval_rl: the stage is not done and its output is gone
     before["eval_rl"]["done"] = False
     stages_path.write_text(json.dumps(before))
+    recorded = json.loads((run / "eval_rl.json").read_text())
     (run / "eval_rl.json").unlink()
     assert main(["zero", "--out", str(run), "--resume", "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -129,6 +191,8 @@ def test_resume_skips_finished_stages_and_finishes_an_interrupted_one(run, capsy
     after = json.loads(stages_path.read_text())
     assert after["eval_rl"]["done"] and after["eval_rl"]["seconds"] > before["eval_rl"]["seconds"]
     assert after["pretrain"] == before["pretrain"]
+    again = json.loads((run / "eval_rl.json").read_text())  # the stage ran again: the same seeded numbers
+    assert {k: v["pass_at_1"] for k, v in again.items()} == {k: v["pass_at_1"] for k, v in recorded.items()}
 
 
 def test_refuses_to_overwrite_or_to_resume_with_other_settings(run, tmp_path, capsys):
@@ -148,8 +212,9 @@ def test_config_round_trips_through_json():
 
 
 def test_corpus_is_the_demo_task_with_a_fraction_of_traces():
-    parts = [CorpusPart("arithmetic", {"min_digits": 2, "max_digits": 2, "ops": "*"}, documents=400,
-                        reasoning_fraction=0.25)]
+    parts = [
+        CorpusPart("arithmetic", {"min_digits": 2, "max_digits": 2, "ops": "*"}, documents=400, reasoning_fraction=0.25)
+    ]
     docs = list(ZeroCorpus(parts, seed=0))
     assert docs == list(ZeroCorpus(parts, seed=0)) and len(docs) == 400
     responses = [d.rsplit(" Assistant:", 1)[1] for d in docs]
@@ -165,10 +230,10 @@ def test_corpus_is_the_demo_task_with_a_fraction_of_traces():
 
 
 def test_unknown_preset_is_an_error():
-    from nanoseek.rl.zero import ZeroError
-
     with pytest.raises(ZeroError, match="unknown zero preset"):
         preset("huge")
+    for name in ZERO_PRESETS:
+        assert preset(name).preset == name
 
 
 def test_worked_documents_are_question_and_solution_without_template():

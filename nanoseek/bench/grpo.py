@@ -26,8 +26,15 @@ from typing import TextIO
 
 import torch
 
+from nanoseek.checkpoint.hf import from_pretrained, save_pretrained
+from nanoseek.checkpoint.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.errors import NanoseekError
-from nanoseek.checkpoint.hf import save_pretrained
+from nanoseek.model.presets import get_preset
+from nanoseek.model.transformer import Transformer
+from nanoseek.rl.config import GRPOConfig
+from nanoseek.rl.grpo import train_grpo
+from nanoseek.tasks import get_task, pretraining_documents, prompt_text
+from nanoseek.tasks.rewards import task_reward_fn
 
 
 @dataclass
@@ -68,14 +75,11 @@ def _checkpoint(s: BenchSettings, task, root: Path) -> Path:
     """The checkpoint both sides load: `--model`, or a seeded random `--preset` with a task-trained tokenizer."""
     if s.model:
         return Path(s.model)
-    from nanoseek.model.presets import get_preset
-    from nanoseek.model.transformer import Transformer
-    from nanoseek.tasks import pretraining_documents
-    from nanoseek.checkpoint.tokenizer import train_tokenizer
 
     cfg = get_preset(s.preset)
-    tok = train_tokenizer(list(pretraining_documents(task, n=1000, seed=0)), vocab_size=cfg.vocab_size,
-                          chat_template="r1_zero")
+    tok = train_tokenizer(
+        list(pretraining_documents(task, n=1000, seed=0)), vocab_size=cfg.vocab_size, chat_template="r1_zero"
+    )
     cfg = cfg.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     torch.manual_seed(s.seed)
     out = root / "model"
@@ -85,28 +89,40 @@ def _checkpoint(s: BenchSettings, task, root: Path) -> Path:
 
 
 def _nanoseek_round(s: BenchSettings, ckpt: Path, task, problems) -> tuple[list[float], list[dict]]:
-    from nanoseek.checkpoint.hf import from_pretrained
-    from nanoseek.checkpoint.tokenizer import Tokenizer
-    from nanoseek.rl.grpo import GRPOConfig, train_grpo
-
-    cfg = GRPOConfig(num_generations=s.num_generations, prompts_per_step=s.prompts, max_completion_length=s.length,
-                     ignore_eos=True, beta=s.beta, loss_type=s.loss_type, learning_rate=s.learning_rate,
-                     max_steps=s.steps, seed=s.seed, reward_weights={"accuracy": 1.0, "format": 0.1})
-    result = train_grpo(from_pretrained(ckpt), Tokenizer.from_pretrained(ckpt), _FixedProblems(task, problems), cfg,
-                        None, progress=False)
+    cfg = GRPOConfig(
+        num_generations=s.num_generations,
+        prompts_per_step=s.prompts,
+        max_completion_length=s.length,
+        ignore_eos=True,
+        beta=s.beta,
+        loss_type=s.loss_type,
+        learning_rate=s.learning_rate,
+        max_steps=s.steps,
+        seed=s.seed,
+        reward_weights={"accuracy": 1.0, "format": 0.1},
+    )
+    result = train_grpo(
+        from_pretrained(ckpt),
+        Tokenizer.from_pretrained(ckpt),
+        _FixedProblems(task, problems),
+        cfg,
+        None,
+        progress=False,
+    )
     return [h["time/step_s"] for h in result.history], result.history
 
 
 def _trl_round(s: BenchSettings, ckpt: Path, task, problems, out_dir: Path) -> tuple[list[float], list[dict]]:
+    # TRL and its stack are the optional [bench] extra, and slow to import: only the TRL side loads them.
     from datasets import Dataset
-    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
-    from trl import GRPOConfig as TRLConfig
-    from trl import GRPOTrainer
+    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback  # the [bench] extra, see above
+    from trl import GRPOConfig as TRLConfig  # the [bench] extra, see above
+    from trl import GRPOTrainer  # the [bench] extra, see above
 
-    from nanoseek.tasks import RewardWeights, prompt_text, score_batch
+    reward_fn = task_reward_fn(task)
 
     def scores(completions, idx):
-        return score_batch([problems[i] for i in idx], completions, RewardWeights(), {task.name: task})
+        return reward_fn([problems[i] for i in idx], completions)
 
     def accuracy(prompts, completions, idx, **_):
         return [r.accuracy for r in scores(completions, idx)]
@@ -125,16 +141,43 @@ def _trl_round(s: BenchSettings, ckpt: Path, task, problems, out_dir: Path) -> t
 
     dataset = Dataset.from_list([{"prompt": prompt_text(p), "idx": i} for i, p in enumerate(problems)])
     args = TRLConfig(
-        output_dir=str(out_dir), use_cpu=True, bf16=False, seed=s.seed, report_to="none", save_strategy="no",
-        disable_tqdm=True, logging_steps=1, max_steps=s.steps, shuffle_dataset=False,
-        per_device_train_batch_size=s.prompts * s.num_generations, gradient_accumulation_steps=1,
-        num_generations=s.num_generations, max_completion_length=s.length, temperature=1.0, top_p=1.0,
-        generation_kwargs={"min_new_tokens": s.length}, num_iterations=1, beta=s.beta, loss_type=s.loss_type,
-        learning_rate=s.learning_rate, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-        adam_beta2=0.99, weight_decay=0.0, reward_weights=[1.0, 0.1], model_init_kwargs={"dtype": torch.float32},
+        output_dir=str(out_dir),
+        use_cpu=True,
+        bf16=False,
+        seed=s.seed,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        max_steps=s.steps,
+        shuffle_dataset=False,
+        per_device_train_batch_size=s.prompts * s.num_generations,
+        gradient_accumulation_steps=1,
+        num_generations=s.num_generations,
+        max_completion_length=s.length,
+        temperature=1.0,
+        top_p=1.0,
+        generation_kwargs={"min_new_tokens": s.length},
+        num_iterations=1,
+        beta=s.beta,
+        loss_type=s.loss_type,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        adam_beta2=0.99,
+        weight_decay=0.0,
+        reward_weights=[1.0, 0.1],
+        model_init_kwargs={"dtype": torch.float32},
     )
-    trainer = GRPOTrainer(model=str(ckpt), reward_funcs=[accuracy, format_], args=args, train_dataset=dataset,
-                          processing_class=AutoTokenizer.from_pretrained(ckpt), callbacks=[StepTimer()])
+    trainer = GRPOTrainer(
+        model=str(ckpt),
+        reward_funcs=[accuracy, format_],
+        args=args,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(ckpt),
+        callbacks=[StepTimer()],
+    )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
     rollout_times: list[float] = []
     generate_and_score = trainer._generate_and_score_completions
@@ -165,14 +208,14 @@ def run_bench(s: BenchSettings, out: TextIO = sys.stdout) -> dict[str, float]:
 
 
 def _run(s: BenchSettings, out: TextIO) -> dict[str, float]:
-    from nanoseek.tasks import get_task
-
     if not s.skip_trl:
         try:
-            import trl  # noqa: F401
+            import trl  # noqa: F401  (optional: the [bench] extra; checked here to fail early and clearly)
         except ImportError:
-            raise NanoseekError("nanoseek bench grpo needs TRL: pip install -e '.[bench]' (or pass --skip-trl)") from None
-        import transformers
+            raise NanoseekError(
+                "nanoseek bench grpo needs TRL: pip install -e '.[bench]' (or pass --skip-trl)"
+            ) from None
+        import transformers  # optional, installed with TRL: quiet its logging and progress bars
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
@@ -188,9 +231,13 @@ def _run(s: BenchSettings, out: TextIO) -> dict[str, float]:
     split = {"time/rollout_s": [], "time/reward_s": [], "time/update_s": []}
     with tempfile.TemporaryDirectory(prefix="nanoseek-bench-grpo-") as tmp:
         ckpt = _checkpoint(s, task, Path(tmp))
-        print(f"GRPO step: {s.prompts} prompts x G={s.num_generations}, {s.length} completion tokens each, "
-              f"loss {s.loss_type}, beta {s.beta}, mu 1; model {s.model or s.preset}; task {s.task}; "
-              f"torch threads {torch.get_num_threads()}", file=out, flush=True)
+        print(
+            f"GRPO step: {s.prompts} prompts x G={s.num_generations}, {s.length} completion tokens each, "
+            f"loss {s.loss_type}, beta {s.beta}, mu 1; model {s.model or s.preset}; task {s.task}; "
+            f"torch threads {torch.get_num_threads()}",
+            file=out,
+            flush=True,
+        )
         for r in range(s.rounds):
             sides = ["nanoseek", "trl"] if r % 2 == 0 else ["trl", "nanoseek"]
             for side in sides:
@@ -210,14 +257,21 @@ def _run(s: BenchSettings, out: TextIO) -> dict[str, float]:
                 print(f"  round {r + 1} {side:>8}: " + ", ".join(f"{t:.2f}s" for t in times), file=out, flush=True)
     med = {"nanoseek_s": statistics.median(ours)}
     parts = ", ".join(f"{k.split('/')[1][:-2]} {statistics.median(v):.2f}s" for k, v in split.items())
-    print(f"nanoseek: {med['nanoseek_s']:.2f} s/step (median of {len(ours)}; {parts}), "
-          f"mean completion length {statistics.mean(lengths['nanoseek']):.1f}", file=out)
+    print(
+        f"nanoseek: {med['nanoseek_s']:.2f} s/step (median of {len(ours)}; {parts}), "
+        f"mean completion length {statistics.mean(lengths['nanoseek']):.1f}",
+        file=out,
+    )
     if theirs:
         med["trl_s"] = statistics.median(theirs)
         med["ratio"] = med["trl_s"] / med["nanoseek_s"]
         rollout = f"rollout {statistics.median(trl_rollout):.2f}s, " if trl_rollout else ""
-        print(f"TRL:      {med['trl_s']:.2f} s/step (median of {len(theirs)}; {rollout}the rest is the update), "
-              f"mean completion length {statistics.mean(lengths['trl']):.1f}", file=out)
-        print(f"nanoseek is {med['ratio']:.1f}x faster per GRPO step than TRL {__import__('trl').__version__}",
-              file=out)
+        print(
+            f"TRL:      {med['trl_s']:.2f} s/step (median of {len(theirs)}; {rollout}the rest is the update), "
+            f"mean completion length {statistics.mean(lengths['trl']):.1f}",
+            file=out,
+        )
+        print(
+            f"nanoseek is {med['ratio']:.1f}x faster per GRPO step than TRL {__import__('trl').__version__}", file=out
+        )
     return med

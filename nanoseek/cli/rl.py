@@ -17,7 +17,18 @@ import sys
 import typing
 from pathlib import Path
 
+import torch
+
+from nanoseek.bench.grpo import BenchSettings, run_bench
+from nanoseek.checkpoint.hf import from_pretrained
+from nanoseek.checkpoint.tokenizer import Tokenizer
+from nanoseek.engine.engine import Engine
 from nanoseek.errors import NanoseekError
+from nanoseek.rl.config import GRPOConfig
+from nanoseek.rl.evaluate import evaluate
+from nanoseek.rl.grpo import train_grpo
+from nanoseek.tasks import get_task
+from nanoseek.train.metrics import plot_run
 
 HELP = {
     "num_generations": "G: completions sampled per prompt",
@@ -117,21 +128,14 @@ def config_from_args(cls, args: argparse.Namespace):
 
 def _set_threads(args: argparse.Namespace) -> None:
     if args.threads > 0:
-        import torch
-
         torch.set_num_threads(args.threads)
 
 
 def _load(model_dir: str):
-    from nanoseek.checkpoint.hf import from_pretrained
-    from nanoseek.checkpoint.tokenizer import Tokenizer
-
     return from_pretrained(model_dir), Tokenizer.from_pretrained(model_dir)
 
 
 def _task(args: argparse.Namespace):
-    from nanoseek.tasks import get_task
-
     knobs = {}
     for item in args.task_arg or []:
         knobs.update(_parse_kv(item, "--task-arg"))
@@ -145,76 +149,100 @@ def _task(args: argparse.Namespace):
 
 # ---- commands -------------------------------------------------------------------------------------------
 def cmd_grpo(args: argparse.Namespace) -> None:
-    from nanoseek.rl.grpo import GRPOConfig, train_grpo
-
     cfg = config_from_args(GRPOConfig, args)
     _set_threads(args)
     task = _task(args)
     model, tokenizer = _load(args.model)
 
     def report(m: dict) -> None:
-        print(f"step {m['step']}: reward {m['reward/total']:.3f} accuracy {m['reward/accuracy']:.3f} "
-              f"format {m['reward/format']:.3f} length {m['completion_length/mean']:.1f} kl {m.get('kl', 0):.4f} "
-              f"entropy {m.get('entropy', 0):.3f} {m['time/step_s']:.1f}s", flush=True)
+        print(
+            f"step {m['step']}: reward {m['reward/total']:.3f} accuracy {m['reward/accuracy']:.3f} "
+            f"format {m['reward/format']:.3f} length {m['completion_length/mean']:.1f} kl {m.get('kl', 0):.4f} "
+            f"entropy {m.get('entropy', 0):.3f} {m['time/step_s']:.1f}s",
+            flush=True,
+        )
 
-    result = train_grpo(model, tokenizer, task, cfg, args.out, resume=args.resume, progress=args.progress,
-                        on_step=None if args.progress else report)
+    result = train_grpo(
+        model,
+        tokenizer,
+        task,
+        cfg,
+        args.out,
+        resume=args.resume,
+        progress=args.progress,
+        on_step=None if args.progress else report,
+    )
     if args.plot and result.history:
-        from nanoseek.train.metrics import plot_run
-
         plot_run(args.out)
     f = result.final
     if f:
         where = f"model in {result.final_model_dir}, metrics in {Path(args.out) / 'metrics.jsonl'}"
         if args.plot:
             where += f", curves in {Path(args.out) / 'plots'}"
-        print(f"grpo: step {result.steps}, reward {f['reward/total']:.3f}, accuracy {f['reward/accuracy']:.3f}, "
-              f"mean length {f['completion_length/mean']:.1f}; {where}")
+        print(
+            f"grpo: step {result.steps}, reward {f['reward/total']:.3f}, accuracy {f['reward/accuracy']:.3f}, "
+            f"mean length {f['completion_length/mean']:.1f}; {where}"
+        )
     else:
         print(f"grpo: already at step {result.steps} (max_steps); nothing to do")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from nanoseek.engine.engine import Engine
-    from nanoseek.rl.evaluate import evaluate
-
     _set_threads(args)
     task = _task(args)
     model, tokenizer = _load(args.model)
-    result = evaluate(Engine(model, tokenizer, max_batch_size=args.batch_size), task, n_problems=args.n, k=args.k,
-                      samples_per_problem=args.samples, temperature=args.temperature, top_p=args.top_p,
-                      max_tokens=args.max_tokens, seed=args.seed, n_examples=args.examples)
+    result = evaluate(
+        Engine(model, tokenizer, max_batch_size=args.batch_size),
+        task,
+        n_problems=args.n,
+        k=args.k,
+        samples_per_problem=args.samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        n_examples=args.examples,
+    )
     print(result.summary())
     for ex in result.examples:
         mark = "correct" if ex["correct"] else "wrong"
-        print(f"\n--- {ex['question']} (answer {ex['answer']}; {mark}, "
-              f"{'well formed' if ex['well_formed'] else 'malformed'})\n{ex['completion']}")
+        print(
+            f"\n--- {ex['question']} (answer {ex['answer']}; {mark}, "
+            f"{'well formed' if ex['well_formed'] else 'malformed'})\n{ex['completion']}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
 
 def cmd_bench_grpo(args: argparse.Namespace) -> None:
-    from nanoseek.bench.grpo import BenchSettings, run_bench
-
     settings = BenchSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchSettings)})
     run_bench(settings, out=sys.stdout)
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
-    from nanoseek.rl.grpo import GRPOConfig
-
-    g = sub.add_parser("grpo", help="GRPO with rule rewards on a verifiable task (R1-Zero's RL)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = sub.add_parser(
+        "grpo",
+        help="GRPO with rule rewards on a verifiable task (R1-Zero's RL)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g.add_argument("--model", required=True, help="HF-format checkpoint directory with a tokenizer")
     g.add_argument("--task", required=True, help="task name (arithmetic, countdown, program, ...)")
     g.add_argument("--task-arg", action="append", metavar="K=V", help="task difficulty knob(s), e.g. max_digits=3")
     g.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, final/")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
-                   help="progress bar (default when a terminal); without it, one line per step")
+    g.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=sys.stderr.isatty(),
+        help="progress bar (default when a terminal); without it, one line per step",
+    )
     g.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
-    g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
-                   help="write PNG curves of the metrics to RUN_DIR/plots at the end")
+    g.add_argument(
+        "--plot",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write PNG curves of the metrics to RUN_DIR/plots at the end",
+    )
     add_config_flags(g, GRPOConfig)
     g.set_defaults(func=cmd_grpo)
 
@@ -235,10 +263,11 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     e.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     e.set_defaults(func=cmd_eval)
 
-    from nanoseek.bench.grpo import BenchSettings
-
-    b = bench.add_parser("grpo", help="seconds per GRPO step: nanoseek vs TRL's GRPOTrainer, same everything",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b = bench.add_parser(
+        "grpo",
+        help="seconds per GRPO step: nanoseek vs TRL's GRPOTrainer, same everything",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     for f in dataclasses.fields(BenchSettings):
         flag, kw = "--" + f.name.replace("_", "-"), dict(dest=f.name, default=f.default, help=BENCH_HELP.get(f.name))
         if isinstance(f.default, bool):

@@ -11,11 +11,12 @@ import argparse
 import sys
 
 from nanoseek.errors import NanoseekError
+from nanoseek.rl.distill import distill_preset, run_distill
+from nanoseek.rl.zero import run_zero
+from nanoseek.rl.zero_config import ZERO_PRESETS, load_run_config, preset
 
 
 def _zero_config(args: argparse.Namespace):
-    from nanoseek.rl.zero import load_run_config, preset
-
     if args.resume and args.preset is None:
         cfg = load_run_config(args.out)  # the run's own settings
         if args.seed is not None and args.seed != cfg.seed:
@@ -28,61 +29,87 @@ def _zero_config(args: argparse.Namespace):
 
 
 def cmd_zero(args: argparse.Namespace) -> None:
-    from nanoseek.rl.zero import run_zero
-
     cfg = _zero_config(args)
     result = run_zero(cfg, args.out, resume=args.resume, progress=args.progress)
     t = result.targets
-    print(f"zero: {t['task']}: held-out pass@1 {t['base_pass@1']:.1%} (base) -> {t['rl_pass@1']:.1%} (after GRPO), "
-          f"mean length {t['eval_length_base']:.0f} -> {t['eval_length_rl']:.0f} tokens; "
-          f"total {sum(result.seconds.values()):.0f}s")
+    print(
+        f"zero: {t['task']}: held-out pass@1 {t['base_pass@1']:.1%} (base) -> {t['rl_pass@1']:.1%} (after GRPO), "
+        f"mean length {t['eval_length_base']:.0f} -> {t['eval_length_rl']:.0f} tokens; "
+        f"total {sum(result.seconds.values()):.0f}s"
+    )
     print(f"zero: report {result.report}")
     print(f"zero: model  {result.model_dir}   (nanoseek chat --model {result.model_dir})")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from nanoseek.rl.distill import distill_preset, run_distill
-
     cfg = distill_preset(args.preset, seed=args.seed)
     result = run_distill(cfg, args.run, args.out, resume=args.resume, progress=args.progress)
     e = result.evals
-    print(f"distill: kept {result.traces['kept']} verified traces of {result.traces['sampled']} samples; held-out "
-          f"pass@1: teacher {e['teacher']['pass_at_1']:.1%}, student pretrained {e['student_base']['pass_at_1']:.1%}, "
-          f"distilled {e['student_distill']['pass_at_1']:.1%}, RL alone {e['student_rl']['pass_at_1']:.1%}")
+    print(
+        f"distill: kept {result.traces['kept']} verified traces of {result.traces['sampled']} samples; held-out "
+        f"pass@1: teacher {e['teacher']['pass_at_1']:.1%}, student pretrained {e['student_base']['pass_at_1']:.1%}, "
+        f"distilled {e['student_distill']['pass_at_1']:.1%}, RL alone {e['student_rl']['pass_at_1']:.1%}"
+    )
     print(f"distill: report {result.report}")
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
-    from nanoseek.rl.zero import PRESETS
-
-    z = sub.add_parser("zero", help="R1-Zero from scratch: corpus, tokenizer, base model, GRPO, report",
-                       description="Build the corpus, train the tokenizer, pretrain a small MLA+MoE base model, "
-                                   "evaluate it, run GRPO from it with rule rewards, evaluate again and write "
-                                   "RUN_DIR/report.md. The final model (HF format + tokenizer) is RUN_DIR/model.")
-    z.add_argument("--preset", choices=PRESETS, default=None,
-                   help="default: the demo (~20-25 min on 2 cores); smoke: about a minute (tests). Default: default, or "
-                        "the run's own preset with --resume")
+    z = sub.add_parser(
+        "zero",
+        help="R1-Zero from scratch: corpus, tokenizer, base model, GRPO, report",
+        description="Build the corpus, train the tokenizer, pretrain a small MLA+MoE base model, "
+        "evaluate it, run GRPO from it with rule rewards, evaluate again and write "
+        "RUN_DIR/report.md. The final model (HF format + tokenizer) is RUN_DIR/model.",
+    )
+    z.add_argument(
+        "--preset",
+        choices=ZERO_PRESETS,
+        default=None,
+        help="default: the demo (~20-25 min on 2 cores); smoke: about a minute (tests). Default: default, or "
+        "the run's own preset with --resume",
+    )
     z.add_argument("--out", default="runs/zero", help="run directory (default runs/zero)")
-    z.add_argument("--seed", type=int, default=None, help="seed of the corpus, model init, data order and GRPO "
-                                                          "(the held-out eval problems stay fixed); default 0")
-    z.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice; on a "
-                                                              "busy machine 1 can be much faster)")
-    z.add_argument("--resume", action="store_true", help="continue the run in --out: finished stages are "
-                                                         "skipped, pretraining and GRPO resume from checkpoints")
-    z.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
-                   help="progress bars (default when a terminal)")
+    z.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the corpus, model init, data order and GRPO (the held-out eval problems stay fixed); default 0",
+    )
+    z.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice; on a busy machine 1 can be much faster)",
+    )
+    z.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out: finished stages are skipped, pretraining and GRPO resume from checkpoints",
+    )
+    z.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=sys.stderr.isatty(),
+        help="progress bars (default when a terminal)",
+    )
     z.set_defaults(func=cmd_zero)
 
-    d = sub.add_parser("distill", help="distill a zero run's RL model into a smaller dense student; compare with "
-                                       "the student trained by RL alone",
-                       description="Rejection-sample verified reasoning traces from RUN_DIR/model on train-split "
-                                   "problems, fine-tune a smaller dense student (pretrained on the run's corpus) on "
-                                   "them, train the same student by GRPO alone, and report held-out pass@1 of each.")
+    d = sub.add_parser(
+        "distill",
+        help="distill a zero run's RL model into a smaller dense student; compare with the student trained by RL alone",
+        description="Rejection-sample verified reasoning traces from RUN_DIR/model on train-split "
+        "problems, fine-tune a smaller dense student (pretrained on the run's corpus) on "
+        "them, train the same student by GRPO alone, and report held-out pass@1 of each.",
+    )
     d.add_argument("--run", required=True, help="a finished `nanoseek zero` run directory")
-    d.add_argument("--preset", choices=PRESETS, default="default", help="default: a few minutes; smoke: seconds")
+    d.add_argument("--preset", choices=ZERO_PRESETS, default="default", help="default: a few minutes; smoke: seconds")
     d.add_argument("--out", default=None, help="output directory (default RUN/distill)")
     d.add_argument("--seed", type=int, default=0, help="seed of the sampled problems and the fine-tuning order")
     d.add_argument("--resume", action="store_true", help="continue a stopped distillation in --out")
-    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
-                   help="progress bars (default when a terminal)")
+    d.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=sys.stderr.isatty(),
+        help="progress bars (default when a terminal)",
+    )
     d.set_defaults(func=cmd_distill)

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.engine.engine import Engine
-from nanoseek.errors import NanoseekError
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.errors import NanoseekError
+from nanoseek.tasks.rewards import task_reward_fn
+from nanoseek.tasks.template import prompt_text
 
 
 class EvalError(NanoseekError):
@@ -62,20 +64,33 @@ class EvalResult:
     per_problem: list[int] = field(default_factory=list)  # c: correct samples of each problem
 
     def summary(self) -> str:
-        return (f"{self.task}: pass@1 {self.pass_at_1:.1%}, pass@{self.k} {self.pass_at_k:.1%}, "
-                f"format {self.format_rate:.1%}, mean length {self.mean_response_length:.1f} tokens "
-                f"({self.n_problems} held-out problems x {self.samples_per_problem} samples, "
-                f"T={self.temperature}, {self.seconds:.1f}s)")
+        return (
+            f"{self.task}: pass@1 {self.pass_at_1:.1%}, pass@{self.k} {self.pass_at_k:.1%}, "
+            f"format {self.format_rate:.1%}, mean length {self.mean_response_length:.1f} tokens "
+            f"({self.n_problems} held-out problems x {self.samples_per_problem} samples, "
+            f"T={self.temperature}, {self.seconds:.1f}s)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def evaluate(model_or_engine, task, *, tokenizer=None, n_problems: int = 100, k: int = 1,
-             samples_per_problem: int | None = None, temperature: float = 0.6, top_p: float = 0.95,
-             max_tokens: int = 256, seed: int = 0, n_examples: int = 3,
-             reward_fn: Callable[[Sequence[Any], Sequence[str]], list[Any]] | None = None,
-             prompt_fn: Callable[[Any], str] | None = None) -> EvalResult:
+def evaluate(
+    model_or_engine,
+    task,
+    *,
+    tokenizer=None,
+    n_problems: int = 100,
+    k: int = 1,
+    samples_per_problem: int | None = None,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    max_tokens: int = 256,
+    seed: int = 0,
+    n_examples: int = 3,
+    reward_fn: Callable[[Sequence[Any], Sequence[str]], list[Any]] | None = None,
+    prompt_fn: Callable[[Any], str] | None = None,
+) -> EvalResult:
     """Evaluate on `n_problems` held-out problems of `task` with `samples_per_problem` (default k) samples each.
 
     model_or_engine: an Engine, a Transformer (then give `tokenizer`) or a checkpoint directory.
@@ -91,15 +106,20 @@ def evaluate(model_or_engine, task, *, tokenizer=None, n_problems: int = 100, k:
         raise EvalError(f"pass@{k} needs at least {k} samples per problem, got {n}")
     if n_problems < 1:
         raise EvalError(f"n_problems must be >= 1, got {n_problems}")
-    if reward_fn is None or prompt_fn is None:
-        from nanoseek.tasks import RewardWeights, prompt_text, score_batch
-
-        prompt_fn = prompt_fn or prompt_text
-        reward_fn = reward_fn or (lambda ps, cs: score_batch(ps, cs, RewardWeights(), {task.name: task}))
+    prompt_fn = prompt_fn or prompt_text
+    reward_fn = reward_fn or task_reward_fn(task)
     problems = task.heldout(n_problems, seed=seed)
     t0 = time.perf_counter()
-    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature else 1.0,
-                             max_tokens=max_tokens, seed=seed * 1_000_003 + i) for i in range(len(problems))]
+    params = [
+        SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p if temperature else 1.0,
+            max_tokens=max_tokens,
+            seed=seed * 1_000_003 + i,
+        )
+        for i in range(len(problems))
+    ]
     outs = engine.generate([prompt_fn(p) for p in problems], params)
     completions, flat_problems = [], []
     for p, out in zip(problems, outs):
@@ -117,16 +137,29 @@ def evaluate(model_or_engine, task, *, tokenizer=None, n_problems: int = 100, k:
     examples = []
     for i, p in enumerate(problems[:n_examples]):
         c, s = completions[i * n], scores[i * n]
-        examples.append({"question": p.question, "answer": p.answer, "completion": c.text,
-                         "correct": bool(s.accuracy > 0), "well_formed": bool(s.format > 0)})
+        examples.append(
+            {
+                "question": p.question,
+                "answer": p.answer,
+                "completion": c.text,
+                "correct": bool(s.accuracy > 0),
+                "well_formed": bool(s.format > 0),
+            }
+        )
     return EvalResult(
-        task=task.name, n_problems=len(problems), samples_per_problem=n, k=k, temperature=temperature,
+        task=task.name,
+        n_problems=len(problems),
+        samples_per_problem=n,
+        k=k,
+        temperature=temperature,
         pass_at_1=sum(c / n for c in correct) / len(problems),
         pass_at_k=sum(pass_at_k(n, c, k) for c in correct) / len(problems),
         format_rate=sum(s.format > 0 for s in scores) / total,
         mean_response_length=sum(len(c.token_ids) for c in completions) / total,
         truncated_rate=sum(c.finish_reason == "length" for c in completions) / total,
-        seconds=seconds, examples=examples, per_problem=correct,
+        seconds=seconds,
+        examples=examples,
+        per_problem=correct,
     )
 
 
@@ -136,3 +169,13 @@ def _as_engine(model_or_engine, tokenizer) -> Engine:
     if isinstance(model_or_engine, (str, Path)):
         return Engine(model_or_engine)
     return Engine(model_or_engine, tokenizer)
+
+
+def task_label(task) -> str:
+    """A short, stable name of a task with its knobs, e.g. "arithmetic(2-2 digits, *)": the key of a task's
+    results in an evaluation file."""
+    k = task.knobs()
+    if task.name == "arithmetic":
+        return f"arithmetic({k['min_digits']}-{k['max_digits']} digits, {k['ops']})"
+    shown = ", ".join(f"{a}={b}" for a, b in k.items() if isinstance(b, (int, float, str)))
+    return f"{task.name}({shown})"

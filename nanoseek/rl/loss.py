@@ -1,0 +1,152 @@
+"""GRPO's objective: group-relative advantages, the clipped surrogate with the k3 KL aggregated per loss type,
+and the training forward that gives every completion token its log-probability (each prompt run once per
+group, its G completions attending to its latents). The formulas are in grpo.py's docstring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.rl.config import LOSS_TYPES, GRPOError
+from nanoseek.rl.rollout import RolloutBatch
+
+
+# ---- advantages and the loss ---------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, scale_rewards: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """rewards (P, G) -> advantages (P, G): r minus its group's mean, divided by a std (DeepSeekMath §4.1.2).
+
+    scale_rewards: "group" divides by each group's std, "batch" by the std of all P*G rewards, "none" not at
+    all (Dr. GRPO). Groups whose rewards are all equal get exactly 0: they carry no signal."""
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise GRPOError(f"rewards must be (prompts, G >= 2), got shape {tuple(rewards.shape)}")
+    rewards = rewards.float()
+    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        adv = adv / (rewards.std(dim=1, keepdim=True) + eps)
+    elif scale_rewards == "batch":
+        adv = adv / (rewards.std() + eps)
+    elif scale_rewards != "none":
+        raise GRPOError(f"scale_rewards must be group, batch or none, got {scale_rewards!r}")
+    flat = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)
+    return adv.masked_fill(flat, 0.0)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar to backpropagate (already divided by the minibatch normalizer)
+    n_tokens: float  # tokens in the loss (this micro-batch)
+    kl_sum: float  # Σ KL_t over those tokens (0 when β = 0)
+    clip_low: float  # tokens with ρ < 1-ε and A < 0 (the clipped branch is active)
+    clip_high: float  # tokens with ρ > 1+ε_high and A > 0
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_sequences: int | None = None,
+    num_tokens: float | None = None,
+) -> LossOutput:
+    """The clipped surrogate plus k3 KL, aggregated per `loss_type` (module docstring).
+
+    logps, old_logps, ref_logps, mask: (N, T); advantages: (N,). `num_sequences` / `num_tokens` are the
+    minibatch's counts when this call sees only a micro-batch of it, so that summed micro-batch losses
+    equal the minibatch loss exactly (default: this call's own counts)."""
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logps.dtype)
+    A = advantages[:, None].to(logps.dtype)  # (N, 1): one advantage for every token of a completion
+    ratio = torch.exp(logps - old_logps)
+    per_token = -torch.min(ratio * A, ratio.clamp(1 - epsilon, 1 + eps_high) * A)
+    kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise GRPOError("beta > 0 needs the reference log-probs")
+        log_r = ref_logps - logps  # log(π_ref / π_θ)
+        kl = torch.exp(log_r) - log_r - 1  # k3: unbiased, always >= 0
+        per_token = per_token + beta * kl
+    total = (per_token * mask).sum(-1)  # (N,)
+    if loss_type == "grpo":
+        loss = (total / mask.sum(-1).clamp(min=1)).sum() / (num_sequences or logps.shape[0])
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise GRPOError("loss_type dr_grpo needs max_completion_length (its constant normalizer)")
+        loss = total.sum() / ((num_sequences or logps.shape[0]) * max_completion_length)
+    elif loss_type == "dapo":
+        loss = total.sum() / max(num_tokens if num_tokens is not None else float(mask.sum()), 1.0)
+    else:
+        raise GRPOError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    with torch.no_grad():
+        on = mask > 0
+        low = ((ratio < 1 - epsilon) & (A < 0) & on).sum()
+        high = ((ratio > 1 + eps_high) & (A > 0) & on).sum()
+        kl_sum = float((kl * mask).sum()) if kl is not None else 0.0
+    return LossOutput(loss, float(mask.sum()), kl_sum, float(low), float(high))
+
+
+# ---- the training forward: each prompt once per group -----------------------------------------------
+class SharedPromptCache:
+    """A `LatentCache` (model.py) for training: the first forward runs the P prompts and keeps their latents
+    (with gradients); the second runs the N = P*G completions, each attending to its group's prompt
+    latents plus its own earlier tokens. Exactly the full causal forward over prompt + completion."""
+
+    absorb = False
+
+    def __init__(self, prompt_lens: torch.Tensor, group_of: torch.Tensor, tp: int, tc: int):
+        self.group_of = group_of
+        self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.completing = False
+        device = prompt_lens.device
+        in_prompt = torch.arange(tp, device=device)[None] < prompt_lens[group_of][:, None]  # (N, Tp)
+        causal = torch.ones(tc, tc, dtype=torch.bool, device=device).tril()  # (Tc, Tc)
+        self.mask = torch.cat(
+            (in_prompt[:, None, :].expand(-1, tc, -1), causal[None].expand(len(group_of), -1, -1)), dim=-1
+        )[:, None]  # (N, 1, Tc, Tp+Tc)
+
+    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        if not self.completing:
+            self.prefix[layer_idx] = (c_kv, k_pe)  # (P, Tp, r), (P, Tp, rope)
+            return c_kv, k_pe, None  # None: plain causal attention among the prompt tokens
+        if self.mask.dtype == torch.bool:
+            # An additive 0 / -inf mask: SDPA's math path (MLA's q·k and v widths differ) takes it ~20% faster
+            # than a boolean one. No row is fully masked: every completion token sees its prompt.
+            self.mask = torch.zeros(self.mask.shape, dtype=c_kv.dtype, device=c_kv.device).masked_fill_(
+                ~self.mask, float("-inf")
+            )
+        p_kv, p_pe = self.prefix[layer_idx]
+        return (torch.cat((p_kv[self.group_of], c_kv), dim=1), torch.cat((p_pe[self.group_of], k_pe), dim=1), self.mask)
+
+
+def sequence_logprobs(
+    model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(o_t | q, o_<t) of every completion token (N, Tc) under `model` at `temperature`, and the
+    entropy of π at each of those positions if asked (no gradient). Padding positions hold garbage:
+    use batch.mask."""
+    group_of = batch.group_of.to(batch.completion_ids.device)
+    tp, tc = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    cache = SharedPromptCache(batch.prompt_lens, group_of, tp, tc)
+    h_prompt = model.hidden_states(batch.prompt_ids, None, cache)  # (P, Tp, D)
+    cache.completing = True
+    positions = batch.prompt_lens[group_of][:, None] + torch.arange(tc, device=group_of.device)  # (N, Tc)
+    h_comp = model.hidden_states(batch.completion_ids, positions, cache)  # (N, Tc, D)
+    last_prompt = h_prompt[group_of, batch.prompt_lens[group_of] - 1]  # (N, D): predicts the first token
+    h = torch.cat((last_prompt[:, None], h_comp[:, :-1]), dim=1)  # (N, Tc, D): state predicting token t
+    logits = model.lm_head(h).float()  # (N, Tc, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = logits.logsumexp(-1)  # (N, Tc)
+    logps = logits.gather(-1, batch.completion_ids[..., None]).squeeze(-1) - lse
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():  # H = lse - Σ p·logit: one more pass over the vocabulary, not three
+            entropy = lse - (logits.softmax(-1) * logits).sum(-1)
+    return logps, entropy
