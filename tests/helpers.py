@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -16,38 +17,93 @@ from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.transformer import Transformer
 from nanoseek.tasks.base import Problem, Task
-from functools import lru_cache
+from nanoseek.train.data import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
-        "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
 
 
-BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-            num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
-            qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
-            max_position_embeddings=256)
+BASE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=256,
+)
 
 
+# The configurations transformers must agree with: every routing and RoPE variant the released checkpoints use.
 CONFIGS = {
     # V3: sigmoid scores, noaux_tc with groups, query compression, a dense first layer, shared expert, YaRN.
-    "v3": ModelConfig(**BASE, model_type="deepseek_v3", q_lora_rank=24, n_shared_experts=1, n_group=4,
-                      topk_group=2, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
-                      routed_scaling_factor=2.5, first_k_dense_replace=1,
-                      rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    "v3": ModelConfig(
+        **BASE,
+        model_type="deepseek_v3",
+        q_lora_rank=24,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=1,
+        rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
     # V3 with no shared expert, plain RoPE in the rotate-half layout.
-    "v3_noshared": ModelConfig(**BASE, model_type="deepseek_v3", q_lora_rank=24, n_shared_experts=0,
-                               n_group=2, topk_group=1, first_k_dense_replace=2, rope_interleave=False),
+    "v3_noshared": ModelConfig(
+        **BASE,
+        model_type="deepseek_v3",
+        q_lora_rank=24,
+        n_shared_experts=0,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=2,
+        rope_interleave=False,
+    ),
     # V2-Lite style: softmax, greedy, no query compression, two shared experts, YaRN mscale 0.707.
-    "v2_greedy": ModelConfig(**BASE, model_type="deepseek_v2", q_lora_rank=0, n_shared_experts=2,
-                             topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
-                             first_k_dense_replace=1, rope_scaling=YARN),
+    "v2_greedy": ModelConfig(
+        **BASE,
+        model_type="deepseek_v2",
+        q_lora_rank=0,
+        n_shared_experts=2,
+        topk_method="greedy",
+        scoring_func="softmax",
+        norm_topk_prob=False,
+        first_k_dense_replace=1,
+        rope_scaling=YARN,
+    ),
     # V2 style: softmax, group-limited greedy, routed scaling.
-    "v2_group": ModelConfig(**BASE, model_type="deepseek_v2", q_lora_rank=0, n_shared_experts=2, n_group=4,
-                            topk_group=2, topk_method="group_limited_greedy", scoring_func="softmax",
-                            norm_topk_prob=False, routed_scaling_factor=16.0, first_k_dense_replace=1),
+    "v2_group": ModelConfig(
+        **BASE,
+        model_type="deepseek_v2",
+        q_lora_rank=0,
+        n_shared_experts=2,
+        n_group=4,
+        topk_group=2,
+        topk_method="group_limited_greedy",
+        scoring_func="softmax",
+        norm_topk_prob=False,
+        routed_scaling_factor=16.0,
+        first_k_dense_replace=1,
+    ),
 }
 
 
@@ -75,10 +131,12 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
 R1_SYSTEM = "Think first."  # a short R1-Zero system prompt (the template's preamble is replaceable)
 
 
-QA = [("What is 2+3?", "2 plus 3 makes 5.", "5"),
-      ("What is 7*6?", "7 times 6 makes 42.", "42"),
-      ("Say hi.", "A greeting is asked for.", "Hi there!"),
-      ("Name a color.", "Any color will do.", "Blue.")]
+QA = [
+    ("What is 2+3?", "2 plus 3 makes 5.", "5"),
+    ("What is 7*6?", "7 times 6 makes 42.", "42"),
+    ("Say hi.", "A greeting is asked for.", "Hi there!"),
+    ("Name a color.", "Any color will do.", "Blue."),
+]
 
 
 def _conversations(template: str) -> list[tuple[str, str]]:
@@ -101,29 +159,47 @@ def think_checkpoint(root: Path) -> Path:
     if (out / "tokenizer_config.json").exists():
         return out
     pairs = _conversations("deepseek") + _conversations("r1_zero")
-    tok = train_tokenizer([p + r for p, r in pairs] * 10 + ["The quick brown fox jumps over the lazy dog."] * 5,
-                          vocab_size=512)
-    cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                      num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=32, q_lora_rank=0,
-                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
-                      num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
-                      max_position_embeddings=512, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                      pad_token_id=tok.pad_id)
+    tok = train_tokenizer(
+        [p + r for p, r in pairs] * 10 + ["The quick brown fox jumps over the lazy dog."] * 5, vocab_size=512
+    )
+    cfg = ModelConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        kv_lora_rank=32,
+        q_lora_rank=0,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg)
     seqs = [(tok.encode(p), tok.encode(r) + [tok.eos_id]) for p, r in pairs]
     T = max(len(p) + len(r) for p, r in seqs)
     ids = torch.full((len(seqs), T), tok.pad_id)
-    target = torch.full((len(seqs), T), -100)  # loss on the replies only
+    target = torch.full((len(seqs), T), IGNORE_INDEX)  # loss on the replies only
     for i, (p, r) in enumerate(seqs):
         ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        target[i, len(p) - 1: len(p) + len(r) - 1] = torch.tensor(r)
+        target[i, len(p) - 1 : len(p) + len(r) - 1] = torch.tensor(r)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small trains fastest on one thread (and never fights for cores)
     try:
         for _ in range(400):
-            loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), target.flatten())
+            loss = torch.nn.functional.cross_entropy(
+                model(ids).flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -164,10 +240,25 @@ TOKENIZER = train_tokenizer(["say some digits 0123456789 please", "hello world, 
 
 
 def tiny_config(**kw):
-    base = dict(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-                num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=256, q_lora_rank=24,
-                bos_token_id=TOKENIZER.bos_id, eos_token_id=TOKENIZER.eos_id, pad_token_id=TOKENIZER.pad_id)
+    base = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        q_lora_rank=24,
+        bos_token_id=TOKENIZER.bos_id,
+        eos_token_id=TOKENIZER.eos_id,
+        pad_token_id=TOKENIZER.pad_id,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -217,11 +308,19 @@ def arithmetic_checkpoint(path):
     """A random tiny model with a tokenizer trained on arithmetic documents, saved as an HF directory."""
     from nanoseek.tasks import get_task, pretraining_documents
 
-    tok = train_tokenizer(list(pretraining_documents(get_task("arithmetic"), n=200, seed=0)), vocab_size=400,
-                          chat_template="r1_zero")
+    tok = train_tokenizer(
+        list(pretraining_documents(get_task("arithmetic"), n=200, seed=0)), vocab_size=400, chat_template="r1_zero"
+    )
     torch.manual_seed(0)
-    model = Transformer(tiny_config(vocab_size=400, max_position_embeddings=512, bos_token_id=tok.bos_id,
-                                    eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
+    model = Transformer(
+        tiny_config(
+            vocab_size=400,
+            max_position_embeddings=512,
+            bos_token_id=tok.bos_id,
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.pad_id,
+        )
+    )
     save_pretrained(model, path)
     tok.save_pretrained(path)
     return path

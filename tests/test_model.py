@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import Transformer, get_preset
+from nanoseek.checkpoint.hf import save_pretrained
 
 from helpers import CONFIGS, random_model
-from nanoseek.checkpoint.hf import save_pretrained
 
 
 def test_forward_shape_and_dtype():
@@ -120,5 +120,9 @@ def test_absorbed_decode_equals_expanded_attention(config_name):
         c_kv, k_pe = torch.randn(2, 15, attn.kv_lora_rank), torch.randn(2, 15, attn.qk_rope_head_dim)
         q_nope, q_pe = attn.project_q(q)
         mask = torch.ones(2, 1, 1, 15, dtype=torch.bool)
-        torch.testing.assert_close(attn.absorbed(q_nope, q_pe, c_kv, k_pe, mask),
-                                   attn.expanded(q_nope, q_pe, c_kv, k_pe, mask), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            attn.absorbed(q_nope, q_pe, c_kv, k_pe, mask),
+            attn.expanded(q_nope, q_pe, c_kv, k_pe, mask),
+            atol=1e-5,
+            rtol=1e-4,
+        )

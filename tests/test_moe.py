@@ -10,8 +10,18 @@ from helpers import BASE
 
 
 def moe_config(**kw):
-    return ModelConfig(**{**BASE, "hidden_size": 32, "moe_intermediate_size": 16, "n_routed_experts": 16,
-                          "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2, **kw})
+    return ModelConfig(
+        **{
+            **BASE,
+            "hidden_size": 32,
+            "moe_intermediate_size": 16,
+            "n_routed_experts": 16,
+            "num_experts_per_tok": 4,
+            "n_group": 4,
+            "topk_group": 2,
+            **kw,
+        }
+    )
 
 
 def test_grouped_mm_and_expert_loop_agree():
@@ -98,7 +108,7 @@ def test_sequence_balance_loss_matches_definition():
     _, idx, scores = moe.gate(x.reshape(-1, 32))
     total = 0.0
     for b in range(2):
-        s, i = scores[b * 9:(b + 1) * 9], idx[b * 9:(b + 1) * 9]
+        s, i = scores[b * 9 : (b + 1) * 9], idx[b * 9 : (b + 1) * 9]
         f = torch.stack([(i == e).any(-1).float().sum() for e in range(16)]) * 16 / (4 * 9)
         P = (s / s.sum(-1, keepdim=True)).mean(0)
         total += 0.01 * (f * P).sum()

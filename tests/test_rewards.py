@@ -3,11 +3,21 @@ attempts included), weights, and the batch form."""
 
 import pytest
 
-from nanoseek.tasks import Problem, RewardBreakdown, RewardWeights, accuracy_reward, format_reward, parse_completion, score, score_batch
 from nanoseek.checkpoint.tokenizer import EOS
+from nanoseek.tasks import (
+    Problem,
+    RewardBreakdown,
+    RewardWeights,
+    accuracy_reward,
+    format_reward,
+    parse_completion,
+    score,
+    score_batch,
+)
 
-P = Problem(task="arithmetic", question="What is 12 + 30?", answer="42", key="12+30",
-            data={"a": 12, "op": "+", "b": 30})
+P = Problem(
+    task="arithmetic", question="What is 12 + 30?", answer="42", key="12+30", data={"a": 12, "op": "+", "b": 30}
+)
 
 GOOD = " <think> 2+0+0=2 c0 | 2\n1+3+0=4 c0 | 42 </think> <answer> 42 </answer>"
 
@@ -83,12 +93,17 @@ def test_score_batch_matches_score_across_tasks():
 def test_score_batch_program_task_in_the_sandbox():
     from nanoseek.sandbox.runner import SandboxConfig
     from nanoseek.tasks import format_response, get_task
+
     task = get_task("program", kinds="list", sandbox=SandboxConfig(cpu_seconds=1, wall_seconds=20))
     p = task._problem("list|mul:2::|max:0::")
     right = format_response("double, then the largest", "def f(xs):\n    return max([2 * x for x in xs], default=0)")
     wrong = format_response("x", "def f(xs):\n    return max(xs, default=0)")
-    hacks = [" <think> x </think> <answer></answer>", right.replace("</answer>", "") + " <answer>0</answer>",
-             " <think> x </think> " + p.answer, "<answer>" + p.answer + "</answer> <answer>x</answer>"]
+    hacks = [
+        " <think> x </think> <answer></answer>",
+        right.replace("</answer>", "") + " <answer>0</answer>",
+        " <think> x </think> " + p.answer,
+        "<answer>" + p.answer + "</answer> <answer>x</answer>",
+    ]
     got = score_batch([p] * 6, [right, wrong, *hacks], tasks={"program": task})
     assert [g.accuracy for g in got] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert [g.format for g in got] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]

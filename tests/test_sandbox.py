@@ -26,8 +26,10 @@ def _namespaced() -> bool:
 
 
 NAMESPACES = _namespaced()
-needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason="this machine permits no namespaces; with the "
-                                      "audit hook off nothing would contain these programs")
+needs_namespaces = pytest.mark.skipif(
+    not NAMESPACES,
+    reason="this machine permits no namespaces; with the audit hook off nothing would contain these programs",
+)
 
 
 def _pids_of(uids: set[int]) -> list[int]:
@@ -49,8 +51,16 @@ def untouched(tmp_path, monkeypatch):
     sandbox process or temporary directory outlives the run."""
     cwd, sentinel = os.getcwd(), tmp_path / "sentinel.txt"
     sentinel.write_text("mine")
-    limits = {r: resource.getrlimit(r) for r in (resource.RLIMIT_CPU, resource.RLIMIT_AS, resource.RLIMIT_NPROC,
-                                                  resource.RLIMIT_FSIZE, resource.RLIMIT_NOFILE)}
+    limits = {
+        r: resource.getrlimit(r)
+        for r in (
+            resource.RLIMIT_CPU,
+            resource.RLIMIT_AS,
+            resource.RLIMIT_NPROC,
+            resource.RLIMIT_FSIZE,
+            resource.RLIMIT_NOFILE,
+        )
+    }
     temps = tmp_path.parent / f"{tmp_path.name}-sandboxes"  # this test's sandboxes make their directories here
     temps.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temps))
@@ -96,8 +106,7 @@ def test_infinite_loop_stopped_by_cpu_limit():
 
 def test_sleep_stopped_by_wall_clock():
     t = time.monotonic()
-    r = run_python("import time\nprint('start', flush=True)\ntime.sleep(60)",
-                   config=SandboxConfig(wall_seconds=1.0))
+    r = run_python("import time\nprint('start', flush=True)\ntime.sleep(60)", config=SandboxConfig(wall_seconds=1.0))
     assert r.timed_out and r.killed == "wall time" and not r.ok and r.stdout == "start\n"
     assert time.monotonic() - t < 10
 
@@ -105,9 +114,14 @@ def test_sleep_stopped_by_wall_clock():
 def test_fork_bomb_denied():
     r = run_python("import os\nwhile True:\n    os.fork()", config=FAST)
     assert not r.ok and "os.fork is not allowed" in r.stderr
-    for code in ["import subprocess; subprocess.run(['true'])", "import os; os.system('true')",
-                 "import os; os.posix_spawn('/bin/true', ['true'], {})", "import multiprocessing",
-                 "import pty; pty.fork()", "import os; os.execv('/bin/true', ['true'])"]:
+    for code in [
+        "import subprocess; subprocess.run(['true'])",
+        "import os; os.system('true')",
+        "import os; os.posix_spawn('/bin/true', ['true'], {})",
+        "import multiprocessing",
+        "import pty; pty.fork()",
+        "import os; os.execv('/bin/true', ['true'])",
+    ]:
         r = run_python(code, config=FAST)
         assert not r.ok and "not allowed" in r.stderr, code
 
@@ -116,9 +130,11 @@ def test_fork_bomb_denied():
 def test_fork_bomb_contained_by_kernel_limits():
     """With the audit hook off: RLIMIT_NPROC for the sandbox's own uid caps the processes; when the run ends
     its PID namespace goes, with every process in it."""
-    count = ("import os, time\nn = 0\nfor _ in range(100):\n    try:\n        pid = os.fork()\n"
-             "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(60)\n        os._exit(0)\n"
-             "    n += 1\nprint(n)")
+    count = (
+        "import os, time\nn = 0\nfor _ in range(100):\n    try:\n        pid = os.fork()\n"
+        "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+        "    n += 1\nprint(n)"
+    )
     r = run_python(count, config=NO_GUARD)
     assert r.ok and 1 <= int(r.stdout) < NO_GUARD.max_processes, (r.stdout, r.stderr)
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
@@ -141,14 +157,22 @@ def test_writes_outside_working_directory_denied(config, untouched):
     if not config.audit_guard and not NAMESPACES:
         pytest.skip("no namespaces")
     mine = untouched / "sentinel.txt"
-    targets = [str(mine), str(untouched / "new.txt"), os.path.join(os.getcwd(), "escape.txt"),
-               "/tmp/nanoseek-escape.txt", "../escape.txt", "/dev/shm/nanoseek-escape", "/var/tmp/nanoseek-escape"]
-    code = ("import os\nfor t in %r:\n    try:\n        with open(t, 'w') as f:\n            f.write('pwned')\n"
-            "        print('wrote', t)\n    except OSError as e:\n        print('denied', t, type(e).__name__)\n"
-            "for t in %r:\n    try:\n        os.remove(t)\n        print('removed', t)\n    except OSError as e:\n"
-            "        print('denied', t)\n"
-            "with open('inside.txt', 'w') as f:\n    f.write('ok')\nprint('inside', open('inside.txt').read())"
-            ) % (targets, [str(mine)])
+    targets = [
+        str(mine),
+        str(untouched / "new.txt"),
+        os.path.join(os.getcwd(), "escape.txt"),
+        "/tmp/nanoseek-escape.txt",
+        "../escape.txt",
+        "/dev/shm/nanoseek-escape",
+        "/var/tmp/nanoseek-escape",
+    ]
+    code = (
+        "import os\nfor t in %r:\n    try:\n        with open(t, 'w') as f:\n            f.write('pwned')\n"
+        "        print('wrote', t)\n    except OSError as e:\n        print('denied', t, type(e).__name__)\n"
+        "for t in %r:\n    try:\n        os.remove(t)\n        print('removed', t)\n    except OSError as e:\n"
+        "        print('denied', t)\n"
+        "with open('inside.txt', 'w') as f:\n    f.write('ok')\nprint('inside', open('inside.txt').read())"
+    ) % (targets, [str(mine)])
     r = run_python(code, config=config)
     assert r.ok, r.stderr
     assert "inside ok" in r.stdout  # its own directory is writable
@@ -162,8 +186,9 @@ def test_writes_outside_working_directory_denied(config, untouched):
 
 
 def test_big_files_stopped_by_file_size_limit():
-    r = run_python("with open('big', 'wb') as f:\n    f.write(b'x' * (4 << 20))",
-                   config=SandboxConfig(file_bytes=1 << 20))
+    r = run_python(
+        "with open('big', 'wb') as f:\n    f.write(b'x' * (4 << 20))", config=SandboxConfig(file_bytes=1 << 20)
+    )
     # CPython ignores SIGXFSZ, so the write fails with EFBIG instead of the process being killed
     assert not r.ok and (r.killed == "file size" or "File too large" in r.stderr), (r.killed, r.stderr)
 
@@ -177,8 +202,10 @@ def test_network_denied(config):
         server.listen(1)
         server.settimeout(0.5)
         port = server.getsockname()[1]
-        code = (f"import socket\ntry:\n    s = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-                f"    s.sendall(b'hello')\n    print('connected')\nexcept OSError as e:\n    print('denied', e)")
+        code = (
+            f"import socket\ntry:\n    s = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+            f"    s.sendall(b'hello')\n    print('connected')\nexcept OSError as e:\n    print('denied', e)"
+        )
         r = run_python(code, config=config)
         assert r.ok and r.stdout.startswith("denied") and "connected" not in r.stdout, (r.stdout, r.stderr)
         with pytest.raises(socket.timeout):
@@ -216,8 +243,11 @@ def test_defences_reported():
 
 @needs_namespaces
 def test_sandbox_sees_only_itself():
-    r = run_python("import os\nprint(os.getpid(), sorted(p for p in os.listdir('/proc') if p.isdigit()))\n"
-                   "print(os.getcwd(), os.listdir('.'), os.listdir('/tmp'))", config=NO_GUARD)
+    r = run_python(
+        "import os\nprint(os.getpid(), sorted(p for p in os.listdir('/proc') if p.isdigit()))\n"
+        "print(os.getcwd(), os.listdir('.'), os.listdir('/tmp'))",
+        config=NO_GUARD,
+    )
     pid_line, cwd_line = r.stdout.splitlines()
     assert pid_line.startswith("2 ") and "'1'" in pid_line and len(ast.literal_eval(pid_line[2:])) == 2, r.stdout
     assert cwd_line == "/tmp/work [] ['work']"
@@ -225,6 +255,7 @@ def test_sandbox_sees_only_itself():
 
 def test_bad_config_is_a_clear_error():
     from nanoseek.errors import NanoseekError
+
     with pytest.raises(NanoseekError, match="cpu_seconds must be positive"):
         SandboxConfig(cpu_seconds=0)
     with pytest.raises(NanoseekError, match="2 programs but 1 stdins"):
@@ -236,10 +267,12 @@ def test_without_namespaces_guard_and_limits_still_hold(untouched):
     cfg = SandboxConfig(cpu_seconds=1, wall_seconds=30, output_bytes=10_000, isolate=False)
     assert not any(d.startswith("namespaces") for d in run_python("pass", config=cfg).defences)
     target = untouched / "new.txt"
-    attacks = {"import os\nos.fork()": "os.fork is not allowed",
-               "import socket\nsocket.socket()": "socket.__new__ is not allowed",
-               f"open({str(target)!r}, 'w')": "outside the working directory",
-               "import subprocess\nsubprocess.run(['true'])": "not allowed"}
+    attacks = {
+        "import os\nos.fork()": "os.fork is not allowed",
+        "import socket\nsocket.socket()": "socket.__new__ is not allowed",
+        f"open({str(target)!r}, 'w')": "outside the working directory",
+        "import subprocess\nsubprocess.run(['true'])": "not allowed",
+    }
     for code, message in attacks.items():
         r = run_python(code, config=cfg)
         assert not r.ok and message in r.stderr, (code, r.stderr)

@@ -35,8 +35,9 @@ def trained():
         inputs, targets = x[:, :-1], x[:, 1:]
         h = model.hidden_states(inputs)
         (mtp,) = model.mtp_logits(h, inputs)
-        loss = (F.cross_entropy(model.lm_head(h).flatten(0, 1), targets.flatten())
-                + 0.3 * F.cross_entropy(mtp.flatten(0, 1), targets[:, 1:].flatten()))
+        loss = F.cross_entropy(model.lm_head(h).flatten(0, 1), targets.flatten()) + 0.3 * F.cross_entropy(
+            mtp.flatten(0, 1), targets[:, 1:].flatten()
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -91,15 +92,17 @@ def test_verify_draft_keeps_the_target_distribution():
     p = torch.softmax(torch.randn(V, generator=g), 0)
     q = torch.softmax(torch.randn(V, generator=g) * 2, 0)
     drafts = torch.multinomial(q, N, replacement=True, generator=g)
-    tokens, kept = verify_draft(p.expand(N, V), q.expand(N, V), drafts, torch.rand(N, generator=g),
-                                torch.rand(N, generator=g))
+    tokens, kept = verify_draft(
+        p.expand(N, V), q.expand(N, V), drafts, torch.rand(N, generator=g), torch.rand(N, generator=g)
+    )
     freq = torch.bincount(tokens, minlength=V) / N
     assert (freq - p).abs().max() < 5 * (0.25 / N) ** 0.5
     assert abs(kept.float().mean() - torch.minimum(p, q).sum()) < 5 * (0.25 / N) ** 0.5
     # one-hot distributions (greedy): keep iff the draft is the argmax, else take the argmax
     one_hot = F.one_hot(torch.tensor([2, 2]), V).float()
-    tokens, kept = verify_draft(one_hot, F.one_hot(torch.tensor([2, 4]), V).float(), torch.tensor([2, 4]),
-                                torch.rand(2), torch.rand(2))
+    tokens, kept = verify_draft(
+        one_hot, F.one_hot(torch.tensor([2, 4]), V).float(), torch.tensor([2, 4]), torch.rand(2), torch.rand(2)
+    )
     assert tokens.tolist() == [2, 2] and kept.tolist() == [True, False]
 
 
@@ -117,9 +120,18 @@ def test_batched_sampler_draws_from_the_processed_distribution():
     from nanoseek.engine.sampling import RowParams, sample_rows
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
-    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_k=3),
-              SamplingParams(temperature=2.0, top_p=0.7), SamplingParams(temperature=0)]
-    expected = [torch.softmax(logits, 0), torch.softmax(logits[:3] / 0.5, 0), None, F.one_hot(torch.tensor(0), 5).float()]
+    params = [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.5, top_k=3),
+        SamplingParams(temperature=2.0, top_p=0.7),
+        SamplingParams(temperature=0),
+    ]
+    expected = [
+        torch.softmax(logits, 0),
+        torch.softmax(logits[:3] / 0.5, 0),
+        None,
+        F.one_hot(torch.tensor(0), 5).float(),
+    ]
     hot = torch.softmax(logits / 2.0, 0)  # nucleus: the smallest top set whose mass reaches 0.7
     keep = (hot.cumsum(0) - hot) < 0.7
     expected[2] = torch.where(keep, hot, 0) / torch.where(keep, hot, 0).sum()

@@ -6,11 +6,20 @@ import re
 
 import pytest
 
+from nanoseek.checkpoint.tokenizer import BOS, EOS, R1_ZERO_PREAMBLE
 from nanoseek.errors import NanoseekError
 from nanoseek.sandbox.runner import SandboxConfig
-from nanoseek.tasks import TASKS, TaskError, format_response, get_task, parse_completion, pretraining_documents, prompt_text, split_of
+from nanoseek.tasks import (
+    TASKS,
+    TaskError,
+    format_response,
+    get_task,
+    parse_completion,
+    pretraining_documents,
+    prompt_text,
+    split_of,
+)
 from nanoseek.tasks.arithmetic import ArithmeticTask, trace
-from nanoseek.checkpoint.tokenizer import BOS, EOS, R1_ZERO_PREAMBLE
 
 # How many generated problems each task's generic tests check (the program task runs a sandbox per check).
 N_CHECK = {"arithmetic": 400, "countdown": 200, "program": 40}
@@ -42,8 +51,20 @@ def test_reference_answer_and_solution_verify(name):
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_verifier_rejects_wrong_empty_and_junk(name):
     task, problems = _problems(name, 2 if name == "program" else 30, seed=1)
-    junk = ["", " ", "\n", "None", "<answer>", "</answer>", "__import__('os').system('true')", "9**9**9",
-            "(" * 500 + "1" + ")" * 500, "1" * 10_000, "٣", "x" * 100_000]
+    junk = [
+        "",
+        " ",
+        "\n",
+        "None",
+        "<answer>",
+        "</answer>",
+        "__import__('os').system('true')",
+        "9**9**9",
+        "(" * 500 + "1" + ")" * 500,
+        "1" * 10_000,
+        "٣",
+        "x" * 100_000,
+    ]
     for p in problems:
         others = [q.answer for q in problems if q.key != p.key and q.answer != p.answer][:3]
         bad = junk + others
@@ -146,12 +167,23 @@ def test_arithmetic_trace_lines_are_each_right():
 
 def test_arithmetic_trace_examples():
     assert trace(4832, "+", 957).splitlines() == [
-        "4832 + 957", "2+7+0=9 c0 | 9", "3+5+0=8 c0 | 89", "8+9+0=17 c1 | 789", "4+0+1=5 c0 | 5789",
-        "4832+957=5789"]
+        "4832 + 957",
+        "2+7+0=9 c0 | 9",
+        "3+5+0=8 c0 | 89",
+        "8+9+0=17 c1 | 789",
+        "4+0+1=5 c0 | 5789",
+        "4832+957=5789",
+    ]
     assert trace(95, "+", 7).splitlines()[-2:] == ["0+0+1=1 c0 | 102", "95+7=102"]
     assert trace(1000, "-", 999).splitlines()[-1] == "1000-999=1"
-    assert trace(3, "-", 10).splitlines() == ["3 - 10 = -(10-3)", "10-3", "0-3-0 -> 10-3-0=7 b1 | 7",
-                                             "1-0-1=0 b0 | 07", "10-3=7", "3-10=-7"]
+    assert trace(3, "-", 10).splitlines() == [
+        "3 - 10 = -(10-3)",
+        "10-3",
+        "0-3-0 -> 10-3-0=7 b1 | 7",
+        "1-0-1=0 b0 | 07",
+        "10-3=7",
+        "3-10=-7",
+    ]
     mul = trace(4832, "*", 57).splitlines()
     assert "4832*5=24160, shift 1: 241600" in mul and "33824+241600=275424" in mul
     assert mul[-1] == "4832*57=275424"
@@ -162,12 +194,25 @@ def test_arithmetic_trace_examples():
 def test_arithmetic_verifier_rules():
     task = ArithmeticTask()
     p = task.generate(random.Random(0))
-    p = type(p)(task="arithmetic", question="What is 12 - 30?", answer="-18", key="12-30",
-                data={"a": 12, "op": "-", "b": 30})
+    p = type(p)(
+        task="arithmetic", question="What is 12 - 30?", answer="-18", key="12-30", data={"a": 12, "op": "-", "b": 30}
+    )
     for good in ["-18", " -18 ", "\n-18\n", "-018"]:
         assert task.verify(p, good), good
-    for bad in ["18", "-18.0", "-1 8", "−18", "-18=", "12-30=-18", "-١٨", "-18\x00", "--18", "-0x12", "1e1",
-                "-" + "0" * 60 + "18"]:
+    for bad in [
+        "18",
+        "-18.0",
+        "-1 8",
+        "−18",
+        "-18=",
+        "12-30=-18",
+        "-١٨",
+        "-18\x00",
+        "--18",
+        "-0x12",
+        "1e1",
+        "-" + "0" * 60 + "18",
+    ]:
         assert not task.verify(p, bad), bad
     assert not task.verify(type(p)(task="arithmetic", question="", answer="", key="?", data={}), "1")
 
@@ -242,14 +287,22 @@ def test_format_response_round_trip():
 
 def _countdown(numbers, target):
     from nanoseek.tasks import Problem
+
     return Problem(task="countdown", question="", answer="", key="", data={"numbers": numbers, "target": target})
 
 
 def test_countdown_accepts_any_correct_expression():
     task = get_task("countdown")
     p = _countdown([25, 37, 40, 12], 90)
-    for good in ["(40+37+25)-12", "40+37+25-12", " 40 + 37 + 25 - 12 ", "((40+37)+25)-12 = 90",
-                 "25+37+40-12", "40 + 37 + 25 − 12", "(40+37+25)-12=90"]:
+    for good in [
+        "(40+37+25)-12",
+        "40+37+25-12",
+        " 40 + 37 + 25 - 12 ",
+        "((40+37)+25)-12 = 90",
+        "25+37+40-12",
+        "40 + 37 + 25 − 12",
+        "(40+37+25)-12=90",
+    ]:
         assert task.verify(p, good), good
     assert task.verify(_countdown([3, 4, 6], 8), "6/(3/4)")  # exact fractions in between
     assert task.verify(_countdown([3, 4, 6], 18), "6×3")  # a subset: each number at most once
@@ -261,13 +314,42 @@ def test_countdown_rejects_wrong_malformed_and_adversarial():
     task = get_task("countdown")
     p = _countdown([25, 37, 40, 12], 90)
     bad = [
-        "40+37+25-12=91", "40+37+25-12=90=90", "40+37+25", "40+40+10", "37+37+16",  # wrong / reuse / not given
-        "90", "(40+37+25)-12)", "((40+37+25)-12", "40+37+25-12.0", "40+37+25-1_2", "-12+40+37+25",
-        "40+37+25-(+12)", "2**5+58", "9**9**9", "40//1+50", "40%7", "__import__('os').system('echo hi')",
-        "x", "print(90)", "(lambda: 90)()", "[90][0]", "40+37+25-12 if 1 else 0", "40+37+25-12;", "0x5a",
-        "４０+37+25-12", "٤٠+37+25-12", "1e2-10", "90j", "True+89", "40 37 25 12", "",
+        "40+37+25-12=91",
+        "40+37+25-12=90=90",
+        "40+37+25",
+        "40+40+10",
+        "37+37+16",  # wrong / reuse / not given
+        "90",
+        "(40+37+25)-12)",
+        "((40+37+25)-12",
+        "40+37+25-12.0",
+        "40+37+25-1_2",
+        "-12+40+37+25",
+        "40+37+25-(+12)",
+        "2**5+58",
+        "9**9**9",
+        "40//1+50",
+        "40%7",
+        "__import__('os').system('echo hi')",
+        "x",
+        "print(90)",
+        "(lambda: 90)()",
+        "[90][0]",
+        "40+37+25-12 if 1 else 0",
+        "40+37+25-12;",
+        "0x5a",
+        "４０+37+25-12",
+        "٤٠+37+25-12",
+        "1e2-10",
+        "90j",
+        "True+89",
+        "40 37 25 12",
+        "",
         "(" * 17 + "40" + ")" * 17 + "+37+25-12",  # nesting beyond the bound
-        "(" * 100_000 + ")" * 100_000, "1" * 100_000, "12" * 101, "40+37+25-12" + " " * 200,
+        "(" * 100_000 + ")" * 100_000,
+        "1" * 100_000,
+        "12" * 101,
+        "40+37+25-12" + " " * 200,
         "999999999999999999999-999999999999999999909",  # enormous literals
     ]
     for b in bad:
@@ -280,6 +362,7 @@ def test_countdown_rejects_wrong_malformed_and_adversarial():
 
 def test_countdown_search_trace():
     from nanoseek.tasks.countdown import search
+
     lines, expr = search([23, 3, 7, 19], 38, 100)
     assert lines[0] == "23 3 7 19: 23+19=42 -> 3 7 42" and lines[-1].endswith("-> 38 done")
     assert "7 39: 39-7=32 -> 32 x" in lines and expr == "((23+19)-7)+3"
@@ -294,6 +377,7 @@ def test_countdown_search_trace():
 
 # ---------------------------------------------------------------- program (answers run in the sandbox)
 
+
 def _program_problem():
     task = get_task("program", kinds="list", **KNOBS["program"])
     key = "list|add:3::|even:0::|sum:0::"
@@ -302,10 +386,13 @@ def _program_problem():
 
 def test_program_question_tests_and_reference():
     task, p = _program_problem()
-    assert p.question.startswith("Write a Python function f(xs) that takes a list of integers, adds 3 to "
-                                 "every element, then keeps the even elements, then returns their sum.")
-    assert p.answer == ("def f(xs):\n    xs = [x + 3 for x in xs]\n    xs = [x for x in xs if x % 2 == 0]\n"
-                        "    return sum(xs)")
+    assert p.question.startswith(
+        "Write a Python function f(xs) that takes a list of integers, adds 3 to "
+        "every element, then keeps the even elements, then returns their sum."
+    )
+    assert p.answer == (
+        "def f(xs):\n    xs = [x + 3 for x in xs]\n    xs = [x for x in xs if x % 2 == 0]\n    return sum(xs)"
+    )
     assert len(p.data["tests"]) == 8 and [[]] in p.data["tests"]
     for (xs,), want in zip(p.data["tests"], p.data["expected"]):
         assert want == sum(x + 3 for x in xs if (x + 3) % 2 == 0)
@@ -331,7 +418,7 @@ def test_program_verifier_runs_answers_in_the_sandbox():
         "def f(xs):\n    return sum(",  # syntax error
         "def f(xs):\n    while True:\n        pass",  # never returns: CPU limit
         "import sys\nsys.exit(0)",  # exits before the harness reports
-        "import sys\nsys.stdout.write('\\n@@nanoseek-results@@[\"0\", \"0\"]\\n')\nsys.exit(0)",  # forged report
+        'import sys\nsys.stdout.write(\'\\n@@nanoseek-results@@["0", "0"]\\n\')\nsys.exit(0)',  # forged report
         "print('all tests passed')\ndef f(xs):\n    return 0",
         "__import__('os').system('touch /tmp/nanoseek-pwned')",
         "import os\ndef f(xs):\n    os.fork()\n    return 0",
@@ -339,7 +426,10 @@ def test_program_verifier_runs_answers_in_the_sandbox():
         "def f(xs):\n    return open('/etc/passwd').read()",
         "x = 'a' * (10 ** 10)",  # memory
         "while True:\n    print('x' * 10000)",  # output flood
-        "", "   ", "x" * 5000, "def f(xs): return 0\n" * 300,
+        "",
+        "   ",
+        "x" * 5000,
+        "def f(xs): return 0\n" * 300,
     ]
     ok = task.verify_batch([p] * (len(good) + len(bad)), good + bad)
     assert ok == [True] * len(good) + [False] * len(bad), [a for a, o in zip(good + bad, ok)]
@@ -348,11 +438,18 @@ def test_program_verifier_runs_answers_in_the_sandbox():
 
 def test_program_verify_batch_runs_each_distinct_answer_once(monkeypatch):
     import nanoseek.tasks.program as program
+
     task, p = _program_problem()
     calls = []
     real = program.run_many
     monkeypatch.setattr(program, "run_many", lambda codes, *a, **k: calls.append(len(codes)) or real(codes, *a, **k))
     wrong = "def f(xs):\n    return 0"
     assert task.verify_batch([p] * 6, [p.answer, wrong, p.answer, wrong, "", p.answer]) == [
-        True, False, True, False, False, True]
+        True,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]
     assert calls == [2]

@@ -3,11 +3,24 @@
 import json
 
 import pytest
+import transformers
 
-from nanoseek.checkpoint.tokenizer import ASSISTANT, BOS, EOS, R1_ZERO_PREAMBLE, USER, Tokenizer, TokenizerError, train_tokenizer
+from nanoseek.checkpoint.tokenizer import (
+    ASSISTANT,
+    BOS,
+    EOS,
+    R1_ZERO_PREAMBLE,
+    USER,
+    Tokenizer,
+    TokenizerError,
+    train_tokenizer,
+)
 
-CORPUS = [f"What is {a} + {b}? <think> {a} + {b} = {a + b} </think> <answer>{a + b}</answer>"
-          for a in range(0, 3000, 7) for b in (13, 908)] + ["The quick brown fox jumps over the lazy dog. ü ß 中文"] * 20
+CORPUS = [
+    f"What is {a} + {b}? <think> {a} + {b} = {a + b} </think> <answer>{a + b}</answer>"
+    for a in range(0, 3000, 7)
+    for b in (13, 908)
+] + ["The quick brown fox jumps over the lazy dog. ü ß 中文"] * 20
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -63,7 +76,6 @@ def test_save_and_load(tok, tmp_path):
 @pytest.mark.parametrize("template", ["deepseek", "r1_zero"])
 @pytest.mark.parametrize("gen", [True, False])
 def test_transformers_renders_the_same_chat(tok, tmp_path, template, gen):
-    transformers = pytest.importorskip("transformers")
     tok.with_chat_template(template).save_pretrained(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     ours = Tokenizer.from_pretrained(tmp_path)

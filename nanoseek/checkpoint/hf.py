@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nanoseek.model.config import ConfigError, ModelConfig
 from nanoseek.errors import NanoseekError
+from nanoseek.fileio import atomic_write, atomic_write_json
+from nanoseek.model.config import ConfigError, ModelConfig
 from nanoseek.model.transformer import Transformer
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -153,8 +153,10 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     bm, bn = block
     expected = (-(-M // bm), -(-N // bn))
     if tuple(scale_inv.shape) != expected:
-        raise CheckpointError(f"weight_scale_inv of shape {tuple(scale_inv.shape)} does not tile a {M}x{N} "
-                              f"weight in {bm}x{bn} blocks (expected {expected})")
+        raise CheckpointError(
+            f"weight_scale_inv of shape {tuple(scale_inv.shape)} does not tile a {M}x{N} "
+            f"weight in {bm}x{bn} blocks (expected {expected})"
+        )
     scale = scale_inv.float().repeat_interleave(bm, 0)[:M].repeat_interleave(bn, 1)[:, :N]
     return weight.float() * scale
 
@@ -170,8 +172,9 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_json(_resolve(path) / "config.json")
 
 
-def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> Transformer:
+def from_pretrained(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Transformer:
     """Build the model of `path/config.json` and fill it from the directory's safetensors.
 
     dtype: parameter dtype (default: float32, the compute dtype on CPU). The MoE correction bias
@@ -201,8 +204,10 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
             expected = param.shape[1:] if len(names) > 1 else param.shape
             for name, t in zip(names, parts):
                 if tuple(t.shape) != tuple(expected):
-                    raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(expected)} "
-                                          f"from config.json ({files.where[name].name})")
+                    raise CheckpointError(
+                        f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(expected)} "
+                        f"from config.json ({files.where[name].name})"
+                    )
             value = torch.stack(parts) if len(names) > 1 else parts[0]
             param.copy_(value.to(param.dtype))
             used.update(names)
@@ -212,7 +217,6 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     return model.eval()
 
 
-
 def _check_unexpected(cfg: ModelConfig, files: SafetensorsDir, used: set[str], root: Path) -> None:
     mtp_shared = {
         f"model.layers.{cfg.num_hidden_layers + k}.{n}"
@@ -220,8 +224,11 @@ def _check_unexpected(cfg: ModelConfig, files: SafetensorsDir, used: set[str], r
         for n in ("embed_tokens.weight", "shared_head.head.weight")
     }
     extra = [
-        n for n in files.where
-        if n not in used and n not in mtp_shared and not n.endswith(("weight_scale_inv", "rotary_emb.inv_freq"))
+        n
+        for n in files.where
+        if n not in used
+        and n not in mtp_shared
+        and not n.endswith(("weight_scale_inv", "rotary_emb.inv_freq"))
         and files.get(n).numel() > 0  # transformers writes zero-width shared experts when there are none
     ]
     if extra:
@@ -230,8 +237,9 @@ def _check_unexpected(cfg: ModelConfig, files: SafetensorsDir, used: set[str], r
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def save_pretrained(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = 5 * 1024**3) -> None:
+def save_pretrained(
+    model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 1024**3
+) -> None:
     """Write config.json and safetensors (sharded with an index above max_shard_bytes).
 
     Each file is written under a temporary name and renamed into place, so a kill mid-save never
@@ -251,45 +259,34 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, dtype: torch.dt
         if size + nbytes > max_shard_bytes and shards[-1]:
             shards.append({})
             size = 0
-        shards[-1][name] = t.detach().contiguous().cpu().clone() if _shares_storage(t) else t.detach().contiguous().cpu()
+        shards[-1][name] = (
+            t.detach().contiguous().cpu().clone() if _shares_storage(t) else t.detach().contiguous().cpu()
+        )
         size += nbytes
     for stale in list(root.glob("model*.safetensors")) + [root / INDEX_NAME]:
         stale.unlink(missing_ok=True)
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _atomic(root / SINGLE_NAME, lambda p: save_file(shards[0], str(p), metadata=meta))
+        atomic_write(root / SINGLE_NAME, lambda p: save_file(shards[0], str(p), metadata=meta))
     else:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards, start=1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic(root / fname, lambda p, s=shard: save_file(s, str(p), metadata=meta))
+            atomic_write(root / fname, lambda p, s=shard: save_file(s, str(p), metadata=meta))
             weight_map.update({n: fname for n in shard})
             total += sum(t.numel() * t.element_size() for t in shard.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _atomic(root / INDEX_NAME, lambda p: p.write_text(json.dumps(index, indent=2)))
+        atomic_write_json(root / INDEX_NAME, index, indent=2)
     storage = dtype or next(model.parameters()).dtype
     out_cfg = cfg.replace(torch_dtype=str(storage).replace("torch.", ""))
-    _atomic(root / "config.json", lambda p: out_cfg.to_json(p))
+    atomic_write(root / "config.json", lambda p: out_cfg.to_json(p))
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
-    _atomic(root / "generation_config.json", lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
+    atomic_write_json(root / "generation_config.json", gen, indent=2)
 
 
 def _shares_storage(t: torch.Tensor) -> bool:
     # Views (unbound experts, tied/copied MTP embeddings) must own their memory for safetensors.
     return t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset() != 0
-
-
-def _atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = ["from_pretrained", "save_pretrained", "load_config", "CheckpointError", "ConfigError", "dequantize_fp8"]

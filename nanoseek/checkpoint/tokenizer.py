@@ -12,7 +12,8 @@ Countdown tasks need, and what DeepSeek's own pre-tokenizer approximates with 1-
 
 Two chat templates, each stored as Jinja in tokenizer_config.json (so `transformers.AutoTokenizer`
 renders exactly what `apply_chat_template` here renders; a test holds them equal):
-- "deepseek": DeepSeek-R1's layout, `<｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{reply}<｜end▁of▁sentence｜>`.
+- "deepseek": DeepSeek-R1's layout,
+  `<｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{reply}<｜end▁of▁sentence｜>`.
   Reasoning of earlier assistant turns is dropped from the history, as DeepSeek's API asks.
 - "r1_zero": the DeepSeek-R1-Zero template (R1 paper, Table 1): the plain-text preamble, "User: {prompt}.
   Assistant:", which is what `nanoseek zero` trains on, so serving its checkpoint uses the same prompt.
@@ -29,6 +30,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trai
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek.errors import NanoseekError
+from nanoseek.fileio import atomic_write, atomic_write_text
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -119,8 +121,9 @@ class Tokenizer:
         return decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
 
     # ---- chat --------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            template: str | None = None) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, template: str | None = None
+    ) -> str:
         """Render messages with this tokenizer's template (or another by name); see `render_chat`."""
         return render_chat(messages, template or self.chat_template, add_generation_prompt)
 
@@ -129,21 +132,33 @@ class Tokenizer:
         """tokenizer.json + tokenizer_config.json, as `transformers.AutoTokenizer` reads them."""
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
-        self.tk.save(str(root / "tokenizer.json"))
+        atomic_write(root / "tokenizer.json", lambda tmp: self.tk.save(str(tmp)))
         added = {
-            str(self.tk.token_to_id(t)): {"content": t, "special": t in SPECIAL_TOKENS, "lstrip": False,
-                                          "rstrip": False, "normalized": False, "single_word": False}
+            str(self.tk.token_to_id(t)): {
+                "content": t,
+                "special": t in SPECIAL_TOKENS,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
             for t in SPECIAL_TOKENS + THINK_TOKENS
         }
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
-            "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-            "model_max_length": 1 << 20, "added_tokens_decoder": added,
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "unk_token": None,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1 << 20,
+            "added_tokens_decoder": added,
             "chat_template": CHAT_TEMPLATES[self.chat_template],
             "nanoseek_chat_template": self.chat_template,
         }
-        (root / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(root / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -196,18 +211,24 @@ def render_chat(messages: list[dict], template: str = "deepseek", add_generation
     raise TokenizerError(f"unknown chat template {template!r}; known: {', '.join(CHAT_TEMPLATES)}")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
-                    chat_template: str = "deepseek") -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, chat_template: str = "deepseek"
+) -> Tokenizer:
     """Train byte-level BPE on texts; the vocabulary (special tokens included) has at most vocab_size ids."""
     tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\d"), behavior="isolated"),  # one token per digit
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\d"), behavior="isolated"),  # one token per digit
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(THINK_TOKENS), min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size - len(THINK_TOKENS),
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tk.train_from_iterator(texts, trainer=trainer)
     # Added after training so BPE never merges across them; not special, so decoding keeps them.

@@ -3,19 +3,22 @@
     nanoseek init --preset tiny --out ckpt/ [--seed 0] [--corpus text.txt]
     nanoseek info ckpt/            # or a preset name: deepseek-v3, small, ...
 
-Each area registers its own subcommands from `nanoseek/cli/<area>.py`; benchmarks live under
-`nanoseek bench <what>`.
+Each area registers its own subcommands from `nanoseek/cli/<area>.py` (`register(sub, bench)`), and its
+benchmarks under `nanoseek bench <what>`; `chat.py` is the terminal chat. User errors (`NanoseekError`) are
+one line on stderr and exit status 2.
+
+Imports: any nanoseek package (the CLI is the top of the house; nothing imports it).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from nanoseek.cli import generate, model, rl, serve, train, zero
 from nanoseek.errors import NanoseekError
 
-COMMAND_MODULES = ("model", "serve", "rl", "train", "generate", "zero")
+COMMAND_MODULES = (model, serve, rl, train, generate, zero)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks: nanoseek beside the reference, as ratios")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"nanoseek.cli.{name}").register(sub, bench_sub)
+    for module in COMMAND_MODULES:
+        module.register(sub, bench_sub)
     return p
 
 
@@ -39,4 +42,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanoseek {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
-

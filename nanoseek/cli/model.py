@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 from pathlib import Path
 
 import torch
 
-from nanoseek.checkpoint.hf import load_config
-from nanoseek.model.presets import PRESETS, get_preset
+from nanoseek.checkpoint.hf import load_config, save_pretrained
+from nanoseek.checkpoint.tokenizer import train_tokenizer
 from nanoseek.model.config import ConfigError, ModelConfig
-from nanoseek.checkpoint.hf import save_pretrained
+from nanoseek.model.presets import PRESETS, get_preset
+from nanoseek.model.stats import format_stats, model_stats
+from nanoseek.model.transformer import Transformer
 
 
 def _resolve_config(name_or_dir: str) -> tuple[str, ModelConfig]:
@@ -23,16 +26,12 @@ def _resolve_config(name_or_dir: str) -> tuple[str, ModelConfig]:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from nanoseek.model.stats import format_stats, model_stats
-
     name, cfg = _resolve_config(args.model)
     print(format_stats(name, cfg, model_stats(cfg, cache_dtype_bytes=args.cache_bytes)))
 
 
 def _default_corpus() -> list[str]:
     """Text for a tokenizer when no corpus is given: the R1-Zero template, arithmetic and prose."""
-    import random
-
     rng = random.Random(0)
     lines = [
         "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -56,17 +55,14 @@ def _physical_memory() -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    from nanoseek.model.transformer import Transformer
-    from nanoseek.model.stats import model_stats
-
     cfg = get_preset(args.preset)
     stats = model_stats(cfg)
     need = (stats.total + stats.mtp) * 4
     if need > 0.8 * _physical_memory():
-        raise ConfigError(f"preset {args.preset} needs {need / 2**30:.0f} GiB for fp32 weights; this machine has "
-                          f"{_physical_memory() / 2**30:.0f} GiB. Use `nanoseek info {args.preset}` to inspect it instead.")
-    from nanoseek.checkpoint.tokenizer import train_tokenizer
-
+        raise ConfigError(
+            f"preset {args.preset} needs {need / 2**30:.0f} GiB for fp32 weights; this machine has "
+            f"{_physical_memory() / 2**30:.0f} GiB. Use `nanoseek info {args.preset}` to inspect it instead."
+        )
     texts = Path(args.corpus).read_text(encoding="utf-8").splitlines() if args.corpus else _default_corpus()
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -78,7 +74,6 @@ def cmd_init(args: argparse.Namespace) -> None:
     save_pretrained(model, out)
     tokenizer.save_pretrained(out)
     print(f"wrote {args.preset} ({stats.total:,} parameters, {tokenizer.vocab_size} tokens, seed {args.seed}) to {out}")
-
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:

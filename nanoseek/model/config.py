@@ -120,28 +120,55 @@ class ModelConfig:
                 raise ConfigError(msg)
 
         need(self.model_type in MODEL_TYPES, f"unknown model_type {self.model_type!r}; nanoseek reads {MODEL_TYPES}")
-        need(self.topk_method in TOPK_METHODS, f"unknown topk_method {self.topk_method!r}; expected one of {TOPK_METHODS}")
-        need(self.scoring_func in SCORING_FUNCS, f"unknown scoring_func {self.scoring_func!r}; expected one of {SCORING_FUNCS}")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+        need(
+            self.topk_method in TOPK_METHODS,
+            f"unknown topk_method {self.topk_method!r}; expected one of {TOPK_METHODS}",
+        )
+        need(
+            self.scoring_func in SCORING_FUNCS,
+            f"unknown scoring_func {self.scoring_func!r}; expected one of {SCORING_FUNCS}",
+        )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        ):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         need(self.q_lora_rank >= 0, f"q_lora_rank must be >= 0, got {self.q_lora_rank}")
         if self.n_routed_experts > 0:
-            need(0 < self.num_experts_per_tok <= self.n_routed_experts,
-                 f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..n_routed_experts={self.n_routed_experts}")
-            need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
-                 f"n_routed_experts={self.n_routed_experts} must divide into n_group={self.n_group} groups")
-            need(1 <= self.topk_group <= self.n_group, f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
+            need(
+                0 < self.num_experts_per_tok <= self.n_routed_experts,
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                f"1..n_routed_experts={self.n_routed_experts}",
+            )
+            need(
+                self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+                f"n_routed_experts={self.n_routed_experts} must divide into n_group={self.n_group} groups",
+            )
+            need(
+                1 <= self.topk_group <= self.n_group,
+                f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}",
+            )
             if self.topk_method == "noaux_tc":
-                need(self.n_routed_experts // self.n_group >= 2,
-                     "noaux_tc scores a group by its top-2 experts: need >= 2 experts per group")
+                need(
+                    self.n_routed_experts // self.n_group >= 2,
+                    "noaux_tc scores a group by its top-2 experts: need >= 2 experts per group",
+                )
             if self.topk_method != "greedy":
-                need(self.topk_group * (self.n_routed_experts // self.n_group) >= self.num_experts_per_tok,
-                     "topk_group groups hold fewer experts than num_experts_per_tok")
+                need(
+                    self.topk_group * (self.n_routed_experts // self.n_group) >= self.num_experts_per_tok,
+                    "topk_group groups hold fewer experts than num_experts_per_tok",
+                )
         if self.rope_scaling is not None:
-            need(self.rope_scaling.get("type") == "yarn",
-                 f"only YaRN rope scaling is supported, got {self.rope_scaling.get('type')!r}")
+            need(
+                self.rope_scaling.get("type") == "yarn",
+                f"only YaRN rope scaling is supported, got {self.rope_scaling.get('type')!r}",
+            )
             need(float(self.rope_scaling.get("factor") or 0) >= 1.0, "rope_scaling.factor must be >= 1")
 
     # ---- Hugging Face config.json -----------------------------------------------------------
@@ -178,8 +205,14 @@ class ModelConfig:
         d.pop("rope_parameters", None)
         d.pop("rope_scaling", None)
         d.pop("quantization_config", None)  # weights are dequantized on load
-        for derived in ("qk_head_dim", "head_dim", "num_key_value_heads", "architectures",
-                        "transformers_version", "auto_map"):
+        for derived in (
+            "qk_head_dim",
+            "head_dim",
+            "num_key_value_heads",
+            "architectures",
+            "transformers_version",
+            "auto_map",
+        ):
             d.pop(derived, None)
         try:
             return cls(**kw, extra=d)
@@ -243,8 +276,16 @@ def _read_rope(d: dict[str, Any], rope_theta: float | None) -> tuple[float, dict
     if kind != "yarn":
         raise ConfigError(f"unsupported rope scaling type {kind!r}; DeepSeek models use 'yarn'")
     out = {"type": "yarn"}
-    for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-              "mscale_all_dim", "attention_factor", "truncate"):
+    for k in (
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "attention_factor",
+        "truncate",
+    ):
         if params.get(k) is not None:
             out[k] = params[k]
     if "factor" not in out:

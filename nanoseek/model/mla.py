@@ -23,8 +23,9 @@ class LatentCache(Protocol):
 
     absorb: bool
 
-    def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def update(
+        self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 class MLA(nn.Module):
@@ -59,7 +60,9 @@ class MLA(nn.Module):
             self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)  # normalizes the latent only, never k_pe
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
         self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, cfg.hidden_size, bias=bias)
 
     def project_q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,14 +71,22 @@ class MLA(nn.Module):
         q = q.view(*x.shape[:2], self.n_heads, -1)
         return q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
-    def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_latent(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """What a cache holds: the normalized latent c_kv (B,T,r) and the rotated k_pe (B,T,rope)."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.rope_interleave)[:, :, 0]
         return self.kv_a_layernorm(c_kv), k_pe
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None, cache: LatentCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+    ) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D).
 
         Without a cache the T tokens attend causally among themselves (mask: None, or a bool keep-mask
@@ -104,8 +115,12 @@ class MLA(nn.Module):
         if pad > 0:
             v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None and T > 1, scale=self.softmax_scale,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            scale=self.softmax_scale,
         )  # (B, H, T, v or q's head dim)
         return out[..., : self.v_head_dim].transpose(1, 2).reshape(B, T, -1)
 
@@ -124,8 +139,9 @@ class MLA(nn.Module):
         q_lat = q_lat.view(H, B, T, r).transpose(0, 1).reshape(B, H * T, r)
         q_pe = q_pe.transpose(1, 2).reshape(B, H * T, -1)  # (B, H*T, rope)
         scale = self.softmax_scale
-        scores = torch.baddbmm(torch.bmm(q_pe, k_pe.transpose(1, 2)), q_lat, c_kv.transpose(1, 2),
-                               beta=scale, alpha=scale).view(B, H, T, S)
+        scores = torch.baddbmm(
+            torch.bmm(q_pe, k_pe.transpose(1, 2)), q_lat, c_kv.transpose(1, 2), beta=scale, alpha=scale
+        ).view(B, H, T, S)
         if mask is None and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
         if mask is not None:

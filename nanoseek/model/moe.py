@@ -44,8 +44,9 @@ class FP32Buffers(nn.Module):
         super()._apply(fn, recurse)
         device = next(self.parameters()).device
         for n, buf in kept.items():
-            self._buffers[n] = (torch.zeros(buf.shape, device=device) if buf.is_meta
-                                else buf.to(device=device, dtype=torch.float32))
+            self._buffers[n] = (
+                torch.zeros(buf.shape, device=device) if buf.is_meta else buf.to(device=device, dtype=torch.float32)
+            )
         return self
 
 

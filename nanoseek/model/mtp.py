@@ -35,7 +35,14 @@ class MTPBlock(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None, cache: LatentCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        emb: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+    ) -> torch.Tensor:
         x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h)), dim=-1))
         return super().forward(x, cos, sin, mask, cache)

@@ -73,8 +73,10 @@ def format_stats(name: str, cfg: ModelConfig, s: ModelStats) -> str:
         f"  parameters, active/token {_human(s.active):>10}   ({s.active:,}; excludes the input embedding)",
     ]
     if s.mtp:
-        lines.append(f"  MTP modules              {_human(s.mtp):>10}   ({s.mtp:,}; {_human(s.mtp_stored)} as stored "
-                     "with copies of the embedding and head)")
+        lines.append(
+            f"  MTP modules              {_human(s.mtp):>10}   ({s.mtp:,}; {_human(s.mtp_stored)} as stored "
+            "with copies of the embedding and head)"
+        )
     b = s.cache_dtype_bytes
     rows = [
         (f"MLA latent (c_kv {cfg.kv_lora_rank} + k_pe {cfg.qk_rope_head_dim})", s.latent_cache_bytes),

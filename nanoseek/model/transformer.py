@@ -1,8 +1,8 @@
 """The DeepSeek-V2/V3 transformer: MLA attention, DeepSeekMoE, Multi-Token Prediction.
 
 One class per paper concept, module and weight names as in the Hugging Face checkpoint
-(`self_attn.kv_a_proj_with_mqa`, `mlp.gate`, ...), so `checkpoint.py` only renames the stacked expert
-weights. The MoE lives in `moe.py`.
+(`self_attn.kv_a_proj_with_mqa`, `mlp.gate`, ...), so `nanoseek.checkpoint.hf` only renames the stacked
+expert weights. The parts live beside it: `layers.py`, `mla.py`, `moe.py`, `block.py`, `mtp.py`.
 
     model = Transformer(get_preset("tiny"))
     logits = model(input_ids)  # (B, T, vocab), float
@@ -16,9 +16,9 @@ from torch import nn
 from nanoseek.model.block import Block
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.layers import RMSNorm, RotaryEmbedding
+from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import MoE
 from nanoseek.model.mtp import MTPBlock
-from nanoseek.model.mla import LatentCache
 
 
 class Transformer(nn.Module):
@@ -60,8 +60,13 @@ class Transformer(nn.Module):
                 module.reset_buffers()
 
     # ---- forward ----------------------------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      cache: LatentCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Final normalized hidden states (B, T, D), the input of the head and of MTP depth 1.
         positions: (B or 1, T), default 0..T-1; with a cache, the tokens' absolute positions.
         mask: optional bool keep-mask (B or 1, 1, T, T) replacing plain causal attention (no cache), e.g.
@@ -72,12 +77,18 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, mask, cache)
         return self.norm(h)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: LatentCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.lm_head(self.hidden_states(input_ids, positions, cache, mask)).float()
 
-    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
-                   depth: int | None = None) -> list[torch.Tensor]:
+    def mtp_logits(
+        self, h: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None, depth: int | None = None
+    ) -> list[torch.Tensor]:
         """Logits of every MTP depth k = 1..D (DeepSeek-V3 eq. 21-23), or of the first `depth` only.
 
         h: main-model hidden states (B, T, D) for input_ids (B, T). Depth k's logits have length T-k;

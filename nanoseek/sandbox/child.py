@@ -1,4 +1,4 @@
-"""The sandbox's child side. Never imported: nanoseek/sandbox.py runs it as
+"""The sandbox's child side. Never imported: runner.py runs it as
 
     python -I -S -X utf8 nanoseek/sandbox/child.py key=value ...
 
@@ -11,7 +11,7 @@ each one that this machine permits (which ones took effect is reported to the pa
   init    (PID 1 of the new PID namespace)
     mounts, private to the namespace: a fresh /proc; a size-limited tmpfs on /tmp holding the working
     directory /tmp/work; empty read-only tmpfs over the other world-writable directories; when Python's
-    own library sits under a directory the sandbox user may not enter (/root/.pyenv), a tmpfs over that
+    own library sits under a directory the sandbox user may not enter (a home directory), a tmpfs over that
     directory with only the library bind-mounted back, read-only. Then fork, wait, report, exit; when
     init exits the kernel kills everything left in the namespace.
   worker  (PID 2: runs the program)
@@ -63,8 +63,11 @@ def unshare_namespaces() -> str:
         return "root"
     uid, gid = os.geteuid(), os.getegid()
     if libc.unshare(CLONE_NEWUSER | flags) == 0:
-        for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"0 {uid} 1"),
-                           ("/proc/self/gid_map", f"0 {gid} 1")):
+        for path, text in (
+            ("/proc/self/setgroups", "deny"),
+            ("/proc/self/uid_map", f"0 {uid} 1"),
+            ("/proc/self/gid_map", f"0 {gid} 1"),
+        ):
             with open(path, "w") as f:
                 f.write(text)
         return "userns"
@@ -136,35 +139,105 @@ def setup_mounts(cfg: dict, uid: int) -> list[str]:
 
 def set_limits(cfg: dict, mode: str) -> list[str]:
     cpu = int(cfg["cpu_seconds"])
-    limits = [(resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, cfg["memory_bytes"], None),
-              (resource.RLIMIT_FSIZE, cfg["file_bytes"], None), (resource.RLIMIT_NOFILE, cfg["open_files"], None),
-              (resource.RLIMIT_CORE, 0, None)]
+    limits = [
+        (resource.RLIMIT_CPU, cpu, cpu + 1),
+        (resource.RLIMIT_AS, cfg["memory_bytes"], None),
+        (resource.RLIMIT_FSIZE, cfg["file_bytes"], None),
+        (resource.RLIMIT_NOFILE, cfg["open_files"], None),
+        (resource.RLIMIT_CORE, 0, None),
+    ]
     if mode != "none":  # counted per (namespace, uid): ours alone. Outside, it would count all our processes
         limits.append((resource.RLIMIT_NPROC, cfg["max_processes"], None))
     names = []
     for res, soft, hard in limits:
         resource.setrlimit(res, (soft, soft if hard is None else hard))
-        names.append({resource.RLIMIT_CPU: "RLIMIT_CPU", resource.RLIMIT_AS: "RLIMIT_AS",
-                      resource.RLIMIT_FSIZE: "RLIMIT_FSIZE", resource.RLIMIT_NOFILE: "RLIMIT_NOFILE",
-                      resource.RLIMIT_CORE: "RLIMIT_CORE", resource.RLIMIT_NPROC: "RLIMIT_NPROC"}[res])
+        names.append(
+            {
+                resource.RLIMIT_CPU: "RLIMIT_CPU",
+                resource.RLIMIT_AS: "RLIMIT_AS",
+                resource.RLIMIT_FSIZE: "RLIMIT_FSIZE",
+                resource.RLIMIT_NOFILE: "RLIMIT_NOFILE",
+                resource.RLIMIT_CORE: "RLIMIT_CORE",
+                resource.RLIMIT_NPROC: "RLIMIT_NPROC",
+            }[res]
+        )
     return names
 
 
 def make_guard(workdir: str):
     """The audit hook (PEP 578). Everything it calls is bound here, so a program that replaces module or
     builtin attributes (os.path.abspath, builtins.isinstance, ...) does not change what it checks."""
-    deny_exact = frozenset({
-        "os.fork", "os.forkpty", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.kill", "os.killpg",
-        "os.symlink", "os.link", "pty.spawn", "subprocess.Popen", "gc.get_objects", "gc.get_referrers",
-        "gc.get_referents", "sys._current_frames", "sys.setprofile", "sys.settrace", "os.mknod", "os.mkfifo"})
-    deny_prefix = ("socket.", "ctypes.", "_ctypes.", "subprocess.", "os.posix_spawn", "os.spawn", "os.exec",
-                   "resource.", "mmap.", "fcntl.", "winreg.", "_winapi.")
-    deny_import = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "_testcapi", "_testinternalcapi",
-                             "_xxsubinterpreters", "_xxinterpchannels", "mmap", "fcntl", "_multiprocessing",
-                             "multiprocessing", "pty"})
-    path_events = frozenset({"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
-                             "os.truncate", "os.utime", "os.setxattr", "os.removexattr", "shutil.rmtree",
-                             "os.chflags", "os.lchflags"})
+    deny_exact = frozenset(
+        {
+            "os.fork",
+            "os.forkpty",
+            "os.system",
+            "os.exec",
+            "os.spawn",
+            "os.posix_spawn",
+            "os.kill",
+            "os.killpg",
+            "os.symlink",
+            "os.link",
+            "pty.spawn",
+            "subprocess.Popen",
+            "gc.get_objects",
+            "gc.get_referrers",
+            "gc.get_referents",
+            "sys._current_frames",
+            "sys.setprofile",
+            "sys.settrace",
+            "os.mknod",
+            "os.mkfifo",
+        }
+    )
+    deny_prefix = (
+        "socket.",
+        "ctypes.",
+        "_ctypes.",
+        "subprocess.",
+        "os.posix_spawn",
+        "os.spawn",
+        "os.exec",
+        "resource.",
+        "mmap.",
+        "fcntl.",
+        "winreg.",
+        "_winapi.",
+    )
+    deny_import = frozenset(
+        {
+            "ctypes",
+            "_ctypes",
+            "_posixsubprocess",
+            "_testcapi",
+            "_testinternalcapi",
+            "_xxsubinterpreters",
+            "_xxinterpchannels",
+            "mmap",
+            "fcntl",
+            "_multiprocessing",
+            "multiprocessing",
+            "pty",
+        }
+    )
+    path_events = frozenset(
+        {
+            "os.remove",
+            "os.rename",
+            "os.rmdir",
+            "os.mkdir",
+            "os.chmod",
+            "os.chown",
+            "os.truncate",
+            "os.utime",
+            "os.setxattr",
+            "os.removexattr",
+            "shutil.rmtree",
+            "os.chflags",
+            "os.lchflags",
+        }
+    )
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     inside = workdir.rstrip("/") + "/"
     # C functions and types, captured: os.fsdecode would look `fspath` up in the os module at call time
@@ -198,7 +271,8 @@ def make_guard(workdir: str):
         if event == "open" and len(args) >= 3:
             path, mode, flags = args[0], args[1], args[2]
             writes = (_isinstance(flags, _int) and flags & write_flags) or (
-                _isinstance(mode, _str) and _any(c in mode for c in "wax+"))
+                _isinstance(mode, _str) and _any(c in mode for c in "wax+")
+            )
             if writes and outside(path):
                 raise denied(f"sandbox: writing {path!r} outside the working directory is not allowed")
         elif event in path_events and args and outside(args[0]):

@@ -21,7 +21,6 @@ Runs are independent processes, so many can run at once: `run_many` runs them fr
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import secrets
@@ -42,8 +41,12 @@ from nanoseek.errors import NanoseekError
 __all__ = ["SandboxConfig", "SandboxError", "SandboxResult", "run_many", "run_python"]
 
 CHILD = Path(__file__).with_name("child.py")
-_SIGNAL_REASONS = {signal.SIGXCPU: "cpu time", signal.SIGKILL: "killed (SIGKILL)",
-                   signal.SIGXFSZ: "file size", signal.SIGSEGV: "crashed (SIGSEGV)"}
+_SIGNAL_REASONS = {
+    signal.SIGXCPU: "cpu time",
+    signal.SIGKILL: "killed (SIGKILL)",
+    signal.SIGXFSZ: "file size",
+    signal.SIGSEGV: "crashed (SIGSEGV)",
+}
 
 
 class SandboxError(NanoseekError):
@@ -66,8 +69,16 @@ class SandboxConfig:
     audit_guard: bool = True  # the Python audit-hook layer (turn off only to test the layers beneath)
 
     def __post_init__(self):
-        for name in ("cpu_seconds", "wall_seconds", "memory_bytes", "output_bytes", "file_bytes", "disk_bytes",
-                     "max_processes", "open_files"):
+        for name in (
+            "cpu_seconds",
+            "wall_seconds",
+            "memory_bytes",
+            "output_bytes",
+            "file_bytes",
+            "disk_bytes",
+            "max_processes",
+            "open_files",
+        ):
             if not getattr(self, name) > 0:
                 raise SandboxError(f"SandboxConfig.{name} must be positive, got {getattr(self, name)!r}")
 
@@ -94,17 +105,28 @@ def run_python(code: str, stdin: str = "", config: SandboxConfig = SandboxConfig
         program.write_text(code, encoding="utf-8", errors="surrogatepass")
         stdin_path.write_text(stdin, encoding="utf-8")
         status_r, status_w = os.pipe()
-        cfg = {**asdict(config), "cpu_seconds": math.ceil(config.cpu_seconds), "program": program,
-               "host_dir": host_dir, "status_fd": status_w,
-               "uid": 100_000 + secrets.randbelow(1_000_000)}  # a uid no one else uses (when root)
+        cfg = {
+            **asdict(config),
+            "cpu_seconds": math.ceil(config.cpu_seconds),
+            "program": program,
+            "host_dir": host_dir,
+            "status_fd": status_w,
+            "uid": 100_000 + secrets.randbelow(1_000_000),
+        }  # a uid no one else uses (when root)
         args = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in cfg.items() if k != "wall_seconds"]
         start = time.monotonic()
         try:
             with open(stdin_path, "rb") as stdin_f:
                 proc = subprocess.Popen(
                     [sys.executable, "-I", "-S", "-X", "utf8", str(CHILD), *args],
-                    stdin=stdin_f, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(status_w,),
-                    start_new_session=True, cwd=host_dir, env={"PATH": "/usr/bin:/bin"})
+                    stdin=stdin_f,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    pass_fds=(status_w,),
+                    start_new_session=True,
+                    cwd=host_dir,
+                    env={"PATH": "/usr/bin:/bin"},
+                )
         finally:
             os.close(status_w)
         return _collect(proc, status_r, config, start)
@@ -112,8 +134,12 @@ def run_python(code: str, stdin: str = "", config: SandboxConfig = SandboxConfig
         shutil.rmtree(host_dir, ignore_errors=True)
 
 
-def run_many(codes: Sequence[str], config: SandboxConfig = SandboxConfig(), workers: int | None = None,
-             stdins: Sequence[str] | None = None) -> list[SandboxResult]:
+def run_many(
+    codes: Sequence[str],
+    config: SandboxConfig = SandboxConfig(),
+    workers: int | None = None,
+    stdins: Sequence[str] | None = None,
+) -> list[SandboxResult]:
     """`run_python` over many programs at once (results in order); workers defaults to the CPU count."""
     stdins = stdins if stdins is not None else [""] * len(codes)
     if len(stdins) != len(codes):
@@ -198,11 +224,11 @@ def _collect(proc: subprocess.Popen, status_r: int, config: SandboxConfig, start
     return SandboxResult(
         ok=killed is None and error is None and returncode == 0,
         returncode=None if killed else returncode,
-        stdout=bufs[out_fd].decode("utf-8", "replace"), stderr=bufs[err_fd].decode("utf-8", "replace"),
+        stdout=bufs[out_fd].decode("utf-8", "replace"),
+        stderr=bufs[err_fd].decode("utf-8", "replace"),
         timed_out=killed == "wall time",
-        killed=killed, duration_s=duration, defences=tuple(defences), error=error)
-
-
-if __name__ == "__main__":
-    r = run_python(sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read())
-    print(json.dumps(asdict(r), indent=2))
+        killed=killed,
+        duration_s=duration,
+        defences=tuple(defences),
+        error=error,
+    )

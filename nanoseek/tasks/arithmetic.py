@@ -7,9 +7,10 @@
 
 The worked solution is the grade-school algorithm written one digit per line, built for a small
 transformer to imitate: every line has the same shape, and every value on it is read off the line above
-or one digit of the operands (the first line restates the question's operation as written). Digits are taken right to left, the carry (`c`) or borrow (`b`) a line
-produces is the next line's last input, and the digits written so far follow `|`, so a line's result
-is the previous line's result with one digit put in front:
+or one digit of the operands (the first line restates the question's operation as written). Digits are
+taken right to left, the carry (`c`) or borrow (`b`) a line produces is the next line's last input, and
+the digits written so far follow `|`, so a line's result is the previous line's result with one digit put
+in front:
 
     4832 + 957                   4832 - 957                   4832 * 57
     2+7+0=9 c0 | 9               2-7-0 -> 12-7-0=5 b1 | 5     4832*7
@@ -102,7 +103,7 @@ def mul_lines(a: int, b: int) -> list[str]:
             continue
         lines += mul_digit_lines(a, d)
         if shift:
-            lines[-1] += f", shift {shift}: {a * d * 10 ** shift}"
+            lines[-1] += f", shift {shift}: {a * d * 10**shift}"
         partials.append(a * d * 10**shift)
     total = partials[0] if partials else 0
     for p in partials[1:]:
@@ -125,7 +126,7 @@ def trace(a: int, op: str, b: int) -> str:
     # The first line restates the question's "a op b" verbatim, spaces included: a small transformer
     # learns to copy text as it stands (an induction head) long before it learns to copy and reformat.
     if len(lines) > 1 and lines[0].startswith(f"{a}{op}{b}"):
-        lines[0] = f"{a} {op} {b}" + lines[0][len(f"{a}{op}{b}"):]
+        lines[0] = f"{a} {op} {b}" + lines[0][len(f"{a}{op}{b}") :]
     return "\n".join(lines)
 
 
@@ -155,8 +156,9 @@ class ArithmeticTask(Task):
 
     def __post_init__(self):
         if not 1 <= self.min_digits <= self.max_digits <= 18:
-            raise TaskError(f"arithmetic: need 1 <= min_digits <= max_digits <= 18, "
-                            f"got {self.min_digits}, {self.max_digits}")
+            raise TaskError(
+                f"arithmetic: need 1 <= min_digits <= max_digits <= 18, got {self.min_digits}, {self.max_digits}"
+            )
         if not self.ops or any(o not in OPS for o in self.ops):
             raise TaskError(f"arithmetic: ops must be a non-empty subset of {OPS!r}, got {self.ops!r}")
 
@@ -167,8 +169,13 @@ class ArithmeticTask(Task):
     def generate(self, rng: random.Random) -> Problem:
         op = rng.choice(self.ops)
         a, b = self._operand(rng), self._operand(rng)
-        return Problem(task=self.name, question=f"What is {a} {op} {b}?", answer=str(compute(a, op, b)),
-                       key=f"{a}{op}{b}", data={"a": a, "op": op, "b": b})
+        return Problem(
+            task=self.name,
+            question=f"What is {a} {op} {b}?",
+            answer=str(compute(a, op, b)),
+            key=f"{a}{op}{b}",
+            data={"a": a, "op": op, "b": b},
+        )
 
     def verify(self, problem: Problem, answer: str) -> bool:
         try:

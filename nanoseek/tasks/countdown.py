@@ -54,8 +54,12 @@ MAX_DEPTH = 16  # parentheses nesting
 MAX_VALUE = 10**12  # any literal, numerator or denominator beyond this is rejected
 _ALLOWED = re.compile(r"[0-9+\-*/() ]*")  # ASCII digits only
 _UNICODE_OPS = str.maketrans({"×": "*", "÷": "/", "−": "-"})
-_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-           ast.Div: lambda a, b: a / b}
+_BINOPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+}
 
 
 class _Reject(Exception):
@@ -101,8 +105,9 @@ def evaluate_expression(text: str, numbers: list[int]) -> Fraction | None:
         return None
     if Counter(literals) - Counter(numbers):  # a number not given, or used more often than given
         return None
-    if claimed.strip() and (not claimed.strip().isdigit() or len(claimed.strip()) > 13
-                            or Fraction(int(claimed.strip())) != value):
+    if claimed.strip() and (
+        not claimed.strip().isdigit() or len(claimed.strip()) > 13 or Fraction(int(claimed.strip())) != value
+    ):
         return None
     return value
 
@@ -178,8 +183,7 @@ class CountdownTask(Task):
 
     def __post_init__(self):
         if not 2 <= self.min_count <= self.max_count <= 6:
-            raise TaskError(f"countdown: need 2 <= min_count <= max_count <= 6, got {self.min_count}, "
-                            f"{self.max_count}")
+            raise TaskError(f"countdown: need 2 <= min_count <= max_count <= 6, got {self.min_count}, {self.max_count}")
         if not 2 <= self.max_number <= 1000 or not 2 <= self.max_target <= 100_000:
             raise TaskError("countdown: need 2 <= max_number <= 1000 and 2 <= max_target <= 100000")
         if self.max_search_steps < 1:
@@ -205,11 +209,13 @@ class CountdownTask(Task):
                 continue
             shown = " ".join(map(str, numbers))
             return Problem(
-                task=self.name, answer=found[1],
+                task=self.name,
+                answer=found[1],
                 question=f"Make {target} from the numbers {shown} with + - * / and parentheses, "
-                         f"using each number at most once.",
+                f"using each number at most once.",
                 key=f"{' '.join(map(str, sorted(numbers)))}->{target}",
-                data={"numbers": numbers, "target": target})
+                data={"numbers": numbers, "target": target},
+            )
         raise TaskError(f"countdown: no problem found with knobs {self.knobs()}")
 
     def verify(self, problem: Problem, answer: str) -> bool:

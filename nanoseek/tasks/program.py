@@ -1,5 +1,5 @@
 """Program synthesis: write a small Python function; the answer is code, checked by running it on test
-cases inside the sandbox (nanoseek/sandbox.py), never in this process.
+cases inside the sandbox (nanoseek.sandbox), never in this process.
 
     task = ProgramTask(kinds=("list", "string"), min_steps=1, max_steps=2)
     p = task.sample(random.Random(0))
@@ -50,21 +50,41 @@ class Op:
 
 LIST_STEPS = {
     "add": Op("adds {k} to every element", "xs = [x + {k} for x in xs]", lambda v, k, c, d: [x + k for x in v], "k"),
-    "sub": Op("subtracts {k} from every element", "xs = [x - {k} for x in xs]",
-              lambda v, k, c, d: [x - k for x in v], "k"),
-    "mul": Op("multiplies every element by {k}", "xs = [x * {k} for x in xs]",
-              lambda v, k, c, d: [x * k for x in v], "k"),
+    "sub": Op(
+        "subtracts {k} from every element", "xs = [x - {k} for x in xs]", lambda v, k, c, d: [x - k for x in v], "k"
+    ),
+    "mul": Op(
+        "multiplies every element by {k}", "xs = [x * {k} for x in xs]", lambda v, k, c, d: [x * k for x in v], "k"
+    ),
     "square": Op("squares every element", "xs = [x * x for x in xs]", lambda v, k, c, d: [x**2 for x in v]),
-    "gt": Op("keeps the elements greater than {k}", "xs = [x for x in xs if x > {k}]",
-             lambda v, k, c, d: list(filter(lambda x: x > k, v)), "k"),
-    "lt": Op("keeps the elements less than {k}", "xs = [x for x in xs if x < {k}]",
-             lambda v, k, c, d: list(filter(lambda x: x < k, v)), "k"),
-    "ne": Op("removes the elements equal to {k}", "xs = [x for x in xs if x != {k}]",
-             lambda v, k, c, d: list(filter(lambda x: x != k, v)), "k"),
-    "even": Op("keeps the even elements", "xs = [x for x in xs if x % 2 == 0]",
-               lambda v, k, c, d: list(filter(lambda x: not x & 1, v))),
-    "odd": Op("keeps the odd elements", "xs = [x for x in xs if x % 2 == 1]",
-              lambda v, k, c, d: list(filter(lambda x: x & 1, v))),
+    "gt": Op(
+        "keeps the elements greater than {k}",
+        "xs = [x for x in xs if x > {k}]",
+        lambda v, k, c, d: list(filter(lambda x: x > k, v)),
+        "k",
+    ),
+    "lt": Op(
+        "keeps the elements less than {k}",
+        "xs = [x for x in xs if x < {k}]",
+        lambda v, k, c, d: list(filter(lambda x: x < k, v)),
+        "k",
+    ),
+    "ne": Op(
+        "removes the elements equal to {k}",
+        "xs = [x for x in xs if x != {k}]",
+        lambda v, k, c, d: list(filter(lambda x: x != k, v)),
+        "k",
+    ),
+    "even": Op(
+        "keeps the even elements",
+        "xs = [x for x in xs if x % 2 == 0]",
+        lambda v, k, c, d: list(filter(lambda x: not x & 1, v)),
+    ),
+    "odd": Op(
+        "keeps the odd elements",
+        "xs = [x for x in xs if x % 2 == 1]",
+        lambda v, k, c, d: list(filter(lambda x: x & 1, v)),
+    ),
     "rev": Op("reverses the list", "xs = xs[::-1]", lambda v, k, c, d: list(reversed(v))),
     "sort": Op("sorts the list in increasing order", "xs = sorted(xs)", lambda v, k, c, d: sorted(v)),
     "take": Op("keeps the first {k} elements", "xs = xs[:{k}]", lambda v, k, c, d: v[:k], "k"),
@@ -74,34 +94,55 @@ LIST_RESULTS = {
     "list": Op("returns the list", "return xs", lambda v, k, c, d: v),
     "sum": Op("returns their sum", "return sum(xs)", lambda v, k, c, d: sum(v)),
     "len": Op("returns how many elements there are", "return len(xs)", lambda v, k, c, d: len(v)),
-    "max": Op("returns the largest element, or 0 if there is none", "return max(xs, default=0)",
-              lambda v, k, c, d: max(v) if v else 0),
-    "min": Op("returns the smallest element, or 0 if there is none", "return min(xs, default=0)",
-              lambda v, k, c, d: min(v) if v else 0),
+    "max": Op(
+        "returns the largest element, or 0 if there is none",
+        "return max(xs, default=0)",
+        lambda v, k, c, d: max(v) if v else 0,
+    ),
+    "min": Op(
+        "returns the smallest element, or 0 if there is none",
+        "return min(xs, default=0)",
+        lambda v, k, c, d: min(v) if v else 0,
+    ),
 }
 STRING_STEPS = {
     "rev": Op("reverses it", "s = s[::-1]", lambda v, k, c, d: "".join(reversed(v))),
     "upper": Op("turns it to upper case", "s = s.upper()", lambda v, k, c, d: v.upper()),
-    "remove": Op("removes every '{c}'", "s = s.replace('{c}', '')",
-                 lambda v, k, c, d: "".join(ch for ch in v if ch != c), "c"),
-    "swap": Op("replaces every '{c}' with '{d}'", "s = s.replace('{c}', '{d}')",
-               lambda v, k, c, d: "".join(d if ch == c else ch for ch in v), "cd"),
-    "repeat": Op("repeats every character {k} times", "s = ''.join(ch * {k} for ch in s)",
-                 lambda v, k, c, d: "".join(ch + ch * (k - 1) for ch in v), "k"),
+    "remove": Op(
+        "removes every '{c}'", "s = s.replace('{c}', '')", lambda v, k, c, d: "".join(ch for ch in v if ch != c), "c"
+    ),
+    "swap": Op(
+        "replaces every '{c}' with '{d}'",
+        "s = s.replace('{c}', '{d}')",
+        lambda v, k, c, d: "".join(d if ch == c else ch for ch in v),
+        "cd",
+    ),
+    "repeat": Op(
+        "repeats every character {k} times",
+        "s = ''.join(ch * {k} for ch in s)",
+        lambda v, k, c, d: "".join(ch + ch * (k - 1) for ch in v),
+        "k",
+    ),
     "take": Op("keeps the first {k} characters", "s = s[:{k}]", lambda v, k, c, d: v[:k], "k"),
 }
 STRING_RESULTS = {
     "str": Op("returns it", "return s", lambda v, k, c, d: v),
     "len": Op("returns its length", "return len(s)", lambda v, k, c, d: len(v)),
-    "count": Op("returns how many times '{c}' occurs in it", "return s.count('{c}')",
-                lambda v, k, c, d: sum(ch == c for ch in v), "c"),
+    "count": Op(
+        "returns how many times '{c}' occurs in it",
+        "return s.count('{c}')",
+        lambda v, k, c, d: sum(ch == c for ch in v),
+        "c",
+    ),
 }
-KINDS = {"list": ("xs", "a list of integers", LIST_STEPS, LIST_RESULTS),
-         "string": ("s", "a string of lowercase letters", STRING_STEPS, STRING_RESULTS)}
+KINDS = {
+    "list": ("xs", "a list of integers", LIST_STEPS, LIST_RESULTS),
+    "string": ("s", "a string of lowercase letters", STRING_STEPS, STRING_RESULTS),
+}
 
 
 def _parse_key(key: str) -> tuple[str, list[tuple[str, int, str, str]], tuple[str, int, str, str]]:
-    """"list|add:3::|even:0::|sum:0::" -> (kind, steps, result); each op is (name, k, c, d)."""
+    """ "list|add:3::|even:0::|sum:0::" -> (kind, steps, result); each op is (name, k, c, d)."""
     kind, *ops = key.split("|")
     parsed = [(n, int(k), c, d) for n, k, c, d in (op.split(":") for op in ops)]
     return kind, parsed[:-1], parsed[-1]
@@ -136,7 +177,8 @@ def describe(key: str) -> list[str]:
     kind, steps, result = _parse_key(key)
     _, _, step_ops, result_ops = KINDS[kind]
     return [step_ops[n].text.format(k=k, c=c, d=d) for n, k, c, d in steps] + [
-        result_ops[result[0]].text.format(k=result[1], c=result[2], d=result[3])]
+        result_ops[result[0]].text.format(k=result[1], c=result[2], d=result[3])
+    ]
 
 
 def canonical_code(key: str) -> list[str]:
@@ -182,13 +224,14 @@ def harness(code: str, tests: list) -> str:
         "            out.append(None)\n"
         "    return out\n"
         "_out = _run()\n"
-        f"print('\\n{_MARK}' + repr(_out))\n")
+        f"print('\\n{_MARK}' + repr(_out))\n"
+    )
 
 
 def passed(stdout: str, expected: list) -> bool:
     """Did the harness's last marked line report exactly the expected outputs (compared as reprs)?"""
     lines = [ln for ln in stdout.splitlines() if ln.startswith(_MARK)]
-    return bool(lines) and lines[-1][len(_MARK):] == repr([repr(e) for e in expected])
+    return bool(lines) and lines[-1][len(_MARK) :] == repr([repr(e) for e in expected])
 
 
 @dataclass
@@ -213,8 +256,7 @@ class ProgramTask(Task):
         if not self.kinds or any(k not in KINDS for k in self.kinds):
             raise TaskError(f"program: kinds must be a non-empty subset of {sorted(KINDS)}, got {self.kinds!r}")
         if not 1 <= self.min_steps <= self.max_steps <= 6:
-            raise TaskError(f"program: need 1 <= min_steps <= max_steps <= 6, got {self.min_steps}, "
-                            f"{self.max_steps}")
+            raise TaskError(f"program: need 1 <= min_steps <= max_steps <= 6, got {self.min_steps}, {self.max_steps}")
         if not 2 <= self.max_param <= 9 or not 2 <= self.n_tests <= 50:
             raise TaskError("program: need 2 <= max_param <= 9 and 2 <= n_tests <= 50")
 
@@ -263,10 +305,17 @@ class ProgramTask(Task):
         first = next((i for i, e in enumerate(expected) if e), 0)
         inputs.insert(0, inputs.pop(first))
         expected.insert(0, expected.pop(first))
-        question = (f"Write a Python function f({arg}) that takes {what}, {', then '.join(describe(key))}. "
-                    f"For example, f({inputs[0]!r}) == {expected[0]!r}.")
-        return Problem(task=self.name, question=question, answer="\n".join(canonical_code(key)), key=key,
-                       data={"kind": kind, "tests": [[x] for x in inputs], "expected": expected})
+        question = (
+            f"Write a Python function f({arg}) that takes {what}, {', then '.join(describe(key))}. "
+            f"For example, f({inputs[0]!r}) == {expected[0]!r}."
+        )
+        return Problem(
+            task=self.name,
+            question=question,
+            answer="\n".join(canonical_code(key)),
+            key=key,
+            data={"kind": kind, "tests": [[x] for x in inputs], "expected": expected},
+        )
 
     # ------------------------------------------------------------ verification
 
@@ -308,8 +357,12 @@ class ProgramTask(Task):
         arg, _, step_ops, result_ops = KINDS[kind]
         code = canonical_code(key)
         example = problem.data["tests"][0][0]
-        lines = [f"f({arg}): " + "; ".join(describe(key)), "one line per step:", *(line.strip() for line in code[1:]),
-                 f"check f({example!r}):"]
+        lines = [
+            f"f({arg}): " + "; ".join(describe(key)),
+            "one line per step:",
+            *(line.strip() for line in code[1:]),
+            f"check f({example!r}):",
+        ]
         value = example
         for n, k, c, d in steps:
             after = step_ops[n].fn(value, k, c, d)

@@ -2,6 +2,8 @@
 
     task = get_task("arithmetic", max_digits=4)
     sorted(TASKS)        # ['arithmetic', 'countdown', 'program']
+
+A knob the task does not have, or of the wrong type, is a `TaskError` naming it.
 """
 
 from __future__ import annotations

@@ -22,8 +22,18 @@ from nanoseek.tasks.base import Problem, Task
 from nanoseek.tasks.registry import get_task
 from nanoseek.tasks.template import Parsed, parse_completion
 
-__all__ = ["Parsed", "RewardBreakdown", "RewardFn", "RewardWeights", "accuracy_reward", "format_reward",
-           "parse_completion", "score", "score_batch", "task_reward_fn"]
+__all__ = [
+    "Parsed",
+    "RewardBreakdown",
+    "RewardFn",
+    "RewardWeights",
+    "accuracy_reward",
+    "format_reward",
+    "parse_completion",
+    "score",
+    "score_batch",
+    "task_reward_fn",
+]
 
 RewardFn = Callable[[Sequence[Problem], Sequence[str]], list["RewardBreakdown"]]
 
@@ -54,15 +64,19 @@ def accuracy_reward(problem: Problem, completion: str, task: Task | None = None)
     return float((task or get_task(problem.task)).verify(problem, answer))
 
 
-def score(problem: Problem, completion: str, weights: RewardWeights = RewardWeights(),
-          task: Task | None = None) -> RewardBreakdown:
+def score(
+    problem: Problem, completion: str, weights: RewardWeights = RewardWeights(), task: Task | None = None
+) -> RewardBreakdown:
     """Both rewards and their weighted sum for one completion."""
     return score_batch([problem], [completion], weights, {problem.task: task} if task else None)[0]
 
 
-def score_batch(problems: Sequence[Problem], completions: Sequence[str],
-                weights: RewardWeights = RewardWeights(),
-                tasks: Mapping[str, Task] | None = None) -> list[RewardBreakdown]:
+def score_batch(
+    problems: Sequence[Problem],
+    completions: Sequence[str],
+    weights: RewardWeights = RewardWeights(),
+    tasks: Mapping[str, Task] | None = None,
+) -> list[RewardBreakdown]:
     """`score` for many completions (e.g. G per prompt). Verification is batched per task through
     `Task.verify_batch`, so the program task runs its sandboxes in parallel. `tasks` maps a task name to
     the instance that verifies it (default: the task with default knobs, e.g. default sandbox limits)."""
@@ -79,9 +93,14 @@ def score_batch(problems: Sequence[Problem], completions: Sequence[str],
         ok = task.verify_batch([problems[i] for i in idx], [parsed[i].answer for i in idx])
         for i, good in zip(idx, ok):
             accuracy[i] = float(good)
-    return [RewardBreakdown(total=weights.accuracy * acc + weights.format * float(pc.well_formed),
-                            accuracy=acc, format=float(pc.well_formed))
-            for acc, pc in zip(accuracy, parsed)]
+    return [
+        RewardBreakdown(
+            total=weights.accuracy * acc + weights.format * float(pc.well_formed),
+            accuracy=acc,
+            format=float(pc.well_formed),
+        )
+        for acc, pc in zip(accuracy, parsed)
+    ]
 
 
 def task_reward_fn(task: Task, weights: RewardWeights = RewardWeights()) -> RewardFn:

@@ -25,7 +25,6 @@ from nanoseek.tasks.base import Problem, Split, Task, TaskError
 from nanoseek.tasks.registry import get_task
 
 
-
 def prompt_text(problem: Problem) -> str:
     """The R1-Zero prompt for a problem: BOS, the R1-Zero preamble, " User: {question} Assistant:"."""
     return render_chat([{"role": "user", "content": problem.question}], "r1_zero")
@@ -61,21 +60,26 @@ def parse_completion(text: str) -> Parsed:
     if EOS in body:  # text after an end-of-sentence: not a single response
         return Parsed(None, None, False)
     a = _inside(body, ANSWER_OPEN, ANSWER_CLOSE)
-    if a is not None and (body[a[1] + len(ANSWER_CLOSE):].strip()
-                          or any(tag in body[a[0]:a[1]] for tag in (THINK_OPEN, THINK_CLOSE))):
+    if a is not None and (
+        body[a[1] + len(ANSWER_CLOSE) :].strip() or any(tag in body[a[0] : a[1]] for tag in (THINK_OPEN, THINK_CLOSE))
+    ):
         a = None  # the answer must end the completion and hold no other tag
     t = _inside(body, THINK_OPEN, THINK_CLOSE)
-    answer = body[a[0]:a[1]].strip() if a else None
-    think = body[t[0]:t[1]].strip() if t else None
-    well_formed = (a is not None and t is not None
-                   and not body[: t[0] - len(THINK_OPEN)].strip()  # nothing before <think>
-                   and t[1] + len(THINK_CLOSE) <= a[0] - len(ANSWER_OPEN)  # </think> before <answer>
-                   and not body[t[1] + len(THINK_CLOSE): a[0] - len(ANSWER_OPEN)].strip())
+    answer = body[a[0] : a[1]].strip() if a else None
+    think = body[t[0] : t[1]].strip() if t else None
+    well_formed = (
+        a is not None
+        and t is not None
+        and not body[: t[0] - len(THINK_OPEN)].strip()  # nothing before <think>
+        and t[1] + len(THINK_CLOSE) <= a[0] - len(ANSWER_OPEN)  # </think> before <answer>
+        and not body[t[1] + len(THINK_CLOSE) : a[0] - len(ANSWER_OPEN)].strip()
+    )
     return Parsed(think, answer, well_formed)
 
 
-def pretraining_documents(task: Task | str, n: int, seed: int, reasoning_fraction: float = 1.0,
-                          split: Split = "train") -> Iterator[str]:
+def pretraining_documents(
+    task: Task | str, n: int, seed: int, reasoning_fraction: float = 1.0, split: Split = "train"
+) -> Iterator[str]:
     """n corpus documents: prompt_text(problem) + format_response(think, answer) + EOS.
 
     A `reasoning_fraction` of the documents (drawn independently per document) carry the full worked
