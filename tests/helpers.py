@@ -15,6 +15,7 @@ from nanoseek.checkpoint.tokenizer import Tokenizer, render_chat, train_tokenize
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model.config import ModelConfig
+from nanoseek.model.presets import get_preset
 from nanoseek.model.transformer import Transformer
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.train.data import IGNORE_INDEX
@@ -324,3 +325,38 @@ def arithmetic_checkpoint(path):
     save_pretrained(model, path)
     tok.save_pretrained(path)
     return path
+
+
+# ---- small shapes shared by the training, data and generation tests -----------------------------------
+# A micro MLA + MoE model with one MTP module (a few thousand parameters): masks, checkpoints, resume.
+MICRO = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    num_nextn_predict_layers=1,
+)
+
+# A small V3-style model that learns in seconds: one dense layer, one MoE layer (8 experts, top-2, 2 groups),
+# MTP depth 1.
+TRAIN_MODEL = get_preset(
+    "tiny",
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=192,
+    moe_intermediate_size=64,
+    num_hidden_layers=2,
+    q_lora_rank=0,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+)

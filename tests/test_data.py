@@ -19,6 +19,8 @@ from nanoseek.train.data import (
     load_dataset,
 )
 
+from helpers import MICRO
+
 PARAGRAPHS = [f"Paragraph {i} talks about topic {i % 7}.\nIt has a second line, number {i * 13}." for i in range(200)]
 
 
@@ -110,21 +112,7 @@ def test_targets_never_cross_a_document_boundary():
 def test_packed_document_sees_exactly_what_it_sees_alone():
     """Document masking + relative RoPE: a document's logits (and MTP logits) inside a packed window equal
     its logits as a batch of its own, wherever it sits in the window."""
-    cfg = ModelConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        num_nextn_predict_layers=1,
-    )
+    cfg = ModelConfig(**MICRO)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     a, b = torch.randint(2, 64, (1, 7)), torch.randint(2, 64, (1, 9))

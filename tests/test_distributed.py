@@ -10,28 +10,18 @@ import sys
 import pytest
 import torch
 
-from nanoseek import from_pretrained, get_preset
+from nanoseek import from_pretrained
 from nanoseek.checkpoint.hf import save_pretrained
 from nanoseek.cli import main
 from nanoseek.model.transformer import Transformer
 from nanoseek.train.data import TaskCorpus, build_dataset
 from nanoseek.train.metrics import read_metrics
 
+from helpers import TRAIN_MODEL
+
 pytestmark = pytest.mark.slow
 
-MODEL = get_preset(
-    "tiny",
-    vocab_size=384,
-    hidden_size=64,
-    intermediate_size=192,
-    moe_intermediate_size=64,
-    num_hidden_layers=2,
-    q_lora_rank=0,
-    kv_lora_rank=32,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=16,
-)
+MODEL = TRAIN_MODEL
 FLAGS = [
     "--seq-len",
     "64",

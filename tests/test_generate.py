@@ -11,6 +11,8 @@ from nanoseek.cli import main
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 
+from helpers import MICRO
+
 TEXTS = [
     "What is 12 + 30? <think> 12 + 30 = 42 </think> <answer>42</answer>",
     "The quick brown fox jumps over the lazy dog.",
@@ -22,22 +24,8 @@ def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("gen")
     tok = train_tokenizer(TEXTS, vocab_size=320)
     cfg = ModelConfig(
-        vocab_size=320,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        kv_lora_rank=16,
-        q_lora_rank=0,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
+        **{**MICRO, "vocab_size": 320, "q_lora_rank": 0, "first_k_dense_replace": 1},
         max_position_embeddings=128,
-        num_nextn_predict_layers=1,
         bos_token_id=tok.bos_id,
         eos_token_id=tok.eos_id,
     )

@@ -25,20 +25,9 @@ from nanoseek.train.metrics import read_metrics
 from nanoseek.train.objective import PretrainObjective
 from nanoseek.train.trainer import TrainConfig, TrainError, lr_factor, pretrain, training_flops_per_token
 
-# A small V3-style model: one dense layer, one MoE layer (8 experts, top-2, 2 groups), MTP depth 1.
-MODEL = get_preset(
-    "tiny",
-    vocab_size=384,
-    hidden_size=64,
-    intermediate_size=192,
-    moe_intermediate_size=64,
-    num_hidden_layers=2,
-    q_lora_rank=0,
-    kv_lora_rank=32,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=16,
-)
+from helpers import TRAIN_MODEL
+
+MODEL = TRAIN_MODEL
 FAST = dict(seq_len=64, batch_size=8, lr=3e-3, warmup_steps=5, save_every=0)
 
 

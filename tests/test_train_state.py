@@ -17,21 +17,9 @@ from nanoseek.checkpoint.hf import save_pretrained
 from nanoseek.train.metrics import MetricsLogger, plot_run, read_metrics
 from nanoseek.train.state import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
-CFG = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    num_nextn_predict_layers=1,
-)
+from helpers import MICRO
+
+CFG = MICRO
 
 
 def setup(seed=0):
