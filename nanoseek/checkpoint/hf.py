@@ -8,32 +8,40 @@ never unpickled. Names on disk are transformers' (`model.layers.N.mlp.experts.J.
 tensor per expert); in memory the routed experts are stacked (E, out, in) for grouped matmuls, and the
 MTP modules sit in `mtp.K` instead of `model.layers.{num_hidden_layers + K}`. DeepSeek's FP8 release
 (float8_e4m3fn weights with a `weight_scale_inv` per 128x128 block) is dequantized on load.
+
+A checkpoint is checked before it is trusted (`trust.py`): its config's size against the device's memory
+before any module is built, every file it names for staying inside the directory and being a regular
+file, and every tensor for NaN/Inf as it loads (an error unless `allow_nonfinite=True`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nanoseek.errors import NanoseekError
+from nanoseek.checkpoint.trust import (
+    INDEX_NAME,
+    CheckpointError,
+    check_fits,
+    checked_file,
+    nonfinite_message,
+    read_index,
+    read_json,
+)
 from nanoseek.fileio import atomic_write, atomic_write_json
 from nanoseek.model.config import ConfigError, ModelConfig
 from nanoseek.model.transformer import Transformer
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-class CheckpointError(NanoseekError):
-    """A checkpoint directory that cannot be loaded; the message names the file or tensor."""
 
 
 # ---- name mapping --------------------------------------------------------------------------------
@@ -91,17 +99,16 @@ class SafetensorsDir:
 
     def __init__(self, path: Path):
         self.path = path
-        index = path / INDEX_NAME
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
-            self.where = {name: path / fname for name, fname in weight_map.items()}
-        elif (path / SINGLE_NAME).exists():
-            self.where = {name: path / SINGLE_NAME for name in self._keys(path / SINGLE_NAME)}
+        # Every file is checked (inside the directory, a regular file) before safetensors opens it.
+        if os.path.lexists(path / INDEX_NAME):
+            weight_map = read_index(path)
+            files = {fname: checked_file(path, fname, INDEX_NAME) for fname in sorted(set(weight_map.values()))}
+            self.where = {name: files[fname] for name, fname in weight_map.items()}
+        elif os.path.lexists(path / SINGLE_NAME):
+            single = checked_file(path, SINGLE_NAME)
+            self.where = {name: single for name in self._keys(single)}
         else:
-            files = sorted(path.glob("*.safetensors"))
+            files = [checked_file(path, f.name) for f in sorted(path.glob("*.safetensors"))]
             if not files:
                 pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
                 if pickles:
@@ -111,9 +118,6 @@ class SafetensorsDir:
                     )
                 raise CheckpointError(f"no safetensors weights in {path}")
             self.where = {name: f for f in files for name in self._keys(f)}
-        for f in set(self.where.values()):
-            if not f.exists():
-                raise CheckpointError(f"{f.name}, named in {INDEX_NAME}, is missing from {path}")
         self._handles: dict[Path, object] = {}
 
     @staticmethod
@@ -168,31 +172,66 @@ def _resolve(path: str | os.PathLike) -> Path:
     return p
 
 
+def _config_json(root: Path) -> Any:
+    if not os.path.lexists(root / "config.json"):
+        raise ConfigError(f"no config.json at {root / 'config.json'}")
+    try:
+        return read_json(root, "config.json")
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None  # every problem of config.json is a ConfigError
+
+
+def _read_config(root: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    raw = _config_json(root)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{root / 'config.json'} must hold a JSON object")
+    return ModelConfig.from_hf_dict(raw), raw
+
+
 def load_config(path: str | os.PathLike) -> ModelConfig:
-    return ModelConfig.from_json(_resolve(path) / "config.json")
+    """The validated config of a checkpoint directory (config.json checked as every checkpoint file is)."""
+    return _read_config(_resolve(path))[0]
+
+
+def _fp8_block(raw: dict[str, Any]) -> tuple[int, int]:
+    qc = raw.get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        raise ConfigError(f"quantization_config must be an object, got {qc!r}")
+    block = qc.get("weight_block_size") or (128, 128)
+    ok = isinstance(block, (list, tuple)) and len(block) == 2
+    if not ok or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 1 << 16 for b in block):
+        raise ConfigError(f"quantization_config.weight_block_size must be two sizes in 1..65536, got {block!r}")
+    return int(block[0]), int(block[1])
 
 
 def from_pretrained(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    allow_nonfinite: bool = False,
 ) -> Transformer:
     """Build the model of `path/config.json` and fill it from the directory's safetensors.
 
     dtype: parameter dtype (default: float32, the compute dtype on CPU). The MoE correction bias
     stays float32. Every expected tensor must be present with its exact shape; unknown tensors are
-    an error too, so a mismatched checkpoint never loads silently.
+    an error too, so a mismatched checkpoint never loads silently. The weights must fit the device's
+    memory (checked before anything is built) and be finite: a tensor holding NaN or Inf is an error
+    naming it, unless allow_nonfinite (then a warning names them).
     """
     root = _resolve(path)
-    cfg = load_config(root)
-    raw = json.loads((root / "config.json").read_text())
-    block = tuple((raw.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+    cfg, raw = _read_config(root)
+    block = _fp8_block(raw)
     dtype = dtype or torch.float32
+    check_fits(cfg, dtype, device)
+    files = SafetensorsDir(root)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
     model.tie_weights()
     model.to(dtype)
-    files = SafetensorsDir(root)
     used: set[str] = set()
+    nonfinite: list[str] = []
     state = _native_state(model)
     with torch.no_grad():
         for native, param in state.items():
@@ -208,13 +247,28 @@ def from_pretrained(
                         f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(expected)} "
                         f"from config.json ({files.where[name].name})"
                     )
+            for name, t in zip(names, parts):
+                _check_finite(name, t, f"in {files.where[name].name}", allow_nonfinite, nonfinite)
             value = torch.stack(parts) if len(names) > 1 else parts[0]
             param.copy_(value.to(param.dtype))
+            if value.is_floating_point() and torch.finfo(param.dtype).max < torch.finfo(value.dtype).max:
+                _check_finite(native, param, f"cast to {param.dtype}", allow_nonfinite, nonfinite)
             used.update(names)
     _check_unexpected(cfg, files, used, root)
+    if nonfinite:
+        shown = ", ".join(nonfinite[:3]) + (" ..." if len(nonfinite) > 3 else "")
+        warnings.warn(f"loaded {len(nonfinite)} tensor(s) holding NaN or Inf from {root} ({shown})", stacklevel=2)
     for moe in model.moe_layers():
         moe.tokens_per_expert.zero_()
     return model.eval()
+
+
+def _check_finite(name: str, t: torch.Tensor, where: str, allow: bool, found: list[str]) -> None:
+    message = nonfinite_message(name, t, where)
+    if message and not allow:
+        raise CheckpointError(message)
+    if message:
+        found.append(name)
 
 
 def _check_unexpected(cfg: ModelConfig, files: SafetensorsDir, used: set[str], root: Path) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from nanoseek.checkpoint.trust import checked_file, read_json
 from nanoseek.errors import NanoseekError
 from nanoseek.fileio import atomic_write, atomic_write_text
 
@@ -165,17 +166,17 @@ class Tokenizer:
         root = Path(path)
         if not (root / "tokenizer.json").exists():
             raise TokenizerError(f"no tokenizer.json in {root}")
+        # a checkpoint from anyone: a regular file inside the directory (a FIFO would block the read)
+        tokenizer_json = checked_file(root, "tokenizer.json")
         try:
-            tk = HFTokenizer.from_file(str(root / "tokenizer.json"))
+            tk = HFTokenizer.from_file(str(tokenizer_json))
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
             raise TokenizerError(f"{root / 'tokenizer.json'} cannot be read ({e})") from None
         name = "deepseek"
-        cfg_path = root / "tokenizer_config.json"
-        if cfg_path.exists():
-            try:
-                cfg = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{cfg_path} is not valid JSON: {e}") from None
+        if os.path.lexists(root / "tokenizer_config.json"):
+            cfg = read_json(root, "tokenizer_config.json")
+            if not isinstance(cfg, dict):
+                raise TokenizerError(f"{root / 'tokenizer_config.json'} is not a JSON object")
             name = cfg.get("nanoseek_chat_template", name)
         return cls(tk, chat_template=name)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.bench.decode import DecodeBenchConfig, run
+from nanoseek.cli.flags import add_allow_nonfinite_weights
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import NanoseekError
@@ -34,7 +35,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         n=args.n,
     )
-    engine = Engine(args.model, use_mtp=args.mtp, device=args.device, max_batch_size=max(args.n, 1))
+    engine = Engine(
+        args.model,
+        use_mtp=args.mtp,
+        device=args.device,
+        max_batch_size=max(args.n, 1),
+        allow_nonfinite=args.allow_nonfinite_weights,
+    )
     tok = engine.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     try:
@@ -86,6 +93,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    add_allow_nonfinite_weights(g)
     g.set_defaults(func=cmd_generate)
 
     b = bench.add_parser(

@@ -75,10 +75,11 @@ class Engine:
         cache_tokens: int | None = None,
         use_mtp: bool = False,
         device: str | torch.device | None = None,
+        allow_nonfinite: bool = False,
     ):
         if isinstance(model, (str, Path)):
             path = Path(model)
-            model = from_pretrained(path, device=device or "cpu")
+            model = from_pretrained(path, device=device or "cpu", allow_nonfinite=allow_nonfinite)
             if tokenizer is None and (path / "tokenizer.json").exists():
                 tokenizer = Tokenizer.from_pretrained(path)
         self.model = model.eval()
@@ -103,6 +104,7 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self.requests: dict[str, list[_Sequence]] = {}
+        self._dropped = 0  # aborted sequences still in `waiting` (skipped when they reach its head)
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -159,15 +161,20 @@ class Engine:
         return rid
 
     def abort(self, request_id: str) -> None:
-        """Drop a request (a client went away): its sequences stop and free their blocks now."""
+        """Drop a request (a client went away): its sequences stop and free their blocks now. O(its own
+        sequences): waiting ones are marked and skipped when they reach the head of the queue, and the queue
+        is swept only once marked ones make up half of it (amortized O(1) each)."""
         for seq in self.requests.pop(request_id, []):
             self._free(seq)
             if seq in self.running:
                 self.running.remove(seq)
-        self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
+            elif not seq.finish_reason:  # neither running nor finished: waiting
+                seq.finish_reason, self._dropped = "abort", self._dropped + 1
+        if self._dropped * 2 > len(self.waiting):
+            self.waiting, self._dropped = deque(s for s in self.waiting if not s.finish_reason), 0
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return len(self.waiting) > self._dropped or bool(self.running)
 
     def is_finished(self, request_id: str) -> bool:
         return all(s.finish_reason for s in self.requests.get(request_id, []))
@@ -228,7 +235,13 @@ class Engine:
         events = []
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            siblings = [s for s in self.waiting if s.request_id == seq.request_id and s.tokens == seq.tokens]
+            if seq.finish_reason:  # aborted while waiting
+                self.waiting.popleft()
+                self._dropped -= 1
+                continue
+            # It and its request's other waiting samples with the same tokens (found without scanning the queue)
+            same = (s for s in self.requests[seq.request_id] if s is not seq and s.tokens == seq.tokens)
+            siblings = [seq, *(s for s in same if not s.finish_reason and s not in self.running)]
             siblings = siblings[: self.max_batch_size - len(self.running)]
             per_seq = self.cache.blocks_for(len(seq.tokens) + 1)
             if len(siblings) * per_seq > self.cache.n_free:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,43 @@ from nanoseek.errors import NanoseekError
 MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
+
+# Inclusive bounds on every integer field. A config.json may come from anyone: these stop a
+# nonsensical or hostile shape (a million layers, a billion-wide hidden size) before anything is
+# built or counted, with room of 8x or more above the largest published shapes (DeepSeek-V3:
+# vocab 129,280, hidden 7,168, FFN 18,432, 61 layers, 128 heads, 256 experts, 163,840 positions).
+# Whether a shape inside them fits the machine is the loader's check (nanoseek/checkpoint/trust.py).
+FIELD_LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 22),
+    "hidden_size": (1, 1 << 16),
+    "intermediate_size": (1, 1 << 19),
+    "moe_intermediate_size": (1, 1 << 17),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024),
+    "q_lora_rank": (0, 1 << 16),
+    "kv_lora_rank": (1, 1 << 16),
+    "qk_nope_head_dim": (0, 4096),
+    "qk_rope_head_dim": (1, 4096),
+    "v_head_dim": (1, 4096),
+    "n_routed_experts": (0, 1 << 14),
+    "n_shared_experts": (0, 256),
+    "num_experts_per_tok": (0, 1 << 14),
+    "n_group": (0, 1 << 14),
+    "topk_group": (0, 1 << 14),
+    "first_k_dense_replace": (0, 1 << 20),
+    "moe_layer_freq": (1, 1024),
+    "max_position_embeddings": (1, 1 << 24),
+    "num_nextn_predict_layers": (0, 64),
+}
+# Real-valued fields: (name, smallest allowed, whether the smallest itself is allowed); all must be finite.
+REAL_FIELDS = (
+    ("rms_norm_eps", 0.0, False),
+    ("rope_theta", 1.0, False),  # YaRN divides by log(rope_theta)
+    ("routed_scaling_factor", 0.0, False),
+    ("initializer_range", 0.0, True),
+    ("aux_loss_alpha", 0.0, True),
+)
+BOOL_FIELDS = ("norm_topk_prob", "seq_aux", "rope_interleave", "tie_word_embeddings", "attention_bias")
 
 
 class ConfigError(NanoseekError):
@@ -128,18 +166,8 @@ class ModelConfig:
             self.scoring_func in SCORING_FUNCS,
             f"unknown scoring_func {self.scoring_func!r}; expected one of {SCORING_FUNCS}",
         )
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "kv_lora_rank",
-            "qk_rope_head_dim",
-            "v_head_dim",
-        ):
-            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _check_field_types_and_bounds(self)
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
-        need(self.q_lora_rank >= 0, f"q_lora_rank must be >= 0, got {self.q_lora_rank}")
         if self.n_routed_experts > 0:
             need(
                 0 < self.num_experts_per_tok <= self.n_routed_experts,
@@ -165,11 +193,12 @@ class ModelConfig:
                     "topk_group groups hold fewer experts than num_experts_per_tok",
                 )
         if self.rope_scaling is not None:
+            need(isinstance(self.rope_scaling, dict), f"rope_scaling must be an object, got {self.rope_scaling!r}")
             need(
                 self.rope_scaling.get("type") == "yarn",
                 f"only YaRN rope scaling is supported, got {self.rope_scaling.get('type')!r}",
             )
-            need(float(self.rope_scaling.get("factor") or 0) >= 1.0, "rope_scaling.factor must be >= 1")
+            _check_yarn(self.rope_scaling)
 
     # ---- Hugging Face config.json -----------------------------------------------------------
     @classmethod
@@ -196,6 +225,8 @@ class ModelConfig:
             if key in kw and kw[key] is None:
                 kw[key] = absent
         if isinstance(kw.get("eos_token_id"), list):
+            if not kw["eos_token_id"]:
+                raise ConfigError("eos_token_id is an empty list")
             kw["eos_token_id"] = kw["eos_token_id"][0]
         kw["rope_theta"], kw["rope_scaling"] = _read_rope(d, kw.get("rope_theta"))
         dtype = d.pop("dtype", None)
@@ -261,12 +292,68 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_field_types_and_bounds(cfg: ModelConfig) -> None:
+    """Every integer field an integer within FIELD_LIMITS, every real one a finite number in range, every
+    flag a bool: a config.json is input from anyone, and a shape is bounded before anything is built."""
+    for name, (low, high) in FIELD_LIMITS.items():
+        v = getattr(cfg, name)
+        if not _is_int(v):
+            raise ConfigError(f"{name} must be an integer, got {v!r}")
+        if v < low:
+            raise ConfigError(f"{name}={v} must be " + ("positive" if low == 1 else f">= {low}"))
+        if v > high:
+            raise ConfigError(
+                f"{name}={v} is over nanoseek's limit of {high:,} (FIELD_LIMITS; published models use far less)"
+            )
+    for name, low, inclusive in REAL_FIELDS:
+        v = getattr(cfg, name)
+        if not _is_real(v) or not math.isfinite(v) or v < low or (v == low and not inclusive):
+            rel = ">=" if inclusive else ">"
+            raise ConfigError(f"{name} must be a finite number {rel} {low:g}, got {v!r}")
+    for name in BOOL_FIELDS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = getattr(cfg, name)
+        if v is not None and not _is_int(v):
+            raise ConfigError(f"{name} must be an integer or null, got {v!r}")
+
+
+def _check_yarn(rs: dict[str, Any]) -> None:
+    factor = rs.get("factor")
+    if not _is_real(factor) or not math.isfinite(factor) or factor < 1.0:
+        raise ConfigError(f"rope_scaling.factor must be a finite number >= 1, got {factor!r}")
+    original = rs.get("original_max_position_embeddings")
+    low, high = FIELD_LIMITS["max_position_embeddings"]
+    if original is not None and (not _is_int(original) or not low <= original <= high):
+        raise ConfigError(f"rope_scaling.original_max_position_embeddings must be in {low}..{high:,}, got {original!r}")
+    for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+        v = rs.get(k)
+        if v is not None and (not _is_real(v) or not math.isfinite(v)):
+            raise ConfigError(f"rope_scaling.{k} must be a finite number, got {v!r}")
+    for k in ("beta_fast", "beta_slow"):
+        if rs.get(k) is not None and rs[k] < 0:
+            raise ConfigError(f"rope_scaling.{k} must be >= 0, got {rs[k]!r}")
+
+
 def _read_rope(d: dict[str, Any], rope_theta: float | None) -> tuple[float, dict[str, Any] | None]:
     """Normalize the two HF spellings of rope settings to (rope_theta, yarn dict or None)."""
     params = d.get("rope_parameters") or d.get("rope_scaling")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"rope_parameters / rope_scaling must be an object, got {params!r}")
     theta = rope_theta
     if params and "rope_theta" in params:
         theta = params["rope_theta"]
+    if theta is not None and not _is_real(theta):
+        raise ConfigError(f"rope_theta must be a number, got {theta!r}")
     theta = float(theta if theta is not None else 10000.0)
     if not params:
         return theta, None

@@ -1,4 +1,6 @@
-"""Parameter and KV-cache accounting for a model config, computed on the meta device (no memory).
+"""Parameter and KV-cache accounting for a model config, computed on the meta device (no memory), and
+`parameter_count`, the same count by arithmetic alone (no module built, so instant for any shape: what a
+loader checks a stranger's config.json against before building anything).
 
 Counting follows DeepSeek's reports: "total" is every main-model parameter; "active" is what one
 token touches — everything except the input embedding (a table lookup, not compute) and the routed
@@ -54,6 +56,32 @@ def model_stats(cfg: ModelConfig, cache_dtype_bytes: int = 2) -> ModelStats:
         mha_cache_bytes=2 * H * cfg.v_head_dim * L * cache_dtype_bytes,
         cache_dtype_bytes=cache_dtype_bytes,
     )
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Every parameter `Transformer(cfg)` holds (main model and MTP modules; a tied head counted once),
+    computed from the config alone. Buffers (router bias, expert counters: 2 floats per expert and MoE
+    layer) are not parameters and not counted. Tested equal to the meta-device count."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    qk, r, rope = cfg.qk_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    bias = cfg.attention_bias
+    if cfg.q_lora_rank == 0:
+        q = D * H * qk
+    else:
+        q = D * cfg.q_lora_rank + bias * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk
+    kv = D * (r + rope) + bias * (r + rope) + r + r * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    attention = q + kv + H * cfg.v_head_dim * D + bias * D + 2 * D  # + the two norms of the block
+    E, inter = cfg.n_routed_experts, cfg.moe_intermediate_size
+    moe = E * D + 3 * E * D * inter + 3 * D * inter * cfg.n_shared_experts
+    dense = 3 * D * cfg.intermediate_size
+
+    def block(i: int) -> int:
+        return attention + (moe if cfg.is_moe_layer(i) else dense)
+
+    L = cfg.num_hidden_layers
+    main = cfg.vocab_size * D * (1 if cfg.tie_word_embeddings else 2) + D + sum(block(i) for i in range(L))
+    mtp_extra = 2 * D + 2 * D * D + D  # enorm, hnorm, eh_proj, shared_head.norm
+    return main + sum(block(L + k) + mtp_extra for k in range(cfg.num_nextn_predict_layers))
 
 
 def _human(n: float) -> str:
