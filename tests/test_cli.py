@@ -1,5 +1,6 @@
 """The `nanoseek` command line: info on published shapes, init writing a loadable checkpoint."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek.cli import main
+from nanoseek.cli import main, rl
 from nanoseek.model.stats import model_stats
 
 # DeepSeek's published figures (V2 paper Table / V3 report): total, activated per token, in billions.
@@ -79,3 +80,13 @@ def test_init_refuses_a_shape_that_cannot_fit(tmp_path, capsys):
     assert main(["init", "--preset", "deepseek-v3", "--out", str(tmp_path / "v3")]) == 2
     assert "GiB" in capsys.readouterr().err
     assert not (tmp_path / "v3").exists()
+
+
+def test_unisolated_code_is_an_explicit_flag_for_the_program_task_only(capsys):
+    assert main(["eval", "--model", "nowhere", "--task", "arithmetic", "--allow-unisolated-code"]) == 2
+    assert "applies to tasks that run model code (program)" in capsys.readouterr().err
+    args = argparse.Namespace(command="eval", task="program", task_arg=None, allow_unisolated_code=True)
+    task = rl._task(args)
+    assert task.allow_unisolated and task.sandbox.allow_unisolated
+    assert "DANGEROUS" in capsys.readouterr().err
+    assert not rl._task(argparse.Namespace(**{**vars(args), "allow_unisolated_code": False})).allow_unisolated

@@ -263,8 +263,8 @@ def test_bad_config_is_a_clear_error():
 
 
 def test_without_namespaces_guard_and_limits_still_hold(untouched):
-    """The fallback for machines that permit no namespaces (isolate=False forces it here)."""
-    cfg = SandboxConfig(cpu_seconds=1, wall_seconds=30, output_bytes=10_000, isolate=False)
+    """The opt-in for machines that permit no namespaces (isolate=False + allow_unisolated=True force it here)."""
+    cfg = SandboxConfig(cpu_seconds=1, wall_seconds=30, output_bytes=10_000, isolate=False, allow_unisolated=True)
     assert not any(d.startswith("namespaces") for d in run_python("pass", config=cfg).defences)
     target = untouched / "new.txt"
     attacks = {

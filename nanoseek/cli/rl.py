@@ -22,6 +22,7 @@ import torch
 from nanoseek.bench.grpo import BenchSettings, run_bench
 from nanoseek.checkpoint.hf import from_pretrained
 from nanoseek.checkpoint.tokenizer import Tokenizer
+from nanoseek.cli.flags import add_allow_nonfinite_weights
 from nanoseek.engine.engine import Engine
 from nanoseek.errors import NanoseekError
 from nanoseek.rl.config import GRPOConfig
@@ -131,14 +132,28 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _load(model_dir: str):
-    return from_pretrained(model_dir), Tokenizer.from_pretrained(model_dir)
+UNISOLATED_HELP = (
+    "DANGEROUS: where no kernel isolation (namespaces) can be made, still run model-written code (the program "
+    "task), as this user with only Python-level guards; without it such a machine refuses to run it"
+)
+
+
+def _load(args: argparse.Namespace):
+    model = from_pretrained(args.model, allow_nonfinite=args.allow_nonfinite_weights)
+    return model, Tokenizer.from_pretrained(args.model)
 
 
 def _task(args: argparse.Namespace):
     knobs = {}
     for item in args.task_arg or []:
         knobs.update(_parse_kv(item, "--task-arg"))
+    if args.allow_unisolated_code:
+        if args.task != "program":
+            raise NanoseekError(
+                f"--allow-unisolated-code applies to tasks that run model code (program), not {args.task}"
+            )
+        knobs["allow_unisolated"] = True
+        print(f"nanoseek {args.command}: warning: {UNISOLATED_HELP}", file=sys.stderr)
     try:
         return get_task(args.task, **knobs)
     except NanoseekError:
@@ -152,7 +167,7 @@ def cmd_grpo(args: argparse.Namespace) -> None:
     cfg = config_from_args(GRPOConfig, args)
     _set_threads(args)
     task = _task(args)
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args)
 
     def report(m: dict) -> None:
         print(
@@ -190,7 +205,7 @@ def cmd_grpo(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     _set_threads(args)
     task = _task(args)
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args)
     result = evaluate(
         Engine(model, tokenizer, max_batch_size=args.batch_size),
         task,
@@ -227,6 +242,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     )
     g.add_argument("--model", required=True, help="HF-format checkpoint directory with a tokenizer")
     g.add_argument("--task", required=True, help="task name (arithmetic, countdown, program, ...)")
+    g.add_argument("--allow-unisolated-code", action="store_true", help=UNISOLATED_HELP)
+    add_allow_nonfinite_weights(g)
     g.add_argument("--task-arg", action="append", metavar="K=V", help="task difficulty knob(s), e.g. max_digits=3")
     g.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, final/")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -249,6 +266,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     e = sub.add_parser("eval", help="held-out pass@1 / pass@k of a model on a task, R1-Zero template")
     e.add_argument("--model", required=True, help="HF-format checkpoint directory with a tokenizer")
     e.add_argument("--task", required=True)
+    e.add_argument("--allow-unisolated-code", action="store_true", help=UNISOLATED_HELP)
+    add_allow_nonfinite_weights(e)
     e.add_argument("--task-arg", action="append", metavar="K=V")
     e.add_argument("--n", type=int, default=100, help="held-out problems")
     e.add_argument("--k", type=int, default=1, help="k of pass@k")

@@ -193,6 +193,14 @@ def write_report(run: str | os.PathLike, cfg, stages: dict[str, Any]) -> Path:
         f"pass@1 is the mean correctness of the samples, pass@{k} the unbiased estimate (Chen et al. 2021).",
         "",
     ]
+    unisolated = [task_label(task) for task in cfg.eval_tasks() if getattr(task, "allow_unisolated", False)]
+    if unisolated:
+        L += [
+            f"**Rewards ran unisolated** for {', '.join(unisolated)}: the run allowed model-written code to run "
+            "where no kernel isolation could be made (`allow_unisolated`), as the trainer's user behind "
+            "Python-level guards only.",
+            "",
+        ]
     L += ["## Targets (demo task)", "", "| target | measured | met |", "|---|---|---|"]
     vals = [
         f"{_pct(t['base_pass@1'])}",

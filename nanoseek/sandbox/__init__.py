@@ -1,5 +1,5 @@
 """Model-written code run in a separate process with limits (`runner.py` starts and watches it, `child.py` is
-the process that confines itself, then runs the program).
+the process that confines itself, `boot.py` the fresh interpreter it then execs to run the program).
 
 Imports: the standard library and `nanoseek.errors` only.
 """

@@ -7,20 +7,23 @@
 
 Each run starts `python -I -S -X utf8 nanoseek/sandbox/child.py` in a new session (its own process
 group) with a minimal environment, in a fresh temporary directory that is deleted afterwards. The child
-locks itself down before running the program (see child.py): new mount/network/PID/IPC/UTS
-namespaces when this machine permits them (as root, or via a user namespace), a size-limited tmpfs as the
-working directory, an unprivileged uid, rlimits (CPU time, address space, file size, processes, open
-files), no_new_privs, and a Python audit hook denying process creation, sockets, ctypes and writes
-outside the working directory. This side enforces what the child cannot: the wall-clock limit and the
-output limit (it reads at most `output_bytes` of stdout and of stderr), killing the whole process group
-on either, and it always kills the group when the run ends so that nothing outlives it. Which layers
-took effect is reported per run in `SandboxResult.defences`.
+locks itself down (see child.py): new mount/network/PID/IPC/UTS namespaces (as root, or via a user
+namespace), every mount read-only but a size-limited noexec tmpfs working directory, an unprivileged uid,
+no capabilities, rlimits (CPU time, address space, file size, processes, open files), no_new_privs and a
+seccomp filter; then it execs a fresh interpreter (boot.py) whose only inputs are the program text and a
+few arguments, which adds a Python audit hook and runs the program. Where no namespaces can be made the
+run is refused (SandboxError) unless `SandboxConfig(allow_unisolated=True)` says to run anyway; such runs
+say UNISOLATED in their defences and log a warning. This side enforces what the child cannot: the
+wall-clock limit and the output limit (it reads at most `output_bytes` of stdout and of stderr), killing
+the whole process group on either, and it always kills the group when the run ends so that nothing
+outlives it. Which layers took effect is reported per run in `SandboxResult.defences`.
 
 Runs are independent processes, so many can run at once: `run_many` runs them from a thread pool.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import secrets
@@ -41,6 +44,10 @@ from nanoseek.errors import NanoseekError
 __all__ = ["SandboxConfig", "SandboxError", "SandboxResult", "run_many", "run_python"]
 
 CHILD = Path(__file__).with_name("child.py")
+BOOT = Path(__file__).with_name("boot.py")
+_PRETEND_NO_NAMESPACES = False  # tests: make the child behave as on a machine that permits no namespaces
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()
 _SIGNAL_REASONS = {
     signal.SIGXCPU: "cpu time",
     signal.SIGKILL: "killed (SIGKILL)",
@@ -67,8 +74,17 @@ class SandboxConfig:
     open_files: int = 64  # RLIMIT_NOFILE
     isolate: bool = True  # use namespaces + an unprivileged uid where this machine permits them
     audit_guard: bool = True  # the Python audit-hook layer (turn off only to test the layers beneath)
+    # Run model code even where no namespaces can be made (or with isolate=False): rlimits, seccomp, the
+    # audit hook and, as root, a fresh uid only. Off: such a run raises SandboxError instead.
+    allow_unisolated: bool = False
 
     def __post_init__(self):
+        if not self.isolate and not self.allow_unisolated:
+            raise SandboxError(
+                "SandboxConfig(isolate=False) runs model code unisolated; say so with allow_unisolated=True"
+            )
+        if self.allow_unisolated and not self.audit_guard:
+            raise SandboxError("SandboxConfig: allow_unisolated needs audit_guard (unisolated, it is a main layer)")
         for name in (
             "cpu_seconds",
             "wall_seconds",
@@ -95,6 +111,11 @@ class SandboxResult:
     defences: tuple[str, ...]  # the layers that were in force for this run
     error: str | None = None  # the sandbox itself could not be set up (the program did not run)
 
+    @property
+    def unisolated(self) -> bool:
+        """The program ran without namespaces (only with SandboxConfig(allow_unisolated=True))."""
+        return any(d.startswith("UNISOLATED") for d in self.defences)
+
 
 def run_python(code: str, stdin: str = "", config: SandboxConfig = SandboxConfig()) -> SandboxResult:
     """Run `code` as a Python program in the sandbox and return what happened. Never raises for
@@ -111,8 +132,11 @@ def run_python(code: str, stdin: str = "", config: SandboxConfig = SandboxConfig
             "program": program,
             "host_dir": host_dir,
             "status_fd": status_w,
-            "uid": 100_000 + secrets.randbelow(1_000_000),
-        }  # a uid no one else uses (when root)
+            "uid": 100_000 + secrets.randbelow(1_000_000),  # a uid no one else uses (when root)
+            "boot": BOOT,
+        }
+        if _PRETEND_NO_NAMESPACES:
+            cfg["pretend_no_namespaces"] = 1
         args = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in cfg.items() if k != "wall_seconds"]
         start = time.monotonic()
         try:
@@ -206,15 +230,30 @@ def _collect(proc: subprocess.Popen, status_r: int, config: SandboxConfig, start
         os.close(status_r)
     duration = time.monotonic() - start
 
-    defences, end, error = [], {}, None
+    defences, end, error, refused = [], {}, None, None
     for line in bufs[status_r].decode("utf-8", "replace").splitlines():  # see child._report
         kind, _, text = line.partition(" ")
         if kind == "layer":
             defences.append(text)
         elif kind == "error":
             error = text
+        elif kind == "refused":
+            refused = text
         elif kind in ("exit", "signal") and text.isdigit():
             end = {kind: int(text)}
+    if refused is not None:
+        raise SandboxError(
+            f"sandbox: model code not run: no isolation on this machine ({refused}). The sandbox needs Linux "
+            "namespaces: run as root, or allow unprivileged user namespaces (user.max_user_namespaces > 0, "
+            "kernel.unprivileged_userns_clone=1, no AppArmor userns restriction); in a container, a seccomp profile "
+            "that permits unshare. To run model code without them anyway (rlimits, seccomp and the audit hook "
+            "only; as root a fresh uid where Python is readable to it), pass SandboxConfig(allow_unisolated=True) "
+            "(the program task's knob allow_unisolated=True)."
+        )
+    unisolated = [d for d in defences if d.startswith("UNISOLATED")]
+    if unisolated and unisolated[0] not in _warned:
+        _warned.add(unisolated[0])
+        _log.warning("sandbox: model code ran UNISOLATED (allow_unisolated=True): %s", "; ".join(unisolated))
     returncode = end.get("exit")
     if killed is None and "signal" in end:
         sig = end["signal"]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nanoseek.sandbox.runner import SandboxConfig, run_many
 from nanoseek.tasks.base import Problem, Task, TaskError
@@ -237,7 +237,9 @@ def passed(stdout: str, expected: list) -> bool:
 @dataclass
 class ProgramTask(Task):
     """Generated function-writing problems (see the module docstring); verification runs in the sandbox
-    with `sandbox` limits, `workers` at a time (default: the CPU count)."""
+    with `sandbox` limits, `workers` at a time (default: the CPU count). `allow_unisolated=True` lets the
+    answers run where the sandbox can make no namespaces (otherwise verifying raises SandboxError there);
+    the runs then say UNISOLATED in their defences and the sandbox logs a warning."""
 
     kinds: tuple[str, ...] = ("list", "string")
     min_steps: int = 1
@@ -246,10 +248,15 @@ class ProgramTask(Task):
     n_tests: int = 8
     sandbox: SandboxConfig = SandboxConfig()
     workers: int | None = None
+    allow_unisolated: bool = False  # loud on purpose: see docs/tasks.md, "The sandbox"
 
     name = "program"
 
     def __post_init__(self):
+        if not isinstance(self.allow_unisolated, bool):
+            raise TaskError(f"program: allow_unisolated must be True or False, got {self.allow_unisolated!r}")
+        if self.allow_unisolated and not self.sandbox.allow_unisolated:
+            self.sandbox = replace(self.sandbox, allow_unisolated=True)
         if isinstance(self.kinds, str):
             self.kinds = tuple(k.strip() for k in self.kinds.split(",") if k.strip())
         self.kinds = tuple(self.kinds)
