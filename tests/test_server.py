@@ -43,7 +43,7 @@ class Server(ServerProcess):
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kw)
 
     def metrics(self) -> dict[str, float]:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
         return {
             line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
@@ -352,9 +352,9 @@ def test_api_key(servers):
 
 @pytest.mark.slow
 def test_openapi_schema_describes_the_wire_format(servers):
-    spec = httpx.get(f"{servers['locked'].url}/openapi.json").json()
+    spec = httpx.get(f"{servers['locked'].url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
     chat = spec["paths"]["/v1/chat/completions"]["post"]
-    assert set(chat["responses"]) == {"200", "400", "401", "404", "413", "500", "503"}
+    assert set(chat["responses"]) == {"200", "400", "401", "404", "413", "429", "500", "503"}
     assert "text/event-stream" in chat["responses"]["200"]["content"]
     schemas = spec["components"]["schemas"]
     assert "reasoning_content" in schemas["ChatCompletionMessage"]["properties"]

@@ -139,11 +139,13 @@ def run_chat(
         out.flush()
 
 
-def main(model: str, params: SamplingParams, system: str | None = None, device: str = "cpu") -> None:
+def main(
+    model: str, params: SamplingParams, system: str | None = None, device: str = "cpu", allow_nonfinite: bool = False
+) -> None:
     try:
         import readline  # noqa: F401  (optional, not on every platform: line editing and history for input())
     except ImportError:
         pass
-    engine = Engine(model, max_batch_size=1, device=device)
+    engine = Engine(model, max_batch_size=1, device=device, allow_nonfinite=allow_nonfinite)
     session = ChatSession(engine, params, system)
     run_chat(session, banner=f"nanoseek chat: {model} ({engine.tokenizer.chat_template} template). ")

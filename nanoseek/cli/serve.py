@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.cli import chat
+from nanoseek.cli.flags import add_allow_nonfinite_weights
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import NanoseekError
 
@@ -51,25 +53,53 @@ def _need_serve_extra(command: str) -> None:
         )
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key, --api-key-file (its first line) or NANOSEEK_API_KEY; the last two keep it out
+    of the command line, which every user of the machine can read (`ps`)."""
+    if args.api_key and args.api_key_file:
+        raise NanoseekError("give --api-key or --api-key-file, not both")
+    if args.api_key_file:
+        try:
+            key = next(iter(Path(args.api_key_file).read_text().strip().splitlines()), "").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise NanoseekError(f"cannot read --api-key-file: {e}") from None
+        if not key:
+            raise NanoseekError(f"{args.api_key_file} is empty: it should hold the API key")
+        return key
+    if args.api_key:
+        print(
+            "nanoseek serve: warning: --api-key is visible to every user of this machine (ps); "
+            "prefer NANOSEEK_API_KEY or --api-key-file",
+            file=sys.stderr,
+        )
+    return args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     _need_serve_extra("nanoseek serve")
 
     _check_model_dir(args.model)
-    api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
-    cfg = ServerConfig(
-        model=args.model,
-        host=args.host,
-        port=args.port,
-        api_key=api_key,
-        served_model_name=args.served_model_name,
-        max_batch_size=args.max_batch_size,
-        cache_tokens=args.cache_tokens,
-        max_n=args.max_n,
-        max_request_bytes=args.max_request_bytes,
-        device=args.device,
-    )
-    if args.max_n < 1 or args.max_batch_size < 1 or args.max_request_bytes < 1:
-        raise NanoseekError("--max-n, --max-batch-size and --max-request-bytes must be positive")
+    api_key = _api_key(args)
+    try:
+        cfg = ServerConfig(
+            model=args.model,
+            host=args.host,
+            port=args.port,
+            api_key=api_key,
+            served_model_name=args.served_model_name,
+            max_batch_size=args.max_batch_size,
+            cache_tokens=args.cache_tokens,
+            max_n=args.max_n,
+            max_request_bytes=args.max_request_bytes,
+            max_sequences=args.max_sequences,
+            max_request_tokens=args.max_request_tokens,
+            max_waiting_sequences=args.max_waiting_sequences,
+            public_docs_and_metrics=args.public_docs_and_metrics,
+            device=args.device,
+            allow_nonfinite=args.allow_nonfinite_weights,
+        )
+    except ValueError as e:
+        raise NanoseekError(f"nanoseek serve: {e}") from None
     if not _is_loopback(args.host) and not api_key:
         print(
             f"nanoseek serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
@@ -78,6 +108,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         )
     if args.threads:
         torch.set_num_threads(args.threads)
+    # The server's own log lines (a client that left: 499; a failed step) beside uvicorn's, in its format.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
+    server_log = logging.getLogger("nanoseek.server")
+    server_log.addHandler(handler)
+    server_log.setLevel(args.log_level.upper())
+    server_log.propagate = False
     app = create_app(cfg)
     print(
         f"nanoseek serve: model `{cfg.model_name}` at http://{args.host}:{args.port}/v1 "
@@ -102,7 +139,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         params.validate()
     except ValueError as e:
         raise NanoseekError(str(e)) from None
-    chat.main(args.model, params, system=args.system, device=args.device)
+    chat.main(args.model, params, system=args.system, device=args.device, allow_nonfinite=args.allow_nonfinite_weights)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:
@@ -119,13 +156,39 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     serve.add_argument("--model", required=True, help="checkpoint directory")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (or set NANOSEEK_API_KEY)")
+    serve.add_argument(
+        "--api-key",
+        help="require `Authorization: Bearer KEY` on every path but /health (visible in `ps`: prefer the "
+        "NANOSEEK_API_KEY environment variable or --api-key-file)",
+    )
+    serve.add_argument("--api-key-file", help="read the API key from this file's first line")
+    serve.add_argument(
+        "--public-docs-and-metrics",
+        action="store_true",
+        help="with an API key, leave /metrics, /openapi.json and /docs open (default: they need the key)",
+    )
     serve.add_argument("--served-model-name", help="the model name clients use (default: the directory name)")
     serve.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
     serve.add_argument("--cache-tokens", type=int, help="latent-cache capacity in tokens (default: the engine's)")
     serve.add_argument("--max-n", type=int, default=128, help="largest `n` (samples per request) accepted")
     serve.add_argument("--max-request-bytes", type=int, default=8 << 20, help="larger bodies get 413")
+    serve.add_argument(
+        "--max-sequences", type=int, default=256, help="most sequences (prompts x n) in one request; more get 400"
+    )
+    serve.add_argument(
+        "--max-request-tokens",
+        type=int,
+        default=1 << 20,
+        help="most tokens one request may use (prompt tokens + max_tokens x sequences); more get 400",
+    )
+    serve.add_argument(
+        "--max-waiting-sequences",
+        type=int,
+        default=1024,
+        help="sequences that may wait for a batch slot, all requests together; beyond that, 429 + Retry-After",
+    )
     serve.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_allow_nonfinite_weights(serve)
     serve.add_argument("--threads", type=int, help="torch threads for the engine (default: torch's choice)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
@@ -138,6 +201,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     chat.add_argument("--top-p", type=float, default=0.95)
     chat.add_argument("--seed", type=int)
     chat.add_argument("--device", default="cpu")
+    add_allow_nonfinite_weights(chat)
     chat.set_defaults(func=cmd_chat)
 
     b = bench.add_parser("serve", help="N concurrent streaming clients against a server: tokens/s, TTFT, ITL, cost")

@@ -1,12 +1,13 @@
 """nanoseek's OpenAI-compatible server: FastAPI + uvicorn over the continuous-batching engine.
 
-    nanoseek serve --model runs/tiny [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    nanoseek serve --model runs/tiny [--host 127.0.0.1] [--port 8000] [--api-key-file PATH]
     from nanoseek.server.app import ServerConfig, create_app     # the app, for uvicorn or a test client
 
 Owns the HTTP side of generation; the text a client sees (detokenizing, stop strings, the reasoning split)
 is engine/text.py's, shared with `nanoseek chat`.
 - app.py: create_app, the routes; config.py: ServerConfig; routes.py: the chat and completions handlers;
-- errors.py: OpenAI's error object and the exception handlers; guard.py: API key, body limit, counting;
+- errors.py: OpenAI's error object and the exception handlers; guard.py: API key, body limit, counting
+  (the per-request and queue limits are routes.py's);
 - openapi.py: the schema as served; protocol.py: the wire format as pydantic models;
 - sample.py: one choice's text, logprobs and counts; streams.py: merging request streams, disconnects;
 - async_engine.py: the thread that owns the engine; prometheus.py: Prometheus text for /metrics.

@@ -5,9 +5,11 @@
 
 Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (each non-streaming or SSE),
 GET /health, GET /metrics. Every error is OpenAI's object {"error": {"message", "type", "param", "code"}}:
-400 for a request that cannot be served (a validation error included: OpenAI answers 400, not 422),
-401 for a missing or wrong API key (checked before the body is read), 404 for an unknown model or path,
-413 for a body over the limit, 500 when generation fails, 503 while the engine is down.
+400 for a request that cannot be served (a validation error included: OpenAI answers 400, not 422; a
+request over the per-request limits on sequences and tokens; text that is not valid Unicode), 401 for a
+missing or wrong API key (checked before the body is read; with a key, only /health is open unless
+`public_docs_and_metrics`), 404 for an unknown model or path, 413 for a body over the limit, 429 with
+Retry-After when the server's queue is full, 500 when generation fails, 503 while the engine is down.
 
 The pieces: config.py (ServerConfig), errors.py (the error object and handlers), guard.py (auth, body limit,
 counting), openapi.py (the schema), routes.py (the handlers), sample.py (one choice's text), streams.py
@@ -36,12 +38,19 @@ from nanoseek.server.routes import Api
 
 __all__ = ["ServerConfig", "create_app"]
 
+# Open without the API key when the server is started with public_docs_and_metrics (/health always is).
+PUBLIC_WITH_FLAG = ("/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+
 
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     """The FastAPI app; the engine (loaded from config.model unless given) runs while the app is up."""
     if engine is None:
         engine = Engine(
-            config.model, max_batch_size=config.max_batch_size, cache_tokens=config.cache_tokens, device=config.device
+            config.model,
+            max_batch_size=config.max_batch_size,
+            cache_tokens=config.cache_tokens,
+            device=config.device,
+            allow_nonfinite=config.allow_nonfinite,
         )
     if engine.tokenizer is None:
         raise TokenizerError(f"{config.model} has no tokenizer.json: the server needs one")
@@ -73,6 +82,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             (400, "The request cannot be served"),
             (404, "Unknown model"),
             (413, "Body too large"),
+            (429, "The server's queue is full: retry after `Retry-After` seconds"),
             (500, "Generation failed"),
             (503, "The engine is not running"),
         ]
@@ -147,5 +157,6 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         max_body=config.max_request_bytes,
         metrics=metrics,
         paths={r.path for r in app.routes},
+        open_paths={"/health", *(PUBLIC_WITH_FLAG if config.public_docs_and_metrics else ())},
     )
     return app

@@ -3,6 +3,7 @@
     aengine = AsyncEngine(engine); aengine.start()
     stream = await aengine.add_request("chatcmpl-1", prompt_ids, params)   # raises RequestRefused
     async for events in stream: ...                                         # list[TokenEvent] per step
+    streams = await aengine.add_requests([(rid, ids, params), ...])         # several prompts, all or none
     aengine.stop()
 
 The thread loops: take new requests and aborts from a thread-safe inbox, call `engine.step()`, and hand
@@ -10,6 +11,8 @@ each request's events to its asyncio queue with `loop.call_soon_threadsafe`, so 
 on torch. A stream that is closed early (client gone) aborts its request: the thread drops it before the
 next step, freeing its batch slot and cache blocks. A request the engine refuses fails alone; an exception
 inside a step fails the requests that step touched (and is logged), and the loop keeps serving.
+`outstanding` counts the sequences sent to the thread and not yet finished (the server's queue bound); the
+thread gives them back as each request ends, however it ends (finished, refused, aborted, failed).
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._steps = self._aborted = self._failed_steps = 0
         self._torch_threads = torch.get_num_threads()  # OpenMP's thread count is per thread: carry it over
+        self.outstanding = 0  # sequences sent to the thread and not yet ended (read and written on the loop)
 
     # ---- asyncio side -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,20 +134,36 @@ class AsyncEngine:
 
     async def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         """Queue a request and wait until the engine has taken it (or refused it: RequestRefused)."""
+        return (await self.add_requests([(request_id, prompt_ids, params)]))[0]
+
+    async def add_requests(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list[RequestStream]:
+        """Queue requests together (counted in `outstanding` at once) and wait until the engine has taken them
+        all; if it refuses one, the others are aborted and RequestRefused is raised."""
         if not self.alive:
             raise GenerationFailed("the engine is not running")
         loop = asyncio.get_running_loop()
-        admitted, events = loop.create_future(), asyncio.Queue()
-        self.inbox.put(_Add(request_id, prompt_ids, params, loop, admitted, events))
+        adds = [_Add(rid, ids, params, loop, loop.create_future(), asyncio.Queue()) for rid, ids, params in requests]
+        for a in adds:
+            self.outstanding += a.params.n
+            self.inbox.put(a)
         try:
-            await admitted
+            await asyncio.wait([a.admitted for a in adds])
         except asyncio.CancelledError:
-            self.abort(request_id)
+            for a in adds:
+                self.abort(a.request_id)
             raise
-        return RequestStream(self, request_id, events)
+        refused = [a.admitted.exception() for a in adds if a.admitted.exception() is not None]
+        if refused:
+            for a in adds:
+                self.abort(a.request_id)  # a no-op for the refused ones
+            raise refused[0]
+        return [RequestStream(self, a.request_id, a.events) for a in adds]
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(_Abort(request_id))
+
+    def _release(self, n: int) -> None:
+        self.outstanding -= n
 
     # ---- engine thread ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -174,14 +194,17 @@ class AsyncEngine:
             if isinstance(msg, _Stop):
                 return False
             if isinstance(msg, _Abort):
-                if self._active.pop(msg.request_id, None) is not None:
+                req = self._active.pop(msg.request_id, None)
+                if req is not None:
                     self.engine.abort(msg.request_id)
                     self._aborted += 1
+                    _call(req.loop, self._release, req.params.n)
                 continue
             try:
                 self.engine.add_request(msg.prompt_ids, msg.params, request_id=msg.request_id)
             except ValueError as e:
                 _call(msg.loop, _settle, msg.admitted, RequestRefused(str(e)))
+                _call(msg.loop, self._release, msg.params.n)
                 continue
             self._active[msg.request_id] = msg
             _call(msg.loop, _settle, msg.admitted, None)
@@ -207,10 +230,11 @@ class AsyncEngine:
             req = self._active.pop(rid)
             self.engine.pop_output(rid)
             _call(req.loop, req.events.put_nowait, _DONE)
+            _call(req.loop, self._release, req.params.n)
 
     def _fail_touched(self, error: Exception) -> None:
         """After a failed step: fail every request except those still wholly waiting (untouched by it)."""
-        waiting = Counter(s.request_id for s in self.engine.waiting)
+        waiting = Counter(s.request_id for s in self.engine.waiting if not s.finish_reason)
         for rid, req in list(self._active.items()):
             if waiting[rid] < req.params.n:
                 self._fail(rid, GenerationFailed(f"generation failed: {type(error).__name__}: {error}"))
@@ -222,11 +246,14 @@ class AsyncEngine:
         except Exception:
             log.exception("abort of %s failed", rid)
         _call(req.loop, req.events.put_nowait, error)
+        _call(req.loop, self._release, req.params.n)
 
     def _publish(self) -> None:
         e = self.engine
         self.snapshot = EngineSnapshot(
-            waiting_requests=len({s.request_id for s in e.waiting} - {s.request_id for s in e.running}),
+            waiting_requests=len(
+                {s.request_id for s in e.waiting if not s.finish_reason} - {s.request_id for s in e.running}
+            ),
             running_requests=len({s.request_id for s in e.running}),
             running_sequences=len(e.running),
             cache_blocks_used=e.cache.n_blocks - e.cache.n_free,

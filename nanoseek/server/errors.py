@@ -14,9 +14,15 @@ from nanoseek.server import protocol as P
 
 class APIError(Exception):
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None, type_: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+        headers: dict | None = None,
     ):
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
         self.type = type_ or ("server_error" if status >= 500 else "invalid_request_error")
 
 
@@ -28,7 +34,7 @@ def error_response(
     type_: str | None = None,
     headers: dict | None = None,
 ) -> JSONResponse:
-    e = APIError(status, message, param, code, type_)
+    e = APIError(status, _utf8(message), param and _utf8(param), code, type_)
     body = P.ErrorResponse(error=P.ErrorDetail(message=e.message, type=e.type, param=e.param, code=e.code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -36,12 +42,13 @@ def error_response(
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return error_response(e.status, e.message, e.param, e.code, e.type)
+        return error_response(e.status, e.message, e.param, e.code, e.type, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         errs = e.errors()
-        first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": ""}
+        unicode = [e for e in errs if P.NOT_UNICODE in e.get("msg", "")]  # the real fault, whatever the union
+        first = (unicode or errs or [{"loc": (), "msg": "invalid request", "type": ""}])[0]
         if first.get("type") == "json_invalid":
             return error_response(
                 400,
@@ -67,6 +74,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception):
         return error_response(500, f"Internal server error: {type(e).__name__}", code="internal_error")
+
+
+def _utf8(text: str) -> str:
+    """An error never fails to encode: text that is not valid UTF-8 (a lone surrogate) is replaced."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}

@@ -1,4 +1,7 @@
-"""Auth, body limit and request counting: plain ASGI, ahead of FastAPI."""
+"""Auth, body limit and request counting: plain ASGI, ahead of FastAPI.
+
+With an API key every path needs it (the API, /metrics, /openapi.json, /docs, unknown paths alike) except the
+open ones: /health always, and /metrics and the docs when the server makes them public."""
 
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ class Guard:
     """Answers 401 before reading a body when the API key is missing or wrong, 413 when a body is larger
     than the limit (by its Content-Length, or as it arrives), and counts responses for /metrics."""
 
-    def __init__(self, app, api_key: str | None, max_body: int, metrics: ServerMetrics, paths: set[str]):
-        self.app, self.max_body, self.metrics, self.paths = app, max_body, metrics, paths
+    def __init__(
+        self, app, api_key: str | None, max_body: int, metrics: ServerMetrics, paths: set[str], open_paths: set[str]
+    ):
+        self.app, self.max_body, self.metrics, self.paths, self.open_paths = app, max_body, metrics, paths, open_paths
         self.api_key = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
@@ -31,7 +36,7 @@ class Guard:
             await send(message)
 
         headers = dict(scope["headers"])
-        if self.api_key and scope["path"].startswith("/v1/"):
+        if self.api_key and scope["path"] not in self.open_paths:
             auth = headers.get(b"authorization", b"")
             scheme, _, key = auth.partition(b" ")
             if not auth:

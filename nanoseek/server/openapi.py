@@ -49,7 +49,8 @@ def _bound_integers(node, maximum: int) -> None:
 
 def install_openapi(app: FastAPI, config: ServerConfig, max_len: int, vocab_size: int) -> None:
     """FastAPI documents a 422 for every body; this server answers 400 with OpenAI's error object instead.
-    With an API key the /v1 operations also document the bearer scheme and their 401."""
+    With an API key the operations that need it (all but /health, and /metrics when it is public) also
+    document the bearer scheme and their 401."""
 
     def openapi():
         if app.openapi_schema:
@@ -86,7 +87,8 @@ def install_openapi(app: FastAPI, config: ServerConfig, max_len: int, vocab_size
         for path, ops in schema["paths"].items():
             for op in ops.values():
                 op["responses"].pop("422", None)
-                if config.api_key and path.startswith("/v1/"):
+                keyed = path != "/health" and not (path == "/metrics" and config.public_docs_and_metrics)
+                if config.api_key and keyed:
                     op["security"] = [{"bearer": []}]
                     op["responses"]["401"] = {
                         "description": "Missing or wrong API key",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
 
 MAX_N = 128  # OpenAI's bound; a server may set a lower one (ServerConfig.max_n)
 MAX_STOP = 16
@@ -18,6 +18,21 @@ MAX_TOP_LOGPROBS = 20
 
 FinishReason = Literal["stop", "length"]
 TokenId = Annotated[int, Field(ge=0)]  # the server's schema adds the vocabulary's bound
+
+
+NOT_UNICODE = "the text is not valid Unicode"
+
+
+def _encodable(text: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"), which no tokenizer or UTF-8 response can hold: a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{NOT_UNICODE} (it holds a lone surrogate such as \\ud800)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]  # every string of a request: valid Unicode
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -39,14 +54,14 @@ class _Request(BaseModel):
 
 class TextContentPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]  # developer = OpenAI's newer name for system
-    content: str | list[TextContentPart]
-    name: str | None = None  # accepted, not used
-    reasoning_content: str | None = None  # an earlier answer's reasoning: accepted, left out of the prompt
+    content: Text | list[TextContentPart]
+    name: Text | None = None  # accepted, not used
+    reasoning_content: Text | None = None  # an earlier answer's reasoning: accepted, left out of the prompt
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -59,19 +74,19 @@ class StreamOptions(_Request):
 class _Sampling(_Request):
     """The fields /v1/chat/completions and /v1/completions share."""
 
-    model: str
+    model: Text
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None  # only 0 is served
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None  # only 0 is served
-    logit_bias: dict[str, float] | None = None  # only an empty map is served
-    user: str | None = None  # accepted, not used
+    logit_bias: dict[Text, float] | None = None  # only an empty map is served
+    user: Text | None = None  # accepted, not used
     top_k: Annotated[int, Field(ge=0)] | None = None  # extension: 0 = off
     ignore_eos: bool | None = None  # extension: keep generating past the end-of-sentence token
 
@@ -91,14 +106,14 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: (
-        str
-        | Annotated[list[str], Field(min_length=1)]
+        Text
+        | Annotated[list[Text], Field(min_length=1)]
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
     )
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None  # legacy: the number of top tokens
     echo: bool | None = None
-    suffix: str | None = None  # not served: must be absent
+    suffix: Text | None = None  # not served: must be absent
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # served only when equal to n
 
 

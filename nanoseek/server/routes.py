@@ -4,6 +4,7 @@ and the answer, whole or as server-sent events (both from one event path, so bot
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +24,8 @@ from nanoseek.server.errors import APIError
 from nanoseek.server.prometheus import ServerMetrics
 from nanoseek.server.sample import Sample
 from nanoseek.server.streams import disconnected, merge
+
+log = logging.getLogger("nanoseek.server")
 
 
 class Api:
@@ -60,9 +63,7 @@ class Api:
             raise APIError(400, "logit_bias is not supported by this server.", param="logit_bias")
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
-        n = body.n or 1
-        if n > self.config.max_n:
-            raise APIError(400, f"n must be at most {self.config.max_n} on this server.", param="n")
+        n = self.check_n(body)
         max_len = self.engine.max_len
         if n_prompt >= max_len:
             raise APIError(
@@ -97,14 +98,52 @@ class Api:
             top_logprobs=top_logprobs,
         )
 
+    def check_n(self, body: P._Sampling) -> int:
+        n = body.n or 1
+        if n > self.config.max_n:
+            raise APIError(400, f"n must be at most {self.config.max_n} on this server.", param="n")
+        return n
+
+    def check_work(self, n_prompts: int, n: int, prompt_tokens: int, max_tokens: int, prompt_param: str) -> None:
+        """The work one request may ask for: sequences (prompts x n) and tokens (prompt tokens + max_tokens for
+        every sequence). Checked before tokenizing (with the prompt tokens known so far) and after."""
+        c = self.config
+        seqs = n_prompts * n
+        if seqs > c.max_sequences:
+            raise APIError(
+                400,
+                f"This request asks for {seqs} sequences ({n_prompts} prompt{'s' if n_prompts > 1 else ''} x n={n}); "
+                f"this server accepts at most {c.max_sequences} per request (max_sequences).",
+                param="n" if n > 1 else prompt_param,
+                code="too_many_sequences",
+            )
+        total = prompt_tokens + max_tokens * seqs
+        if total > c.max_request_tokens:
+            raise APIError(
+                400,
+                f"This request may use {total} tokens ({prompt_tokens} in the prompt + max_tokens {max_tokens} x "
+                f"{seqs} sequence{'s' if seqs > 1 else ''}); this server accepts at most {c.max_request_tokens} "
+                "per request (max_request_tokens).",
+                param=prompt_param if prompt_tokens > c.max_request_tokens else "max_tokens",
+                code="too_many_tokens",
+            )
+
     async def admit(self, prompts: list[list[int]], params: SamplingParams, rid: str) -> list[RequestStream]:
-        streams = []
+        """Hand the prompts to the engine thread, or answer 429 when the server's queue cannot take them."""
+        total, busy = len(prompts) * params.n, self.aengine.outstanding
+        room = self.engine.max_batch_size + self.config.max_waiting_sequences
+        if busy + total > room:
+            raise APIError(
+                429,
+                f"The server is busy: {busy} sequences are running or queued and this request adds {total} "
+                f"(it holds {room}: max_batch_size + max_waiting_sequences). Please retry shortly.",
+                code="queue_full",
+                type_="rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
         try:
-            for i, ids in enumerate(prompts):
-                streams.append(await self.aengine.add_request(f"{rid}-{i}", ids, params))
+            streams = await self.aengine.add_requests([(f"{rid}-{i}", ids, params) for i, ids in enumerate(prompts)])
         except RequestRefused as e:
-            for s in streams:
-                s.close()
             raise APIError(400, str(e), param="prompt" if len(prompts) > 1 else None) from None
         except GenerationFailed as e:
             raise APIError(503, str(e), code="engine_down") from None
@@ -121,14 +160,16 @@ class Api:
             raise APIError(400, "Only response_format type `text` is supported.", param="response_format")
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true.", param="top_logprobs")
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        self.check_work(1, self.check_n(body), 0, max_tokens or 1, "messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         try:
             prompt = self.tokenizer.apply_chat_template(messages)
         except TokenizerError as e:
             raise APIError(400, str(e), param="messages") from None
         ids = await run_in_threadpool(self.tokenizer.encode, prompt)
-        max_tokens = body.max_completion_tokens or body.max_tokens
         params = self.params(body, max_tokens, len(ids), "messages", bool(body.logprobs), body.top_logprobs or 0)
+        self.check_work(1, params.n, len(ids), params.max_tokens, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self.admit([ids], params, rid)
         head = dict(id=rid, created=int(time.time()), model=self.config.model_name, system_fingerprint=FINGERPRINT)
@@ -200,6 +241,9 @@ class Api:
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs (prompt logprobs) is not supported.", param="echo")
         p = body.prompt
+        many = isinstance(p, list) and not isinstance(p[0], int)  # several prompts (texts or token lists)
+        known = sum(len(x) for x in p if isinstance(x, list)) if many else (0 if isinstance(p, str) else len(p))
+        self.check_work(len(p) if many else 1, self.check_n(body), known, body.max_tokens or 16, "prompt")
         if isinstance(p, str):
             prompts = [await run_in_threadpool(self.tokenizer.encode, p)]
         elif isinstance(p[0], str):
@@ -217,6 +261,7 @@ class Api:
         params = self.params(
             body, body.max_tokens or 16, len(longest), "prompt", body.logprobs is not None, body.logprobs or 0
         )
+        self.check_work(len(prompts), params.n, sum(map(len, prompts)), params.max_tokens, "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = await self.admit(prompts, params, rid)
         head = dict(id=rid, created=int(time.time()), model=self.config.model_name, system_fingerprint=FINGERPRINT)
@@ -326,12 +371,14 @@ class Api:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            if not work.done():
+            left = not work.done()  # the client went first (or this handler was cancelled)
+            if left:
                 work.cancel()
                 for s in streams:
                     s.close()
                 self.metrics.finished["abort"] += 1
-        if work.cancelled():
+        if left:
+            log.info("499: the client closed the connection before the response (%s aborted)", streams[0].request_id)
             raise APIError(499, "The client closed the request.")  # nobody reads this
         try:
             work.result()
