@@ -197,6 +197,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             f"{result.tokens_per_s:,.0f} tokens/s{mfu}{load}"
         )
         print(f"checkpoint: {result.checkpoint}\nmetrics: {run_dir / 'metrics.jsonl'} (plot: nanoseek plot {run_dir})")
+    parallel.shutdown_distributed()
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
