@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanoseek.cli import generate, model, rl, serve, train, zero
+from nanoseek.cli import generate, model, plan, rl, serve, train, zero
 from nanoseek.errors import NanoseekError
 
-COMMAND_MODULES = (model, serve, rl, train, generate, zero)
+COMMAND_MODULES = (model, serve, rl, train, generate, zero, plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
