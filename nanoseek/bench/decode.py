@@ -37,6 +37,7 @@ from nanoseek.errors import NanoseekError
 from nanoseek.model.presets import get_preset
 from nanoseek.model.stats import model_stats
 from nanoseek.model.transformer import Transformer
+from nanoseek.plan.hardware import copy_bandwidth
 
 
 @dataclass
@@ -53,19 +54,6 @@ class DecodeBenchConfig:
     threads: int | None = None
     no_reference: bool = False
     bandwidth_mb: int = 256  # size of the copy that measures memory bandwidth (well past the caches)
-
-
-def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
-    """Bytes moved (read + written) per second by a large tensor copy: the machine's streaming bandwidth."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times)
 
 
 def engine_decode(engine: Engine, prompts: list[list[int]], n_new: int) -> tuple[float, float]:
