@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_allow_nonfinite_weights(parser: argparse.ArgumentParser) -> None:
@@ -13,3 +14,8 @@ def add_allow_nonfinite_weights(parser: argparse.ArgumentParser) -> None:
         help="load a checkpoint whose weights hold NaN or Inf (refused by default, naming the tensor: such a model "
         "generates garbage)",
     )
+
+
+def add_progress(parser: argparse.ArgumentParser, text: str = "progress bars (default when a terminal)") -> None:
+    """`--progress/--no-progress`: tqdm bars, on by default only when stderr is a terminal."""
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(), help=text)

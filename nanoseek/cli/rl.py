@@ -22,7 +22,7 @@ import torch
 from nanoseek.bench.grpo import BenchSettings, run_bench
 from nanoseek.checkpoint.hf import from_pretrained
 from nanoseek.checkpoint.tokenizer import Tokenizer
-from nanoseek.cli.flags import add_allow_nonfinite_weights
+from nanoseek.cli.flags import add_allow_nonfinite_weights, add_progress
 from nanoseek.engine.engine import Engine
 from nanoseek.errors import NanoseekError
 from nanoseek.rl.config import GRPOConfig
@@ -247,12 +247,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     g.add_argument("--task-arg", action="append", metavar="K=V", help="task difficulty knob(s), e.g. max_digits=3")
     g.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, final/")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    g.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=sys.stderr.isatty(),
-        help="progress bar (default when a terminal); without it, one line per step",
-    )
+    add_progress(g, "progress bar (default when a terminal); without it, one line per step")
     g.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     g.add_argument(
         "--plot",

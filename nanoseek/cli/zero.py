@@ -8,8 +8,8 @@ smaller student (see docs/zero.md).
 from __future__ import annotations
 
 import argparse
-import sys
 
+from nanoseek.cli.flags import add_progress
 from nanoseek.errors import NanoseekError
 from nanoseek.rl.distill import distill_preset, run_distill
 from nanoseek.rl.zero import run_zero
@@ -86,12 +86,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         action="store_true",
         help="continue the run in --out: finished stages are skipped, pretraining and GRPO resume from checkpoints",
     )
-    z.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=sys.stderr.isatty(),
-        help="progress bars (default when a terminal)",
-    )
+    add_progress(z)
     z.set_defaults(func=cmd_zero)
 
     d = sub.add_parser(
@@ -106,10 +101,5 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     d.add_argument("--out", default=None, help="output directory (default RUN/distill)")
     d.add_argument("--seed", type=int, default=0, help="seed of the sampled problems and the fine-tuning order")
     d.add_argument("--resume", action="store_true", help="continue a stopped distillation in --out")
-    d.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=sys.stderr.isatty(),
-        help="progress bars (default when a terminal)",
-    )
+    add_progress(d)
     d.set_defaults(func=cmd_distill)
