@@ -64,6 +64,7 @@ class MLA(nn.Module):
             self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, cfg.hidden_size, bias=bias)
+        self._kv_b_dense: torch.Tensor | None = None  # see kv_b_weight
 
     def project_q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries split into (q_nope (B,T,H,nope), q_pe (B,T,H,rope)), q_pe not yet rotated."""
@@ -124,16 +125,28 @@ class MLA(nn.Module):
         )  # (B, H, T, v or q's head dim)
         return out[..., : self.v_head_dim].transpose(1, 2).reshape(B, T, -1)
 
+    def kv_b_weight(self) -> torch.Tensor:
+        """kv_b_proj's weight (H*(nope+v), r): the live parameter, or for a quantized layer (inference only,
+        its weights never change) a dense copy made on first use: the absorbed bmm needs the matrix itself,
+        and it is small (H*(nope+v)*r values per layer, 0.5 MB in fp32 for the small preset). An engine
+        calls it once before compiling, so a compiled step never sees the copy missing."""
+        if isinstance(self.kv_b_proj, nn.Linear):
+            return self.kv_b_proj.weight
+        if self._kv_b_dense is None:
+            self._kv_b_dense = self.kv_b_proj.dequantize()
+        return self._kv_b_dense
+
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attention over the latent itself: q_nope·W_UK·c_kv + q_pe·k_pe, then ·c_kv·W_UV. (B, T, H*v).
 
-        W_UK and W_UV are views into kv_b_proj.weight (no copy, so never stale after a weight update).
+        W_UK and W_UV are views into kv_b_proj.weight (no copy, so never stale after a weight update); a
+        quantized kv_b_proj is dequantized once for them (see `kv_b_weight`).
         All heads share one key (c_kv; k_pe) and one value (c_kv), so the H*T queries of a sequence are
         rows of a single matmul against it: MQA with one 576-wide key head for V3.
         """
         B, T, H = q_nope.shape[:3]
         S, r = c_kv.shape[1], self.kv_lora_rank
-        w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, r)
+        w = self.kv_b_weight().view(H, self.qk_nope_head_dim + self.v_head_dim, r)
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]  # (H, nope, r), (H, v, r)
         q_lat = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)  # (H, B*T, r): queries in latent space
         q_lat = q_lat.view(H, B, T, r).transpose(0, 1).reshape(B, H * T, r)

@@ -123,15 +123,18 @@ class Experts(nn.Module):
         up = torch._grouped_mm(x, self.up_proj.transpose(-2, -1), offs=offs)
         return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offs)
 
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e alone on its tokens x (n, D) -> (n, D): the unit the loop and the decode path run."""
+        h = F.silu(F.linear(x, self.gate_proj[e].to(x.dtype))) * F.linear(x, self.up_proj[e].to(x.dtype))
+        return F.linear(h, self.down_proj[e].to(x.dtype))
+
     def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # Only experts that received tokens do any work.
         outs, start = [], 0
         for e, n in enumerate(counts.tolist()):
             if n == 0:
                 continue
-            xe = x[start : start + n]
-            h = F.silu(xe @ self.gate_proj[e].T.to(xe.dtype)) * (xe @ self.up_proj[e].T.to(xe.dtype))
-            outs.append(h @ self.down_proj[e].T.to(xe.dtype))
+            outs.append(self.one(e, x[start : start + n]))
             start += n
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
@@ -184,16 +187,15 @@ class MoE(FP32Buffers):
             self.aux_loss = self._sequence_balance_loss(scores, indices, shape) if self.aux_loss_alpha > 0 else None
         return y.view(shape)
 
+    @torch.compiler.disable  # a Python loop over the chosen experts: a compiled step runs it eagerly (one break)
     def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Inference on a few tokens (a decode step): each token runs its k experts directly, no sort, no
         grouped matmul over mostly empty groups (per-operator overhead is what a decode step pays for)."""
         y = self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
-        ex = self.experts
         for n, (ws, es) in enumerate(zip(weights.tolist(), indices.tolist())):
-            xn = x[n]
+            xn = x[n : n + 1]
             for w, e in zip(ws, es):
-                h = F.silu(ex.gate_proj[e] @ xn) * (ex.up_proj[e] @ xn)
-                y[n].add_(ex.down_proj[e] @ h, alpha=w)
+                y[n : n + 1].add_(self.experts.one(e, xn), alpha=w)
         return y
 
     def _sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
