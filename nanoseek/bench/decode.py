@@ -1,22 +1,32 @@
 """`nanoseek bench decode`: the engine against transformers' `generate` on the same checkpoint, in one run.
 
     nanoseek bench decode --preset small                      # random weights, saved and reloaded by both
+    nanoseek bench decode --preset small --weights fp32 bf16 int8 int4    # each weight format, side by side
     nanoseek bench decode --model runs/small/checkpoints/step_00000300 --prompt "... User: What is 26 + 49? Assistant:"
 
-Reported, as medians over `--rounds` interleaved rounds (the machine is shared and noisy, so drift hits
-both sides alike):
-- prefill tokens/s of one `--prefill-len` prompt (nanoseek: the engine's prefill step; transformers:
-  `generate` of one token) and greedy decode tokens/s at each `--batch` size, aggregate over the batch
-  (nanoseek: the engine's decode steps after the prefill; transformers: `generate` of N+1 tokens minus
-  `generate` of 1), with nanoseek / transformers as the ratio;
-- the batch-1 fraction of the memory-bandwidth limit: (weight bytes a batch-1 token reads: every
-  parameter but the input embedding and the routed experts it is not sent to) ÷ (copy bandwidth measured
-  in this run, bytes read + written per second);
+One fp32 model is loaded; each `--weights` format gets its own engine built from it (an engine that stores
+the weights in another format quantizes its own copy, see nanoseek/model/quant.py). Every engine first
+decodes a few tokens at each `--batch` size (allocations, first-call costs, and with `--compile` the
+compilation, whose time is reported when the engine records it). Reported, as medians over `--rounds`
+interleaved rounds (each round measures every format and transformers in turn: the machine is shared and
+noisy, so drift hits all sides alike):
+- per weight format, prefill tokens/s of one `--prefill-len` prompt (nanoseek: the engine's prefill step;
+  transformers: `generate` of one token) and greedy decode tokens/s at each `--batch` size, aggregate over
+  the batch (nanoseek: the engine's decode steps after the prefill; transformers: `generate` of N+1 tokens
+  minus `generate` of 1), with nanoseek / transformers as the ratio (transformers always runs fp32);
+- per weight format, the bytes of weights a batch-1 token reads, as that format stores them (every weight
+  of the main model but the input embedding, and of each MoE layer's routed experts only the
+  top_k / n_routed_experts share a token is sent to), the GB/s of weights batch-1 decoding reads (those
+  bytes x tokens/s), and its share of the memory-bandwidth limit: the copy bandwidth measured in this run
+  (bytes read + written per second, before and after the rounds);
 - KV-cache bytes per token: MLA's latent against a naive per-head cache and an MHA model of the same heads;
 - with MTP modules in the checkpoint: the draft acceptance rate and the batch-1 decode speedup of
-  self-speculative decoding over plain decoding (both nanoseek, same prompts, interleaved).
+  self-speculative decoding over plain decoding (both nanoseek with fp32 weights, same prompts, interleaved).
 
-Both sides run fp32 greedy decoding with EOS ignored, so every run makes exactly the tokens asked for.
+Both sides run greedy decoding with EOS ignored, so every run makes exactly the tokens asked for. The
+returned medians are keyed `prefill/nanoseek/<format>`, `decode<b>/nanoseek/<format>`,
+`active_bytes/<format>`, `bandwidth_fraction/<format>`, ...; the fp32 figures also under the keys without
+the format (`decode1/nanoseek`, `bandwidth_fraction`).
 """
 
 from __future__ import annotations
@@ -34,7 +44,9 @@ from nanoseek.checkpoint.tokenizer import Tokenizer
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import NanoseekError
+from nanoseek.model.moe import MoE
 from nanoseek.model.presets import get_preset
+from nanoseek.model.quant import weight_bytes
 from nanoseek.model.stats import model_stats
 from nanoseek.model.transformer import Transformer
 from nanoseek.plan.hardware import copy_bandwidth
@@ -54,6 +66,8 @@ class DecodeBenchConfig:
     threads: int | None = None
     no_reference: bool = False
     bandwidth_mb: int = 256  # size of the copy that measures memory bandwidth (well past the caches)
+    weights: list[str] = field(default_factory=lambda: ["fp32"])  # formats measured, one engine each
+    compile: bool | None = None  # the engines' torch.compile'd decode step; None: where it is faster
 
 
 def engine_decode(engine: Engine, prompts: list[list[int]], n_new: int) -> tuple[float, float]:
@@ -103,14 +117,25 @@ def hf_generate_time(hf, prompts: list[list[int]], n_new: int) -> float:
     return time.perf_counter() - t0
 
 
-def _prompts(cfg: DecodeBenchConfig, engine: Engine, batch: int, gen: torch.Generator) -> list[list[int]]:
+def active_weight_bytes(model: Transformer) -> int:
+    """Bytes of weights one batch-1 decode token reads, as the model stores them (packed for quantized
+    layers): every main-model weight but the input embedding (a row lookup) and, of each MoE layer's routed
+    experts, the top_k / n_routed_experts share the token is sent to. MTP modules are not counted."""
+    total = weight_bytes(model.norm) + weight_bytes(model.lm_head)  # a tied head reads the embedding: counted
+    for layer in model.layers:
+        total += weight_bytes(layer)
+        if isinstance(layer.mlp, MoE):
+            routed = weight_bytes(layer.mlp.experts)  # experts are stored alike: each holds routed / n bytes
+            total -= routed - routed * layer.mlp.top_k // layer.mlp.n_experts
+    return total
+
+
+def _prompts(cfg: DecodeBenchConfig, tokenizer, vocab: int, batch: int, gen: torch.Generator) -> list[list[int]]:
     if cfg.prompt:
-        if engine.tokenizer is None:
+        if tokenizer is None:
             raise NanoseekError("--prompt needs a checkpoint with tokenizer.json")
-        tok = engine.tokenizer
-        ids = [tok.encode(cfg.prompt[i % len(cfg.prompt)]) for i in range(batch)]
-        return [t if t[:1] == [tok.bos_id] else [tok.bos_id] + t for t in ids]  # templates may hold the BOS
-    vocab = engine.model.config.vocab_size
+        ids = [tokenizer.encode(cfg.prompt[i % len(cfg.prompt)]) for i in range(batch)]
+        return [t if t[:1] == [tokenizer.bos_id] else [tokenizer.bos_id] + t for t in ids]  # templates may hold BOS
     return torch.randint(5, vocab, (batch, cfg.prompt_len), generator=gen).tolist()
 
 
@@ -118,6 +143,9 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
     """Run the benchmark, print the table, return the medians."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    formats = list(dict.fromkeys(cfg.weights))  # in the order given, each once
+    if not formats:
+        raise NanoseekError("--weights needs at least one format")
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.model:
             path, name = Path(cfg.model), cfg.model
@@ -128,6 +156,7 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
             save_pretrained(model, path)
             del model
         model = from_pretrained(path).eval()
+        tokenizer = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None
         hf = None
         if not cfg.no_reference:
             # transformers is the reference, a dev dependency only: imported when it runs.
@@ -137,19 +166,31 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     mc = model.config
     max_b = max(cfg.batch)
-    engine = Engine(model, max_batch_size=max_b, cache_tokens=max_b * (cfg.prefill_len + cfg.tokens + 64))
-    if cfg.model and (Path(cfg.model) / "tokenizer.json").exists():
-        engine.tokenizer = Tokenizer.from_pretrained(cfg.model)
-    mtp_engine = Engine(model, max_batch_size=1, use_mtp=True) if len(model.mtp) else None
+    cache_tokens = max_b * (cfg.prefill_len + cfg.tokens + 64)
+    # One loaded model serves every format: an engine storing another format quantizes a copy of it.
+    engines = {
+        fmt: Engine(model, tokenizer, max_batch_size=max_b, cache_tokens=cache_tokens, weights=fmt, compile=cfg.compile)
+        for fmt in formats
+    }
+    mtp_engine = mtp_plain = None
+    if len(model.mtp):  # speculation is measured with fp32 weights only, against plain fp32 decoding
+        mtp_engine = Engine(model, tokenizer, max_batch_size=1, use_mtp=True, compile=cfg.compile)
+        mtp_plain = (
+            engines["fp32"] if "fp32" in engines else Engine(model, tokenizer, max_batch_size=1, compile=cfg.compile)
+        )
     gen = torch.Generator().manual_seed(cfg.seed)
-    prompts = {b: _prompts(cfg, engine, b, gen) for b in cfg.batch}
-    mtp_prompts = _prompts(cfg, engine, max(cfg.rounds, len(cfg.prompt or [])), gen)  # one per MTP round
+    prompts = {b: _prompts(cfg, tokenizer, mc.vocab_size, b, gen) for b in cfg.batch}
+    n_mtp = max(cfg.rounds, len(cfg.prompt or []))
+    mtp_prompts = _prompts(cfg, tokenizer, mc.vocab_size, n_mtp, gen)  # one per MTP round
     prefill_prompt = torch.randint(5, mc.vocab_size, (cfg.prefill_len,), generator=gen).tolist()
 
-    # warm-up: one short run of each path (allocations, first-call costs)
-    engine_decode(engine, prompts[cfg.batch[0]], 4)
+    # warm-up: a short run of each path at every batch size (allocations, first-call costs, compilation)
+    for engine in engines.values():
+        for b in cfg.batch:
+            engine_decode(engine, prompts[b], 4)
     if mtp_engine:
         engine_decode(mtp_engine, mtp_prompts[:1], 4)
+        engine_decode(mtp_plain, mtp_prompts[:1], 4)
     if hf is not None:
         hf_generate_time(hf, prompts[cfg.batch[0]], 2)
 
@@ -160,11 +201,13 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
 
     bandwidth = [copy_bandwidth(cfg.bandwidth_mb << 20)]
     for r in range(cfg.rounds):
-        add("prefill/nanoseek", engine_prefill(engine, prefill_prompt))
+        for fmt, engine in engines.items():
+            add(f"prefill/nanoseek/{fmt}", engine_prefill(engine, prefill_prompt))
         if hf is not None:
             add("prefill/transformers", cfg.prefill_len / hf_generate_time(hf, [prefill_prompt], 1))
         for b in cfg.batch:
-            add(f"decode{b}/nanoseek", engine_decode(engine, prompts[b], cfg.tokens)[0])
+            for fmt, engine in engines.items():
+                add(f"decode{b}/nanoseek/{fmt}", engine_decode(engine, prompts[b], cfg.tokens)[0])
             if hf is not None:
                 t_full, t_one = hf_generate_time(hf, prompts[b], cfg.tokens + 1), hf_generate_time(hf, prompts[b], 1)
                 add(f"decode{b}/transformers", b * cfg.tokens / (t_full - t_one))
@@ -173,38 +216,54 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
             tok_s, acc = engine_decode(mtp_engine, one, cfg.tokens)
             add("mtp/speculative", tok_s)
             add("mtp/acceptance", acc)
-            add("mtp/plain", engine_decode(engine, one, cfg.tokens)[0])
+            add("mtp/plain", engine_decode(mtp_plain, one, cfg.tokens)[0])
         log(f"round {r + 1}/{cfg.rounds} done", flush=True)
     bandwidth.append(copy_bandwidth(cfg.bandwidth_mb << 20))
     med = {k: statistics.median(v) for k, v in res.items()}
     med["bandwidth"] = statistics.median(bandwidth)
 
     # ---- report --------------------------------------------------------------------------------
-    p = next(model.parameters())
-    st = model_stats(mc, cache_dtype_bytes=engine.cache.pool.element_size())
-    weight_bytes = st.active * p.element_size()
-    limit = med["bandwidth"] / weight_bytes
-    med["bandwidth_limit"] = limit
+    first = engines[formats[0]]
+    st = model_stats(mc, cache_dtype_bytes=first.cache.dtype.itemsize)
     log(f"\nnanoseek bench decode: {name}")
     log(
-        f"  {st.total / 1e6:.1f}M parameters, {st.active / 1e6:.1f}M active per token; {p.dtype}, "
+        f"  {st.total / 1e6:.1f}M parameters, {st.active / 1e6:.1f}M active per token; "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; medians of {cfg.rounds} rounds"
     )
+    log(f"  memory: copy bandwidth {med['bandwidth'] / 1e9:.1f} GB/s (read + write) bounds the decode rate")
     log(f"  {'':34}{'nanoseek':>12}{'transformers':>14}{'ratio':>8}")
     rows = [("prefill", f"prefill tok/s ({cfg.prefill_len}-token prompt)")]
     rows += [(f"decode{b}", f"decode tok/s, batch {b}" + (" (aggregate)" if b > 1 else "")) for b in cfg.batch]
-    for key, label in rows:
-        ours, ref = med[f"{key}/nanoseek"], med.get(f"{key}/transformers")
-        ref_s = f"{ref:14.1f}" if ref else f"{'-':>14}"
-        ratio = f"{ours / ref:7.2f}x" if ref else f"{'-':>8}"
-        log(f"  {label:34}{ours:12.1f}{ref_s}{ratio}")
-    log(
-        f"  memory: copy bandwidth {med['bandwidth'] / 1e9:.1f} GB/s (read + write); a batch-1 token reads "
-        f"{weight_bytes / 1e6:.1f} MB of weights -> limit {limit:.0f} tok/s"
-    )
-    if "decode1/nanoseek" in med:
-        med["bandwidth_fraction"] = med["decode1/nanoseek"] / limit
-        log(f"  batch-1 decode at {med['bandwidth_fraction']:.0%} of the memory-bandwidth limit")
+    for fmt, engine in engines.items():
+        active = active_weight_bytes(engine.model)
+        limit = med["bandwidth"] / active
+        med[f"active_bytes/{fmt}"], med[f"bandwidth_limit/{fmt}"] = active, limit
+        compile_s = getattr(engine, "compile_seconds", None)  # engines that compile may record how long it took
+        compiled = "eager"
+        if getattr(engine, "compiled", False):
+            compiled = "compiled" + (f" in {compile_s:.1f} s" if compile_s is not None else "")
+        if compile_s is not None:
+            med[f"compile_seconds/{fmt}"] = compile_s
+        log(
+            f"  {fmt} weights ({compiled}): a batch-1 token reads {active / 1e6:.2f} MB of weights "
+            f"-> memory-bandwidth limit {limit:.0f} tok/s"
+        )
+        for key, label in rows:
+            ours, ref = med[f"{key}/nanoseek/{fmt}"], med.get(f"{key}/transformers")
+            ref_s = f"{ref:14.1f}" if ref else f"{'-':>14}"
+            ratio = f"{ours / ref:7.2f}x" if ref else f"{'-':>8}"
+            log(f"    {label:32}{ours:12.1f}{ref_s}{ratio}")
+        if f"decode1/nanoseek/{fmt}" in med:
+            gbs = active * med[f"decode1/nanoseek/{fmt}"]
+            med[f"weights_gbs/{fmt}"], med[f"bandwidth_fraction/{fmt}"] = gbs / 1e9, gbs / med["bandwidth"]
+            log(
+                f"    batch-1 decode reads {gbs / 1e9:.2f} GB/s of weights: "
+                f"{gbs / med['bandwidth']:.0%} of the memory-bandwidth limit"
+            )
+    for key in [k for k in med if k.endswith("/fp32")]:  # the fp32 figures under their pre-format keys too
+        plain = key.removesuffix("/fp32")
+        if plain not in ("active_bytes", "weights_gbs", "compile_seconds"):
+            med[plain] = med[key]
     b = st.cache_dtype_bytes
     log(
         f"  KV cache per token ({b}-byte values, {mc.num_hidden_layers} layers): MLA latent "
@@ -215,7 +274,7 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
     if mtp_engine:
         med["mtp/speedup"] = med["mtp/speculative"] / med["mtp/plain"]
         log(
-            f"  MTP self-speculative decoding, batch 1: acceptance {med['mtp/acceptance']:.0%}, "
+            f"  MTP self-speculative decoding, fp32 weights, batch 1: acceptance {med['mtp/acceptance']:.0%}, "
             f"{med['mtp/speculative']:.1f} vs {med['mtp/plain']:.1f} tok/s plain -> {med['mtp/speedup']:.2f}x"
         )
     else:

@@ -140,12 +140,20 @@ def run_chat(
 
 
 def main(
-    model: str, params: SamplingParams, system: str | None = None, device: str = "cpu", allow_nonfinite: bool = False
+    model: str,
+    params: SamplingParams,
+    system: str | None = None,
+    device: str = "cpu",
+    allow_nonfinite: bool = False,
+    weights: str = "fp32",
+    compile: bool | None = None,
 ) -> None:
     try:
         import readline  # noqa: F401  (optional, not on every platform: line editing and history for input())
     except ImportError:
         pass
-    engine = Engine(model, max_batch_size=1, device=device, allow_nonfinite=allow_nonfinite)
+    engine = Engine(
+        model, max_batch_size=1, device=device, allow_nonfinite=allow_nonfinite, weights=weights, compile=compile
+    )
     session = ChatSession(engine, params, system)
     run_chat(session, banner=f"nanoseek chat: {model} ({engine.tokenizer.chat_template} template). ")

@@ -3,6 +3,7 @@
 nanoseek generate --model runs/tiny --prompt "What is 12 + 30?" --max-tokens 64 --temperature 0
 nanoseek generate --model runs/tiny --prompt "Hi" --chat --n 3 --seed 1 --mtp
 nanoseek bench decode --preset small            # or --model DIR; nanoseek vs transformers, as ratios
+nanoseek bench decode --preset small --weights fp32 bf16 int8 int4      # each weight format beside the others
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.bench.decode import DecodeBenchConfig, run
-from nanoseek.cli.flags import add_allow_nonfinite_weights
+from nanoseek.cli.flags import add_allow_nonfinite_weights, add_engine_weights
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import NanoseekError
@@ -41,6 +42,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         device=args.device,
         max_batch_size=max(args.n, 1),
         allow_nonfinite=args.allow_nonfinite_weights,
+        weights=args.weights,
+        compile=args.compile,
     )
     tok = engine.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
@@ -54,7 +57,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise NanoseekError(str(e)) from None
     s = engine.stats
     mtp = f", MTP acceptance {s.acceptance_rate:.0%}" if engine.use_mtp else ""
-    print(f"[{s.generated_tokens} tokens in {s.decode_steps} decode steps{mtp}]", file=sys.stderr)
+    compiled = f", {engine.compile_seconds:.1f} s compiling the decode step" if engine.compiled else ""
+    print(
+        f"[{s.generated_tokens} tokens in {s.decode_steps} decode steps{mtp}{compiled}; {args.weights} weights]",
+        file=sys.stderr,
+    )
 
 
 def _stream(engine, tok, ids: list[int], params) -> None:
@@ -94,11 +101,12 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     add_allow_nonfinite_weights(g)
+    add_engine_weights(g, long_running=False)
     g.set_defaults(func=cmd_generate)
 
     b = bench.add_parser(
         "decode",
-        help="prefill and decode tokens/s against transformers' generate, bandwidth "
+        help="prefill and decode tokens/s against transformers' generate (per weight format), bandwidth "
         "fraction, KV-cache bytes, MTP acceptance and speedup",
     )
     b.add_argument("--model", help="checkpoint directory")
@@ -118,4 +126,5 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     b.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     b.add_argument("--bandwidth-mb", type=int, default=256, help="size of the copy measuring memory bandwidth")
     b.add_argument("--no-reference", action="store_true", help="skip transformers (nanoseek figures only)")
+    add_engine_weights(b, several=True)
     b.set_defaults(func=cmd_bench_decode)

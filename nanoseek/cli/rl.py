@@ -22,7 +22,7 @@ import torch
 from nanoseek.bench.grpo import BenchSettings, run_bench
 from nanoseek.checkpoint.hf import from_pretrained
 from nanoseek.checkpoint.tokenizer import Tokenizer
-from nanoseek.cli.flags import add_allow_nonfinite_weights, add_progress
+from nanoseek.cli.flags import add_allow_nonfinite_weights, add_engine_weights, add_progress
 from nanoseek.engine.engine import Engine
 from nanoseek.errors import NanoseekError
 from nanoseek.rl.config import GRPOConfig
@@ -205,9 +205,11 @@ def cmd_grpo(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     _set_threads(args)
     task = _task(args)
-    model, tokenizer = _load(args)
+    # No reference to the loaded model is kept here: an engine that quantizes works on a copy, so the fp32
+    # original can be freed.
+    engine = Engine(*_load(args), max_batch_size=args.batch_size, weights=args.weights, compile=args.compile)
     result = evaluate(
-        Engine(model, tokenizer, max_batch_size=args.batch_size),
+        engine,
         task,
         n_problems=args.n,
         k=args.k,
@@ -275,6 +277,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     e.add_argument("--examples", type=int, default=3, help="example completions to print")
     e.add_argument("--json", help="also write the result as JSON here")
     e.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    add_engine_weights(e, long_running=False)
     e.set_defaults(func=cmd_eval)
 
     b = bench.add_parser(

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.cli import chat
-from nanoseek.cli.flags import add_allow_nonfinite_weights
+from nanoseek.cli.flags import add_allow_nonfinite_weights, add_engine_weights
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import NanoseekError
 
@@ -97,6 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             public_docs_and_metrics=args.public_docs_and_metrics,
             device=args.device,
             allow_nonfinite=args.allow_nonfinite_weights,
+            weights=args.weights,
+            compile=args.compile,
         )
     except ValueError as e:
         raise NanoseekError(f"nanoseek serve: {e}") from None
@@ -139,7 +141,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
         params.validate()
     except ValueError as e:
         raise NanoseekError(str(e)) from None
-    chat.main(args.model, params, system=args.system, device=args.device, allow_nonfinite=args.allow_nonfinite_weights)
+    chat.main(
+        args.model,
+        params,
+        system=args.system,
+        device=args.device,
+        allow_nonfinite=args.allow_nonfinite_weights,
+        weights=args.weights,
+        compile=args.compile,
+    )
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:
@@ -189,6 +199,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     )
     serve.add_argument("--device", default="cpu", help="cpu or cuda")
     add_allow_nonfinite_weights(serve)
+    add_engine_weights(serve)
     serve.add_argument("--threads", type=int, help="torch threads for the engine (default: torch's choice)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
@@ -202,6 +213,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     chat.add_argument("--seed", type=int)
     chat.add_argument("--device", default="cpu")
     add_allow_nonfinite_weights(chat)
+    add_engine_weights(chat, long_running=False)
     chat.set_defaults(func=cmd_chat)
 
     b = bench.add_parser("serve", help="N concurrent streaming clients against a server: tokens/s, TTFT, ITL, cost")

@@ -25,6 +25,7 @@ See docs/engine.md.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import deque
 from collections.abc import Iterator
@@ -35,10 +36,20 @@ import torch
 
 from nanoseek.checkpoint.hf import from_pretrained
 from nanoseek.checkpoint.tokenizer import Tokenizer
+from nanoseek.engine.compiled import CompiledDecode
 from nanoseek.engine.kv_cache import CacheFull, PagedLatentCache
 from nanoseek.engine.requests import Completion, EngineStats, RequestOutput, TokenEvent
-from nanoseek.engine.sampling import RowParams, SamplingParams, make_generator, sample_rows, verify_draft
+from nanoseek.engine.sampling import (
+    RowParams,
+    SamplingParams,
+    make_generator,
+    row_logprobs,
+    sample_rows,
+    verify_rows,
+)
 from nanoseek.engine.text import SampleText
+from nanoseek.model.mla import MLA
+from nanoseek.model.quant import WEIGHT_FORMATS, quantize_model
 from nanoseek.model.transformer import Transformer
 
 
@@ -76,12 +87,23 @@ class Engine:
         use_mtp: bool = False,
         device: str | torch.device | None = None,
         allow_nonfinite: bool = False,
+        weights: str = "fp32",
+        compile: bool | None = None,
     ):
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
         if isinstance(model, (str, Path)):
             path = Path(model)
             model = from_pretrained(path, device=device or "cpu", allow_nonfinite=allow_nonfinite)
             if tokenizer is None and (path / "tokenizer.json").exists():
                 tokenizer = Tokenizer.from_pretrained(path)
+        elif weights != "fp32":
+            model = copy.deepcopy(model)  # the caller's model (a policy in training) keeps its own weights
+        if weights != "fp32":
+            quantize_model(model, weights)
+            for attn in (m for m in model.modules() if isinstance(m, MLA)):
+                attn.kv_b_weight()  # the dense copy absorbed decoding needs, made now rather than mid-step
+        self.weights = weights
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -101,6 +123,8 @@ class Engine:
             device=p.device,
         )
         self.device = p.device
+        self.compiled = self._default_compile() if compile is None else compile
+        self._compiled_decode = CompiledDecode(model, self.cache) if self.compiled else None
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self.requests: dict[str, list[_Sequence]] = {}
@@ -280,7 +304,7 @@ class Engine:
             self.cache.grow(s.blocks, T)
             self.cache.copy_prefix(lead.blocks, s.blocks, T)
         events = []
-        for s, token, logprob in zip(group, tokens.tolist(), self._logprobs(group, logits, tokens)):
+        for s, token, logprob in zip(group, tokens.tolist(), row_logprobs([s.params for s in group], logits, tokens)):
             s.n_cached = T
             self.running.append(s)
             events.append(self._append(s, token, logprob))
@@ -307,14 +331,30 @@ class Engine:
         self.cache.prepare([s.blocks for s in seqs], starts, 1, absorb=True)
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         pos = torch.tensor(starts, device=self.device)[:, None]
-        logits = self._logits(self.model.hidden_states(ids, pos, self.cache)[:, -1])  # (B, V)
+        logits = self._logits(self._decode_forward(ids, pos)[:, -1])  # (B, V)
         tokens = RowParams.of([s.params for s in seqs], self.device).sample(logits, [s.generator for s in seqs])
         self.stats.decode_steps += 1
         events = []
-        for s, token, logprob in zip(seqs, tokens.tolist(), self._logprobs(seqs, logits, tokens)):
+        for s, token, logprob in zip(seqs, tokens.tolist(), row_logprobs([s.params for s in seqs], logits, tokens)):
             s.n_cached += 1
             events.append(self._append(s, token, logprob))
         return events
+
+    def _default_compile(self) -> bool:
+        """Compile where it was measured to win: on CUDA, and for low-precision weights on a CPU, whose
+        fast kernels leave the step bound by per-operator overhead. An fp32 step on a CPU is bound by the
+        matrix-vector products themselves; compiling it gained nothing (docs/engine.md)."""
+        return self.device.type == "cuda" or self.weights != "fp32"
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds this engine's decode steps spent compiling so far (0 when not compiled)."""
+        return self._compiled_decode.compile_seconds if self._compiled_decode else 0.0
+
+    def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self._compiled_decode is None:
+            return self.model.hidden_states(ids, pos, self.cache)
+        return self._compiled_decode.forward(ids, pos)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """The output head over hidden states (..., D) -> fp32 logits (..., V). Through the module, so
@@ -342,15 +382,17 @@ class Engine:
         drafts = torch.tensor([s.draft for s in seqs], device=dev)
         ids = torch.stack((torch.tensor([s.tokens[-1] for s in seqs], device=dev), drafts), dim=1)  # (B, 2)
         pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(2, device=dev)  # (B, 2)
-        h = self.model.hidden_states(ids, pos, self.cache)  # (B, 2, D)
+        h = self._decode_forward(ids, pos)  # (B, 2, D)
         logits = self._logits(h)  # (B, 2, V)
         rows = RowParams.of([s.params for s in seqs], dev)
-        first, keep, second = self._verify(seqs, rows, logits, drafts)
+        first, keep, second = verify_rows(
+            rows, logits, drafts, [s.draft_probs for s in seqs], [s.generator for s in seqs]
+        )
         self.stats.decode_steps += 1
         self.stats.draft_tokens += B
         self.stats.accepted_tokens += int(keep.sum())
-        lp_first = self._logprobs(seqs, logits[:, 0], first)
-        lp_second = self._logprobs(seqs, logits[:, 1], second)
+        lp_first = row_logprobs([s.params for s in seqs], logits[:, 0], first)
+        lp_second = row_logprobs([s.params for s in seqs], logits[:, 1], second)
         events = []
         for i, (s, kept, t1, t2) in enumerate(zip(seqs, keep.tolist(), first.tolist(), second.tolist())):
             s.n_cached += 1
@@ -370,35 +412,14 @@ class Engine:
             self._draft([seqs[i] for i in alive], last, sub)
         return events
 
-    @staticmethod
-    def _verify(
-        seqs: list[_Sequence], rows: RowParams, logits: torch.Tensor, drafts: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(token at the last position, draft kept?, token after the draft), each (B,), from the verify
-        forward's logits (B, 2, V)."""
-        if rows.all_greedy:  # one-hot p and q: the rule reduces to argmaxes, no (B, V) work
-            target = logits.argmax(dim=-1)  # (B, 2)
-            return target[:, 0], target[:, 0] == drafts, target[:, 1]
-        p, p_next = rows.probs(logits[:, 0]), rows.probs(logits[:, 1])  # (B, V) each
-        q = torch.stack(
-            [
-                s.draft_probs
-                if s.draft_probs is not None
-                else torch.zeros_like(p[0]).index_fill_(0, drafts[i : i + 1], 1.0)
-                for i, s in enumerate(seqs)
-            ]
-        )
-        gens = [s.generator for s in seqs]
-        u_keep, u = rows.uniform(gens), rows.uniform(gens)
-        first, keep = verify_draft(p, q, drafts, u_keep, u)
-        return first, keep, sample_rows(p_next, u)  # u serves the residual draw or, after a kept draft, this one
-
     def _mtp_hidden(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """MTP depth 1 over the prepared cache layout: h (B, T, D) main hidden states at `positions`,
         next_ids (B, T) the token after each. Returns the module's hidden states (B, T, D)."""
-        block = self.model.mtp[0]
         cos, sin = self.model.rotary(positions)
-        return block(h, self.model.embed_tokens(next_ids), cos, sin, cache=self.cache)
+        emb = self.model.embed_tokens(next_ids)
+        if self._compiled_decode is not None and self.cache.absorb:  # decode steps, not the prompt's
+            return self._compiled_decode.mtp(h, emb, cos, sin)
+        return self.model.mtp[0](h, emb, cos, sin, cache=self.cache)
 
     def _draft(self, seqs: list[_Sequence], x: torch.Tensor, rows: RowParams) -> None:
         """Draft each sequence's next token from the MTP hidden state x (B, D); keep q for verification."""
@@ -441,25 +462,6 @@ class Engine:
         seq.draft = seq.draft_probs = None
 
     # ---- tokens in, stop rules ----------------------------------------------------------------
-    @staticmethod
-    def _logprobs(seqs: list[_Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> list[tuple | None]:
-        """Per row, (log p(token), top_logprobs or None) under the model's untempered distribution, for
-        the rows that asked for either; None for the others. One log_softmax for the batch."""
-        k = max(s.params.top_logprobs for s in seqs)
-        if not k and not any(s.params.logprobs for s in seqs):
-            return [None] * len(seqs)
-        logp = torch.log_softmax(logits.float(), -1)  # (B, V)
-        chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
-        if k:
-            values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
-            values, ids = values.tolist(), ids.tolist()
-        out = []
-        for i, s in enumerate(seqs):
-            n = s.params.top_logprobs
-            wants = s.params.logprobs or n
-            out.append((chosen[i], list(zip(ids[i][:n], values[i][:n])) if n else None) if wants else None)
-        return out
-
     def _append(self, seq: _Sequence, token: int, scores: tuple[float, list] | None) -> TokenEvent:
         seq.tokens.append(token)
         self.stats.generated_tokens += 1

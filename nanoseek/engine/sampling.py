@@ -159,3 +159,46 @@ def verify_draft(
     residual = (p - q).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q: never rejected anyway
     return torch.where(keep, drafts, sample_rows(residual, u)), keep
+
+
+def row_logprobs(params: list[SamplingParams], logits: torch.Tensor, tokens: torch.Tensor) -> list[tuple | None]:
+    """Per row, (log p(token), top_logprobs or None) under the model's untempered distribution, for the rows
+    whose params ask for either; None for the others. One log_softmax for the batch."""
+    k = max(p.top_logprobs for p in params)
+    if not k and not any(p.logprobs for p in params):
+        return [None] * len(params)
+    logp = torch.log_softmax(logits.float(), -1)  # (B, V)
+    chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
+    if k:
+        values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+    out = []
+    for i, p in enumerate(params):
+        n = p.top_logprobs
+        wants = p.logprobs or n
+        out.append((chosen[i], list(zip(ids[i][:n], values[i][:n])) if n else None) if wants else None)
+    return out
+
+
+def verify_rows(
+    rows: RowParams,
+    logits: torch.Tensor,
+    drafts: torch.Tensor,
+    draft_probs: list[torch.Tensor | None],
+    generators: list[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token at the last position, draft kept?, token after the draft), each (B,), from a verify forward's
+    logits (B, 2, V). draft_probs: each row's draft distribution q, None where it was one-hot on the draft."""
+    if rows.all_greedy:  # one-hot p and q: the rule reduces to argmaxes, no (B, V) work
+        target = logits.argmax(dim=-1)  # (B, 2)
+        return target[:, 0], target[:, 0] == drafts, target[:, 1]
+    p, p_next = rows.probs(logits[:, 0]), rows.probs(logits[:, 1])  # (B, V) each
+    q = torch.stack(
+        [
+            q_row if q_row is not None else torch.zeros_like(p[0]).index_fill_(0, drafts[i : i + 1], 1.0)
+            for i, q_row in enumerate(draft_probs)
+        ]
+    )
+    u_keep, u = rows.uniform(generators), rows.uniform(generators)
+    first, keep = verify_draft(p, q, drafts, u_keep, u)
+    return first, keep, sample_rows(p_next, u)  # u serves the residual draw or, after a kept draft, this one

@@ -18,6 +18,7 @@ counting), openapi.py (the schema), routes.py (the handlers), sample.py (one cho
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -26,6 +27,7 @@ from fastapi.responses import PlainTextResponse
 
 from nanoseek import __version__
 from nanoseek.checkpoint.tokenizer import TokenizerError
+from nanoseek.engine.compiled import warm_up
 from nanoseek.engine.engine import Engine
 from nanoseek.server import protocol as P
 from nanoseek.server.async_engine import AsyncEngine
@@ -51,9 +53,13 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             cache_tokens=config.cache_tokens,
             device=config.device,
             allow_nonfinite=config.allow_nonfinite,
+            weights=config.weights,
+            compile=config.compile,
         )
     if engine.tokenizer is None:
         raise TokenizerError(f"{config.model} has no tokenizer.json: the server needs one")
+    if engine.compiled:  # before the server listens, so that no client waits for a compile
+        logging.getLogger("nanoseek.server").info("compiled the decode step in %.1f s", warm_up(engine))
     aengine = AsyncEngine(engine)
     metrics = ServerMetrics(config.model_name)
     started = int(time.time())

@@ -30,6 +30,8 @@ class ServerConfig:
     public_docs_and_metrics: bool = False  # with api_key: /metrics, /openapi.json and /docs need no key
     device: str = "cpu"
     allow_nonfinite: bool = False  # serve a checkpoint whose weights hold NaN/Inf (refused by default)
+    weights: str = "fp32"  # in memory, as the Engine's `weights` (the engine checks it); the checkpoint is unchanged
+    compile: bool | None = None  # torch.compile the decode step; None: where it is faster (the engine decides)
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_n", "max_request_bytes", "max_sequences", "max_request_tokens"):
