@@ -1,24 +1,31 @@
-"""`nanoseek generate` (a quick look at a checkpoint, streamed) and `nanoseek bench decode` (see docs/engine.md).
+"""`nanoseek generate` (a quick look at a checkpoint, streamed), `nanoseek bench decode` (speed) and `nanoseek bench
+quality` (what each weight format costs in quality); see docs/engine.md.
 
 nanoseek generate --model runs/tiny --prompt "What is 12 + 30?" --max-tokens 64 --temperature 0
 nanoseek generate --model runs/tiny --prompt "Hi" --chat --n 3 --seed 1 --mtp
 nanoseek bench decode --preset small            # or --model DIR; nanoseek vs transformers, as ratios
 nanoseek bench decode --preset small --weights fp32 bf16 int8 int4      # each weight format beside the others
+nanoseek bench quality --model runs/zero/model --heldout runs/zero/data          # loss, top-1 agreement, pass@1
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 from nanoseek.bench.decode import DecodeBenchConfig, run
+from nanoseek.bench.quality import QualityBenchConfig
+from nanoseek.bench.quality import run as run_quality
 from nanoseek.cli.flags import add_allow_nonfinite_weights, add_engine_weights
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import NanoseekError
+from nanoseek.fileio import atomic_write_text
+from nanoseek.model.quant import WEIGHT_FORMATS
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -80,6 +87,12 @@ def _stream(engine, tok, ids: list[int], params) -> None:
     print(f"[finished: {finish}]", file=sys.stderr)
 
 
+def cmd_bench_quality(args: argparse.Namespace) -> None:
+    result = run_quality(QualityBenchConfig(**{k: getattr(args, k) for k in QualityBenchConfig.__dataclass_fields__}))
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+
+
 def cmd_bench_decode(args: argparse.Namespace) -> None:
     if bool(args.model) == bool(args.preset):
         raise NanoseekError("give either --model DIR or --preset NAME")
@@ -128,3 +141,36 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     b.add_argument("--no-reference", action="store_true", help="skip transformers (nanoseek figures only)")
     add_engine_weights(b, several=True)
     b.set_defaults(func=cmd_bench_decode)
+
+    q = bench.add_parser(
+        "quality",
+        help="what each weight format costs against fp32: held-out loss, top-1 agreement, KL, pass@1, weight bytes",
+    )
+    q.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json for pass@1)")
+    q.add_argument("--heldout", help="dataset directory holding heldout.bin (e.g. RUN/data); omit: no loss rows")
+    q.add_argument(
+        "--weights",
+        nargs="+",
+        choices=WEIGHT_FORMATS,
+        default=list(WEIGHT_FORMATS),
+        metavar="FORMAT",
+        help=f"weight formats to measure ({', '.join(WEIGHT_FORMATS)}; default all)",
+    )
+    q.add_argument("--sequences", type=int, default=64, help="held-out windows scored (default 64)")
+    q.add_argument("--seq-len", type=int, help="tokens per window (default: the zero run's seq_len, else 256)")
+    q.add_argument(
+        "--eval-problems",
+        type=int,
+        help="held-out problems for pass@1 (default: the zero run's, else 200; 0 = skip pass@1)",
+    )
+    q.add_argument("--task", help="task of pass@1 (default: the zero run's demo task, else arithmetic)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    q.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the engines' decode step (default off: quality, not speed, is measured)",
+    )
+    q.add_argument("--json", help="also write the numbers as JSON here")
+    q.set_defaults(func=cmd_bench_quality)
