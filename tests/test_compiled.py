@@ -6,6 +6,8 @@ every test here reuses those graphs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -61,3 +63,15 @@ def test_no_recompiles_as_the_batch_changes(engines):
         compiled.step()
     assert compiled_graphs() == graphs
     assert compiled.compile_seconds == seconds
+
+
+def test_compiled_speculation_equals_plain_greedy():
+    """MTP verify (two tokens a row) and draft steps through the compiled blocks: greedy output is plain
+    greedy decoding's, token for token."""
+    model = random_model(dataclasses.replace(CONFIGS["v3"], num_nextn_predict_layers=1))
+    plain = Engine(model, max_batch_size=4, compile=False)
+    speculative = Engine(model, max_batch_size=4, use_mtp=True, compile=True)
+    for batch in (prompts(1, seed=3), prompts(3, seed=4)):
+        want = [o.outputs[0].token_ids for o in plain.generate(batch, GREEDY)]
+        assert [o.outputs[0].token_ids for o in speculative.generate(batch, GREEDY)] == want
+    assert speculative.stats.draft_tokens > 0

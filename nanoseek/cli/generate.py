@@ -6,6 +6,7 @@ nanoseek generate --model runs/tiny --prompt "Hi" --chat --n 3 --seed 1 --mtp
 nanoseek bench decode --preset small            # or --model DIR; nanoseek vs transformers, as ratios
 nanoseek bench decode --preset small --weights fp32 bf16 int8 int4      # each weight format beside the others
 nanoseek bench quality --model runs/zero/model --heldout runs/zero/data          # loss, top-1 agreement, pass@1
+nanoseek bench profile --preset small --weights fp32 int8 --compile --no-compile  # where a decode step's time goes
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 
 from nanoseek.bench.decode import DecodeBenchConfig, run
+from nanoseek.bench.profile import ProfileConfig
+from nanoseek.bench.profile import run as run_profile
 from nanoseek.bench.quality import QualityBenchConfig
 from nanoseek.bench.quality import run as run_quality
 from nanoseek.cli.flags import add_allow_nonfinite_weights, add_engine_weights
@@ -91,6 +94,13 @@ def cmd_bench_quality(args: argparse.Namespace) -> None:
     result = run_quality(QualityBenchConfig(**{k: getattr(args, k) for k in QualityBenchConfig.__dataclass_fields__}))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+
+
+def cmd_bench_profile(args: argparse.Namespace) -> None:
+    if bool(args.model) == bool(args.preset):
+        raise NanoseekError("give either --model DIR or --preset NAME")
+    args.compile = args.compile or [False]
+    run_profile(ProfileConfig(**{k: getattr(args, k) for k in ProfileConfig.__dataclass_fields__}))
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> None:
@@ -174,3 +184,17 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     )
     q.add_argument("--json", help="also write the numbers as JSON here")
     q.set_defaults(func=cmd_bench_quality)
+
+    p = bench.add_parser("profile", help="where a decode step's time goes: operators, time outside them, host syncs")
+    p.add_argument("--model", help="checkpoint directory")
+    p.add_argument("--preset", help="or a preset with random weights (e.g. small)")
+    p.add_argument("--seed", type=int, default=0, help="weights of --preset and the random prompts")
+    p.add_argument("--weights", nargs="+", choices=WEIGHT_FORMATS, default=["fp32"], metavar="FORMAT")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes")
+    p.add_argument("--steps", type=int, default=20, help="decode steps profiled per configuration")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--compile", dest="compile", action="append_const", const=True, help="profile compiled engines")
+    p.add_argument("--no-compile", dest="compile", action="append_const", const=False, help="eager engines (default)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--top", type=int, default=8, help="operators listed by self time per configuration (0: none)")
+    p.set_defaults(func=cmd_bench_profile)

@@ -69,7 +69,9 @@ class CompiledDecode:
         (see the module docstring) and each weight format its own modules; several engines in one process (a
         benchmark) add theirs, hence the raised per-function limit of dynamo."""
         graphs, t0 = compiled_graphs(), time.perf_counter()
-        with torch._dynamo.config.patch(recompile_limit=64):
+        # No duck shaping: a batch of 2 over 2 blocks must not tie the two sizes into one symbol (a recompile
+        # as soon as they differ).
+        with torch._dynamo.config.patch(recompile_limit=64), torch.fx.experimental._config.patch(use_duck_shape=False):
             yield
         if compiled_graphs() != graphs:
             self.compile_seconds += time.perf_counter() - t0

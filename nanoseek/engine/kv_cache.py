@@ -91,7 +91,9 @@ class PagedLatentCache:
         over positions 0..starts[b]+n_new-1 (causally among the new ones)."""
         dev, bs = self.device, self.block_size
         B = len(tables)
-        nb = self.blocks_for(max(starts) + n_new)
+        # At least two blocks: torch.compile specializes a size of 1, so a one-block context would be a graph
+        # of its own (the padding block is masked).
+        nb = max(self.blocks_for(max(starts) + n_new), 2)
         padded = [t[:nb] + [0] * (nb - len(t[:nb])) for t in tables]  # block 0 pads; the mask hides it
         table = torch.tensor(padded, device=dev)  # (B, nb)
         pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(n_new, device=dev)  # (B, T) positions written

@@ -128,6 +128,7 @@ class Experts(nn.Module):
         h = F.silu(F.linear(x, self.gate_proj[e].to(x.dtype))) * F.linear(x, self.up_proj[e].to(x.dtype))
         return F.linear(h, self.down_proj[e].to(x.dtype))
 
+    @torch.compiler.disable  # a loop over data-dependent counts: compiled, it would specialize on every count
     def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # Only experts that received tokens do any work.
         outs, start = [], 0

@@ -265,6 +265,7 @@ class QuantExperts(nn.Module):
         gate, up = self.gate_up.mm(x, e).split(self.inter_dim, dim=-1)
         return self.down.mm(F.silu(gate) * up, e)
 
+    @torch.compiler.disable  # a loop over data-dependent counts: compiled, it would specialize on every count
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (M, D) tokens sorted by expert; counts: (E,) tokens per expert. Returns (M, D)."""
         outs, start = [], 0
