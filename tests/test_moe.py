@@ -41,6 +41,23 @@ def test_grouped_mm_and_expert_loop_agree():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shared", [1, 0])
+def test_decode_expert_paths_agree(shared):
+    """The few-token paths a decode step takes (the CPU's per-token loop, an accelerator's sync-free gather)
+    give the sorted path's output."""
+    torch.manual_seed(0)
+    moe = MoE(moe_config(n_shared_experts=shared)).eval()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        weights, indices, _ = moe.gate(x)
+        with torch.enable_grad():  # grad mode takes the sorted path
+            want = moe(x).detach()
+        torch.testing.assert_close(moe._few_tokens(x, weights, indices), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(moe._gathered(x, weights, indices), want, atol=1e-5, rtol=1e-5)
+
+
 def test_loop_touches_only_experts_that_received_tokens():
     moe = MoE(moe_config())
     counts = torch.zeros(16, dtype=torch.long)

@@ -171,8 +171,10 @@ class MoE(FP32Buffers):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, indices, scores = self.gate(x)  # (N, k), (N, k), (N, E)
-        few = x.shape[0] * self.top_k <= self.n_experts and x.device.type == "cpu"
+        few = x.shape[0] * self.top_k <= self.n_experts
         if few and not (self.training or torch.is_grad_enabled()):
+            if x.device.type != "cpu" and isinstance(self.experts, Experts):
+                return self._gathered(x, weights, indices).view(shape)
             return self._few_tokens(x, weights, indices).view(shape)
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
         # Sort the N*k (token, expert) pairs by expert so each expert sees one contiguous slice.
@@ -198,6 +200,17 @@ class MoE(FP32Buffers):
             for w, e in zip(ws, es):
                 y[n : n + 1].add_(self.experts.one(e, xn), alpha=w)
         return y
+
+    def _gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Inference on a few tokens on an accelerator: each token's k experts gathered into one batched
+        product. No host sync (nothing reads the routing on the host), so a compiled step has no break here;
+        the gather copies k expert matrices per token, which only a few tokens can afford."""
+        ex = self.experts
+        xs = x[:, None, :, None]  # (N, 1, D, 1)
+        h = F.silu((ex.gate_proj[indices] @ xs)[..., 0]) * (ex.up_proj[indices] @ xs)[..., 0]  # (N, k, I)
+        routed = (ex.down_proj[indices] @ h[..., None])[..., 0]  # (N, k, D)
+        y = (routed * weights.to(x.dtype)[..., None]).sum(dim=1)
+        return y + self.shared_experts(x) if self.shared_experts is not None else y
 
     def _sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """α Σ_i f_i P_i per sequence, averaged over the batch (DeepSeek-V3 eq. 17-20)."""
