@@ -18,6 +18,9 @@
   and yields one or two tokens. Greedy output is identical to plain decoding; sampled requests use exact
   speculative sampling (their output distribution is unchanged, their seeded tokens differ from plain
   decoding's). `stats.acceptance_rate` reports the share of drafts kept.
+- `weights="bf16" | "int8" | "int4"` stores the weights in low precision (nanoseek/model/quant.py) in the
+  engine's own copy; `compile` runs decode steps through compiled blocks (compiled.py), by default for
+  low-precision weights and on CUDA, where it was measured to win.
 
 The engine works on token ids; a tokenizer, when given, turns text prompts into ids and ids into text.
 See docs/engine.md.
