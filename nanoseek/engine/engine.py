@@ -51,7 +51,6 @@ from nanoseek.engine.sampling import (
     verify_rows,
 )
 from nanoseek.engine.text import SampleText
-from nanoseek.model.mla import MLA
 from nanoseek.model.quant import WEIGHT_FORMATS, quantize_model
 from nanoseek.model.transformer import Transformer
 
@@ -104,8 +103,6 @@ class Engine:
             model = copy.deepcopy(model)  # the caller's model (a policy in training) keeps its own weights
         if weights != "fp32":
             quantize_model(model, weights)
-            for attn in (m for m in model.modules() if isinstance(m, MLA)):
-                attn.kv_b_weight()  # the dense copy absorbed decoding needs, made now rather than mid-step
         self.weights = weights
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -345,8 +342,8 @@ class Engine:
 
     def _default_compile(self) -> bool:
         """Compile where it was measured to win: on CUDA, and for low-precision weights on a CPU, whose
-        fast kernels leave the step bound by per-operator overhead. An fp32 step on a CPU is bound by the
-        matrix-vector products themselves; compiling it gained nothing (docs/engine.md)."""
+        fast kernels leave the step bound by per-operator overhead. An fp32 step of a CPU-sized model is
+        bound by the matrix-vector products themselves, and compiled it ran slower (docs/engine.md)."""
         return self.device.type == "cuda" or self.weights != "fp32"
 
     @property
@@ -394,8 +391,8 @@ class Engine:
         self.stats.decode_steps += 1
         self.stats.draft_tokens += B
         self.stats.accepted_tokens += int(keep.sum())
-        lp_first = row_logprobs([s.params for s in seqs], logits[:, 0], first)
-        lp_second = row_logprobs([s.params for s in seqs], logits[:, 1], second)
+        params = [s.params for s in seqs]
+        lp_first, lp_second = row_logprobs(params, logits[:, 0], first), row_logprobs(params, logits[:, 1], second)
         events = []
         for i, (s, kept, t1, t2) in enumerate(zip(seqs, keep.tolist(), first.tolist(), second.tolist())):
             s.n_cached += 1

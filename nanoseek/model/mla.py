@@ -128,8 +128,8 @@ class MLA(nn.Module):
     def kv_b_weight(self) -> torch.Tensor:
         """kv_b_proj's weight (H*(nope+v), r): the live parameter, or for a quantized layer (inference only,
         its weights never change) a dense copy made on first use: the absorbed bmm needs the matrix itself,
-        and it is small (H*(nope+v)*r values per layer, 0.5 MB in fp32 for the small preset). An engine
-        calls it once before compiling, so a compiled step never sees the copy missing."""
+        and it is small (H*(nope+v)*r values per layer, 0.5 MB in fp32 for the small preset). quantize_model
+        makes it at once, so a compiled step never sees the copy missing."""
         if isinstance(self.kv_b_proj, nn.Linear):
             return self.kv_b_proj.weight
         if self._kv_b_dense is None:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model.mla import MLA
 from nanoseek.model.moe import Experts
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")
@@ -312,6 +313,8 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 64) -> nn.Modul
                 _quantize_children(parent, fmt, group_size)
         if isinstance(model.lm_head, nn.Linear):  # a tied head gets its own copy; the embedding stays fp32
             model.lm_head = QuantLinear(model.lm_head.weight, model.lm_head.bias, fmt, group_size)
+        for attn in (m for m in model.modules() if isinstance(m, MLA)):
+            attn.kv_b_weight()  # the dense copy absorbed decoding needs, made now rather than in a (compiled) step
     model.weight_format = fmt
     return model
 
