@@ -75,3 +75,14 @@ def test_compiled_speculation_equals_plain_greedy():
         want = [o.outputs[0].token_ids for o in plain.generate(batch, GREEDY)]
         assert [o.outputs[0].token_ids for o in speculative.generate(batch, GREEDY)] == want
     assert speculative.stats.draft_tokens > 0
+
+
+def test_compiled_int8_equals_eager_int8():
+    """The quantized experts run as custom ops inside the compiled blocks (no graph break): batch 1 takes the
+    few-token op, batch 5 the sorted one; the tokens are the eager int8 engine's."""
+    model = random_model(CONFIGS["v3"])
+    eager = Engine(model, max_batch_size=8, weights="int8", compile=False)
+    compiled = Engine(model, max_batch_size=8, weights="int8", compile=True)
+    for batch in (prompts(1, seed=5), prompts(5, seed=6)):
+        want = [o.outputs[0].token_ids for o in eager.generate(batch, GREEDY)]
+        assert [o.outputs[0].token_ids for o in compiled.generate(batch, GREEDY)] == want

@@ -128,6 +128,16 @@ class Experts(nn.Module):
         h = F.silu(F.linear(x, self.gate_proj[e].to(x.dtype))) * F.linear(x, self.up_proj[e].to(x.dtype))
         return F.linear(h, self.down_proj[e].to(x.dtype))
 
+    @torch.compiler.disable  # a Python loop over the chosen experts: a compiled step runs it eagerly (one break)
+    def few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x (N, D) with routing weights and indices (N, k) -> the weighted sum of each token's experts (N, D)."""
+        y = torch.zeros_like(x)
+        for n, (ws, es) in enumerate(zip(weights.tolist(), indices.tolist())):
+            xn = x[n : n + 1]
+            for w, e in zip(ws, es):
+                y[n : n + 1].add_(self.one(e, xn), alpha=w)
+        return y
+
     @torch.compiler.disable  # a loop over data-dependent counts: compiled, it would specialize on every count
     def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # Only experts that received tokens do any work.
@@ -190,16 +200,11 @@ class MoE(FP32Buffers):
             self.aux_loss = self._sequence_balance_loss(scores, indices, shape) if self.aux_loss_alpha > 0 else None
         return y.view(shape)
 
-    @torch.compiler.disable  # a Python loop over the chosen experts: a compiled step runs it eagerly (one break)
     def _few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Inference on a few tokens (a decode step): each token runs its k experts directly, no sort, no
         grouped matmul over mostly empty groups (per-operator overhead is what a decode step pays for)."""
-        y = self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
-        for n, (ws, es) in enumerate(zip(weights.tolist(), indices.tolist())):
-            xn = x[n : n + 1]
-            for w, e in zip(ws, es):
-                y[n : n + 1].add_(self.experts.one(e, xn), alpha=w)
-        return y
+        y = self.experts.few_tokens(x, weights, indices)
+        return y + self.shared_experts(x) if self.shared_experts is not None else y
 
     def _gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Inference on a few tokens on an accelerator: each token's k experts gathered into one batched

@@ -90,13 +90,18 @@ class _Stack(_KeepDtypes):
     dtype -> x @ W_e^T (M, N) in x's dtype."""
 
     fmt = ""
+    group_size = 0  # int4's input columns per scale and zero
 
     def __init__(self, w: torch.Tensor):
         super().__init__()
         self.n_experts, self.n_out, self.n_in = w.shape
 
-    def mm(self, x: torch.Tensor, e: int) -> torch.Tensor:
+    def tensors(self) -> list[torch.Tensor]:
+        """The buffers `stack_mm` reads, in its order for this format."""
         raise NotImplementedError
+
+    def mm(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return stack_mm(self.fmt, self.tensors(), x, e, self.n_out, self.group_size)
 
     def dequantize(self, e: int = 0) -> torch.Tensor:
         """W_e in fp32 (N, K), exactly the matrix the kernel multiplies by."""
@@ -113,8 +118,8 @@ class _BF16Stack(_Stack):
         super().__init__(w)
         self.register_buffer("w", w.to(torch.bfloat16).contiguous())
 
-    def mm(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        return F.linear(x.to(torch.bfloat16), self.w[e]).to(x.dtype)
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.w]
 
     def dequantize(self, e: int = 0) -> torch.Tensor:
         return self.w[e].float()
@@ -132,12 +137,8 @@ class _Int8Stack(_Stack):
         self.register_buffer("q", _pad2d(q, self.n_out, _round_up(self.n_in, _INT8_K_MULTIPLE)).contiguous())
         self.register_buffer("scale", scale.contiguous())
 
-    def mm(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        xb = _pad_cols(x.to(torch.bfloat16), self.q.shape[-1])
-        if xb.is_cuda and not _INT8_CUDA:
-            # CUDA fallback only (no int8 kernel in this build): dequantizes W_e per call.
-            return F.linear(xb, self.q[e].to(xb.dtype) * self.scale[e][:, None]).to(x.dtype)
-        return aten._weight_int8pack_mm(xb.contiguous(), self.q[e], self.scale[e]).to(x.dtype)
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.q, self.scale]
 
     def dequantize(self, e: int = 0) -> torch.Tensor:
         return self.q[e, :, : self.n_in].float() * self.scale[e].float()[:, None]
@@ -156,15 +157,19 @@ class _Int4Stack(_Stack):
         self.register_buffer("packed", torch.stack([_int4_pack(qe) for qe in q]))
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # (E, K/g, N, 2) bf16
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.scales_and_zeros]
+
     def mm(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        self.check_device(x)
+        return super().mm(x, e)
+
+    def check_device(self, x: torch.Tensor) -> None:
         if x.device.type != self.packed_for:
             raise RuntimeError(
                 f"int4 weights were packed for {self.packed_for} and cannot run on {x.device.type}: "
                 "quantize the model after moving it"
             )
-        xb = _pad_cols(x.to(torch.bfloat16), self.group_size * self.scales_and_zeros.shape[1])
-        y = _int4_mm(xb.contiguous(), self.packed[e], self.group_size, self.scales_and_zeros[e])
-        return (y if y.shape[1] == self.n_out else y[:, : self.n_out]).to(x.dtype)
 
     def dequantize(self, e: int = 0) -> torch.Tensor:
         # The packed layout is the kernel's own: read q back through the kernel with scale 1 and zero 8 (then
@@ -202,6 +207,85 @@ def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.T
     if x.is_cuda:
         return aten._weight_int4pack_mm(x, packed, group_size, sz)
     return aten._weight_int4pack_mm_for_cpu(x, packed, group_size, sz)
+
+
+def stack_mm(fmt: str, t: list[torch.Tensor], x: torch.Tensor, e: int, n_out: int, group_size: int) -> torch.Tensor:
+    """x (M, K) of any float dtype @ W_e^T -> (M, n_out) in x's dtype, W_e read from a stack's tensors `t` (see
+    `_Stack.tensors`) in format fmt. A function of tensors, so a custom op can run it too."""
+    if fmt == "bf16":
+        return F.linear(x.to(torch.bfloat16), t[0][e]).to(x.dtype)
+    if fmt == "int8":
+        q, scale = t
+        xb = _pad_cols(x.to(torch.bfloat16), q.shape[-1])
+        if xb.is_cuda and not _INT8_CUDA:
+            # CUDA fallback only (no int8 kernel in this build): dequantizes W_e per call.
+            return F.linear(xb, q[e].to(xb.dtype) * scale[e][:, None]).to(x.dtype)
+        return aten._weight_int8pack_mm(xb.contiguous(), q[e], scale[e]).to(x.dtype)
+    packed, scales_and_zeros = t
+    xb = _pad_cols(x.to(torch.bfloat16), group_size * scales_and_zeros.shape[1])
+    y = _int4_mm(xb.contiguous(), packed[e], group_size, scales_and_zeros[e])
+    return (y if y.shape[1] == n_out else y[:, :n_out]).to(x.dtype)
+
+
+@torch.library.custom_op("nanoseek::quant_experts_few", mutates_args=())
+def quant_experts_few(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    fmt: str,
+    gate_up: list[torch.Tensor],
+    down: list[torch.Tensor],
+    inter_dim: int,
+    group_size: int,
+) -> torch.Tensor:
+    """The routed experts of a few tokens (a decode step): token n runs its k experts indices[n] directly,
+    weighted by weights[n]. One custom op, so a compiled block runs it without a graph break (it reads the
+    routing on the host, which a graph cannot)."""
+    y = torch.zeros_like(x)
+    for n, (ws, es) in enumerate(zip(weights.tolist(), indices.tolist())):
+        xn = x[n : n + 1]
+        for w, e in zip(ws, es):
+            y[n : n + 1].add_(_expert(fmt, gate_up, down, inter_dim, group_size, e, xn), alpha=w)
+    return y
+
+
+@quant_experts_few.register_fake
+def _(x, weights, indices, fmt, gate_up, down, inter_dim, group_size):
+    return torch.empty_like(x)
+
+
+def _expert(
+    fmt: str, gate_up: list[torch.Tensor], down: list[torch.Tensor], inter_dim: int, group_size: int, e: int, x
+):
+    """Expert e on its tokens x (n, D): down(silu(gate x) * up x), gate and up one packed (2I, D) matrix."""
+    gate, up = stack_mm(fmt, gate_up, x, e, 2 * inter_dim, group_size).split(inter_dim, dim=-1)
+    return stack_mm(fmt, down, F.silu(gate) * up, e, x.shape[-1], group_size)
+
+
+@torch.library.custom_op("nanoseek::quant_experts_sorted", mutates_args=())
+def quant_experts_sorted(
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    fmt: str,
+    gate_up: list[torch.Tensor],
+    down: list[torch.Tensor],
+    inter_dim: int,
+    group_size: int,
+) -> torch.Tensor:
+    """The routed experts of many tokens sorted by expert (counts (E,) tokens each): each expert that received
+    tokens runs once on its slice. A custom op for the same reason as quant_experts_few (the counts are read
+    on the host)."""
+    outs, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:  # only experts that received tokens do any work
+            outs.append(_expert(fmt, gate_up, down, inter_dim, group_size, e, x[start : start + n]))
+            start += n
+    return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+
+@quant_experts_sorted.register_fake
+def _(x, counts, fmt, gate_up, down, inter_dim, group_size):
+    return torch.empty_like(x)
 
 
 def _make_stack(w: torch.Tensor, fmt: str, group_size: int) -> _Stack:
@@ -263,18 +347,21 @@ class QuantExperts(nn.Module):
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone on its tokens x (n, D) -> (n, D): down(silu(gate x) * up x)."""
-        gate, up = self.gate_up.mm(x, e).split(self.inter_dim, dim=-1)
-        return self.down.mm(F.silu(gate) * up, e)
+        return _expert(*self._kernel_args(x), e, x)
 
-    @torch.compiler.disable  # a loop over data-dependent counts: compiled, it would specialize on every count
+    def few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x (N, D) with routing weights and indices (N, k) -> the weighted sum of each token's experts (N, D)."""
+        return quant_experts_few(x, weights, indices, *self._kernel_args(x))
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (M, D) tokens sorted by expert; counts: (E,) tokens per expert. Returns (M, D)."""
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n:  # only experts that received tokens do any work
-                outs.append(self.one(e, x[start : start + n]))
-                start += n
-        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+        return quant_experts_sorted(x, counts, *self._kernel_args(x))
+
+    def _kernel_args(self, x: torch.Tensor) -> tuple:
+        """(fmt, gate_up tensors, down tensors, inter_dim, group_size): what the expert kernels read."""
+        if isinstance(self.down, _Int4Stack):
+            self.down.check_device(x)
+        return self.fmt, self.gate_up.tensors(), self.down.tensors(), self.inter_dim, self.down.group_size
 
     def dequantize_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Expert e's (gate (I, D), up (I, D), down (D, I)) in fp32, as the kernels see them."""
