@@ -23,7 +23,7 @@ Shapes the kernels cannot take are zero-padded, which is exact: measured with to
 needs N % 16 == 0 and the kernel K % group_size == 0, so int4 pads N to 16 and K to the group size. The
 padded columns meet zero-padded activations, the padded rows are sliced off the output.
 
-Measured dispatch (torch 2.13.0+cpu, this session's 2-core host, one thread, M=1 row, K=512; microseconds):
+Measured dispatch (torch 2.13.0+cpu, a 2-core AVX-512 host, one thread, M=1 row, K=512; microseconds):
 
     N x K        fp32 F.linear  bf16 F.linear  bf16 upcast  int8 (x bf16)  int8 (x fp32)  int4 g64 (x bf16)
     512 x 512           15.7          29.1         34.6           10.2          189.7             9.5
@@ -227,8 +227,7 @@ def stack_mm(fmt: str, t: list[torch.Tensor], x: torch.Tensor, e: int, n_out: in
     return (y if y.shape[1] == n_out else y[:, :n_out]).to(x.dtype)
 
 
-@torch.library.custom_op("nanoseek::quant_experts_few", mutates_args=())
-def quant_experts_few(
+def _quant_experts_few(
     x: torch.Tensor,
     weights: torch.Tensor,
     indices: torch.Tensor,
@@ -249,6 +248,9 @@ def quant_experts_few(
     return y
 
 
+quant_experts_few = torch.library.custom_op("nanoseek::quant_experts_few", mutates_args=())(_quant_experts_few)
+
+
 @quant_experts_few.register_fake
 def _(x, weights, indices, fmt, gate_up, down, inter_dim, group_size):
     return torch.empty_like(x)
@@ -262,8 +264,7 @@ def _expert(
     return stack_mm(fmt, down, F.silu(gate) * up, e, x.shape[-1], group_size)
 
 
-@torch.library.custom_op("nanoseek::quant_experts_sorted", mutates_args=())
-def quant_experts_sorted(
+def _quant_experts_sorted(
     x: torch.Tensor,
     counts: torch.Tensor,
     fmt: str,
@@ -281,6 +282,9 @@ def quant_experts_sorted(
             outs.append(_expert(fmt, gate_up, down, inter_dim, group_size, e, x[start : start + n]))
             start += n
     return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+
+quant_experts_sorted = torch.library.custom_op("nanoseek::quant_experts_sorted", mutates_args=())(_quant_experts_sorted)
 
 
 @quant_experts_sorted.register_fake
@@ -351,11 +355,13 @@ class QuantExperts(nn.Module):
 
     def few_tokens(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x (N, D) with routing weights and indices (N, k) -> the weighted sum of each token's experts (N, D)."""
-        return quant_experts_few(x, weights, indices, *self._kernel_args(x))
+        run = quant_experts_few if torch.compiler.is_compiling() else _quant_experts_few  # as moe.Experts does
+        return run(x, weights, indices, *self._kernel_args(x))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (M, D) tokens sorted by expert; counts: (E,) tokens per expert. Returns (M, D)."""
-        return quant_experts_sorted(x, counts, *self._kernel_args(x))
+        run = quant_experts_sorted if torch.compiler.is_compiling() else _quant_experts_sorted
+        return run(x, counts, *self._kernel_args(x))
 
     def _kernel_args(self, x: torch.Tensor) -> tuple:
         """(fmt, gate_up tensors, down tensors, inter_dim, group_size): what the expert kernels read."""
