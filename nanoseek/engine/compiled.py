@@ -6,12 +6,14 @@ recompile for every layer (each reads its own pool), every batch size and every 
 - each layer gets its cache as a `LayerCache` (kv_cache.py) holding that layer's pool, so the layers differ
   only in tensors, which are graph inputs: one graph serves them all (the weights are inputs too, so a
   policy updated by RL needs no recompile);
-- the batch and key dimensions are symbolic (`dynamic=True`): a new batch size or a longer context reuses
-  the graph. The variants left are batch 1 (torch specializes size 1), the few-token expert path vs the
-  sorted one (moe.py), and dense vs MoE blocks; `tests/test_compiled.py` counts dynamo's graphs over 100
+- the batch and key dimensions are symbolic (`dynamic=True`, no duck shaping, at least two blocks of keys):
+  a new batch size or a longer context reuses the graph. The variants left are batch 1 (torch specializes
+  size 1), two tokens a row (MTP verify), the few-token expert path vs the sorted one (moe.py), and dense
+  vs MoE blocks; `tests/test_compiled.py` counts dynamo's graphs over 100
   steps of changing batch sizes;
-- the expert loop of a few-token step runs eagerly (`torch.compiler.disable` in moe.py: a Python loop over
-  the chosen experts, one graph break per MoE block).
+- the expert loops, which read the routing on the host, are custom ops (`nanoseek::experts_few` in moe.py,
+  `quant_experts_few` and `quant_experts_sorted` in quant.py): the graph calls them without a break. Only
+  the fp32 sorted path of many tokens (`_grouped_mm`, traced for bf16 only) still runs eagerly, one break.
 
 Compiled graphs persist in torch inductor's on-disk cache, so a second process compiles faster (measured
 in docs/engine.md); `compile_seconds` is what this process spent.
