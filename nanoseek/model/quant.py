@@ -238,8 +238,8 @@ def _quant_experts_few(
     group_size: int,
 ) -> torch.Tensor:
     """The routed experts of a few tokens (a decode step): token n runs its k experts indices[n] directly,
-    weighted by weights[n]. One custom op, so a compiled block runs it without a graph break (it reads the
-    routing on the host, which a graph cannot)."""
+    weighted by weights[n]. Registered below as the custom op `quant_experts_few`, which a compiled block calls
+    without a graph break (the loop reads the routing on the host, which a graph cannot)."""
     y = torch.zeros_like(x)
     for n, (ws, es) in enumerate(zip(weights.tolist(), indices.tolist())):
         xn = x[n : n + 1]
