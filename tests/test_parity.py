@@ -4,6 +4,9 @@ Tolerance: logits within 1e-4 absolute; the loss within 1e-5 and every gradient 
 1e-4 absolute of transformers' after one backward pass.
 """
 
+import dataclasses
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +14,7 @@ import transformers
 
 import nanoseek
 from nanoseek.checkpoint.hf import save_pretrained
+from nanoseek.engine import Engine
 
 from helpers import CONFIGS, random_model
 
@@ -104,3 +108,22 @@ def test_training_step_loss_and_gradients(name, tmp_path):
         checked += 1
     # Each MoE layer's fused gate_up_proj in transformers is two of nanoseek's tensors.
     assert checked == len(list(hf.parameters())) + len(ours.moe_layers())
+
+
+def test_a_v3_checkpoint_transformers_wrote_loads_without_its_absent_mtp_layer(tmp_path):
+    """transformers builds no MTP module: a V3 checkpoint it saves keeps num_nextn_predict_layers 1 in its
+    config but holds no MTP layer. nanoseek loads it with MTP off and one warning, with transformers'
+    logits; an engine asked to speculate on it says it cannot."""
+    cfg = dataclasses.replace(CONFIGS["v3"], num_nextn_predict_layers=1)
+    save_pretrained(random_model(cfg), tmp_path / "seed")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "seed", dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    with pytest.warns(UserWarning, match="no MTP layer"):
+        ours = nanoseek.from_pretrained(tmp_path / "hf")
+    assert len(ours.mtp) == 0
+    x = tokens(cfg, seed=4)
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() < ATOL
+    with pytest.warns(UserWarning, match="no MTP module"):
+        assert not Engine(ours, use_mtp=True).use_mtp

@@ -7,7 +7,9 @@ Weights are read from safetensors only: a directory holding only pickle files (.
 never unpickled. Names on disk are transformers' (`model.layers.N.mlp.experts.J.gate_proj.weight`, one
 tensor per expert); in memory the routed experts are stacked (E, out, in) for grouped matmuls, and the
 MTP modules sit in `mtp.K` instead of `model.layers.{num_hidden_layers + K}`. DeepSeek's FP8 release
-(float8_e4m3fn weights with a `weight_scale_inv` per 128x128 block) is dequantized on load.
+(float8_e4m3fn weights with a `weight_scale_inv` per 128x128 block) is dequantized on load. A V3 checkpoint
+whose config counts MTP layers that it does not hold (every one transformers writes: it builds none) loads
+without MTP, with one warning.
 
 A checkpoint is checked before it is trusted (`trust.py`): its config's size against the device's memory
 before any module is built, every file it names for staying inside the directory and being a regular
@@ -16,6 +18,7 @@ file, and every tensor for NaN/Inf as it loads (an error unless `allow_nonfinite
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import warnings
@@ -225,6 +228,7 @@ def from_pretrained(
     dtype = dtype or torch.float32
     check_fits(cfg, dtype, device)
     files = SafetensorsDir(root)
+    cfg = _without_absent_mtp(cfg, files, root)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
@@ -261,6 +265,21 @@ def from_pretrained(
     for moe in model.moe_layers():
         moe.tokens_per_expert.zero_()
     return model.eval()
+
+
+def _without_absent_mtp(cfg: ModelConfig, files: SafetensorsDir, root: Path) -> ModelConfig:
+    """transformers builds no MTP module, so a DeepSeek-V3 checkpoint it writes keeps the config's
+    `num_nextn_predict_layers` but has no MTP layer at all: such a checkpoint loads without MTP, with one
+    warning (speculative decoding is then unavailable). An MTP layer present in part is still an error."""
+    first = f"model.layers.{cfg.num_hidden_layers}."
+    if cfg.num_nextn_predict_layers == 0 or any(n.startswith(first) for n in files.where):
+        return cfg
+    warnings.warn(
+        f"{root}: config.json has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the checkpoint has "
+        f"no MTP layer ({first}*): loaded without MTP, so speculative decoding is unavailable",
+        stacklevel=3,
+    )
+    return dataclasses.replace(cfg, num_nextn_predict_layers=0)
 
 
 def _check_finite(name: str, t: torch.Tensor, where: str, allow: bool, found: list[str]) -> None:
