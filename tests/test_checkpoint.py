@@ -57,8 +57,10 @@ def test_dtype_and_device_on_load(tmp_path):
     assert loaded(torch.tensor([[1, 2, 3]])).dtype == torch.float32
 
 
-def test_fp8_block_quantized_checkpoint_loads_dequantized(tmp_path):
-    """DeepSeek's FP8 release: float8_e4m3fn weights, one fp32 weight_scale_inv per 128x128 block."""
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+def test_fp8_block_quantized_checkpoint_loads_dequantized(tmp_path, scale_fmt):
+    """DeepSeek's FP8 release: float8_e4m3fn weights, one fp32 weight_scale_inv per 128x128 block; V3.1's
+    UE8M0 scales are powers of two (rounded up, so the block still fits), stored here as float8_e8m0fnu."""
     cfg = CONFIGS["v3"].replace(hidden_size=160, intermediate_size=272)  # several 128-blocks, ragged edges
     model = random_model(cfg)
     save_pretrained(model, tmp_path)
@@ -75,9 +77,13 @@ def test_fp8_block_quantized_checkpoint_loads_dequantized(tmp_path):
         padded[:M, :N] = t.abs()
         absmax = padded.view(-(-M // 128), 128, -(-N // 128), 128).amax(dim=(1, 3))
         scale = absmax.clamp_min(1e-12) / 448.0
+        if scale_fmt == "ue8m0":
+            scale = torch.exp2(torch.log2(scale).ceil())
         q = (t / scale.repeat_interleave(128, 0)[:M].repeat_interleave(128, 1)[:, :N]).to(torch.float8_e4m3fn)
         tensors[name] = q
-        tensors[name.removesuffix("weight") + "weight_scale_inv"] = scale
+        stored = scale.to(torch.float8_e8m0fnu) if scale_fmt == "ue8m0" else scale
+        assert torch.equal(stored.float(), scale)  # a power of two is exact in e8m0
+        tensors[name.removesuffix("weight") + "weight_scale_inv"] = stored
         expected[name] = q.float() * scale.repeat_interleave(128, 0)[:M].repeat_interleave(128, 1)[:, :N]
     assert any(t.shape[0] > 128 and t.shape[1] > 128 for t in expected.values()), "need multi-block tensors"
     save_file(tensors, tmp_path / "model.safetensors")
@@ -87,6 +93,7 @@ def test_fp8_block_quantized_checkpoint_loads_dequantized(tmp_path):
         "fmt": "e4m3",
         "weight_block_size": [128, 128],
         "activation_scheme": "dynamic",
+        **({"scale_fmt": "ue8m0"} if scale_fmt == "ue8m0" else {}),
     }
     (tmp_path / "config.json").write_text(json.dumps(cfg_json))
     loaded = nanoseek.from_pretrained(tmp_path)

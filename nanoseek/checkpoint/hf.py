@@ -7,7 +7,8 @@ Weights are read from safetensors only: a directory holding only pickle files (.
 never unpickled. Names on disk are transformers' (`model.layers.N.mlp.experts.J.gate_proj.weight`, one
 tensor per expert); in memory the routed experts are stacked (E, out, in) for grouped matmuls, and the
 MTP modules sit in `mtp.K` instead of `model.layers.{num_hidden_layers + K}`. DeepSeek's FP8 release
-(float8_e4m3fn weights with a `weight_scale_inv` per 128x128 block) is dequantized on load. A V3 checkpoint
+(float8_e4m3fn weights with a `weight_scale_inv` per 128x128 block, fp32 or V3.1's power-of-two UE8M0 scales
+in float8_e8m0fnu) is dequantized on load. A V3 checkpoint
 whose config counts MTP layers that it does not hold (every one transformers writes: it builds none) loads
 without MTP, with one warning.
 
