@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -104,8 +103,6 @@ class Engine:
         self.max_len = cfg.max_position_embeddings
         self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
         self.max_batch_size = max_batch_size
-        if use_mtp and not len(model.mtp):
-            warnings.warn("use_mtp: the model has no MTP module, so it decodes without speculation", stacklevel=2)
         self.use_mtp = use_mtp and len(model.mtp) > 0
         cache_tokens = cache_tokens or min(max_batch_size * self.max_len, 1 << 16)
         p = next(model.parameters())
