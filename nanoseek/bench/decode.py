@@ -31,9 +31,11 @@ the format (`decode1/nanoseek`, `bandwidth_fraction`).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +141,20 @@ def _prompts(cfg: DecodeBenchConfig, tokenizer, vocab: int, batch: int, gen: tor
     return torch.randint(5, vocab, (batch, cfg.prompt_len), generator=gen).tolist()
 
 
+@contextlib.contextmanager
+def checkpoint_dir(model: str | None, preset: str | None, seed: int) -> Iterator[tuple[Path, str]]:
+    """(directory, display name) of the checkpoint a benchmark measures: `model` itself, or the preset's random
+    weights (seeded) saved to a temporary directory that lives while the block runs, so every side of the
+    benchmark loads the same files."""
+    if model:
+        yield Path(model), model
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(seed)
+        save_pretrained(Transformer(get_preset(preset)), tmp)
+        yield Path(tmp), f"preset {preset} (random weights, seed {seed})"
+
+
 def run(cfg: DecodeBenchConfig, log=print) -> dict:
     """Run the benchmark, print the table, return the medians."""
     if cfg.threads:
@@ -146,15 +162,7 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
     formats = list(dict.fromkeys(cfg.weights))  # in the order given, each once
     if not formats:
         raise NanoseekError("--weights needs at least one format")
-    with tempfile.TemporaryDirectory() as tmp:
-        if cfg.model:
-            path, name = Path(cfg.model), cfg.model
-        else:
-            torch.manual_seed(cfg.seed)
-            model = Transformer(get_preset(cfg.preset))
-            path, name = Path(tmp), f"preset {cfg.preset} (random weights, seed {cfg.seed})"
-            save_pretrained(model, path)
-            del model
+    with checkpoint_dir(cfg.model, cfg.preset, cfg.seed) as (path, name):
         model = from_pretrained(path).eval()
         tokenizer = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None
         hf = None

@@ -32,22 +32,20 @@ a new graph, a variant the warm-up missed, is run again, up to 3 times in all):
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
-from nanoseek.checkpoint.hf import from_pretrained, save_pretrained
+from nanoseek.bench.decode import checkpoint_dir
+from nanoseek.checkpoint.hf import from_pretrained
 from nanoseek.engine.compiled import compiled_graphs, warm_up
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.errors import NanoseekError
-from nanoseek.model.presets import get_preset
 from nanoseek.model.transformer import Transformer
 
 SYNC_CALLS = frozenset({"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu"})
@@ -212,13 +210,7 @@ def run(cfg: ProfileConfig, log=print) -> list[dict]:
         raise NanoseekError("profile needs at least one format, batch size >= 1, compile choice and step")
     if bool(cfg.model) == bool(cfg.preset):
         raise NanoseekError("give exactly one of --model and --preset")
-    with tempfile.TemporaryDirectory() as tmp:
-        if cfg.model:
-            path, name = Path(cfg.model), cfg.model
-        else:
-            torch.manual_seed(cfg.seed)
-            path, name = Path(tmp), f"preset {cfg.preset} (random weights, seed {cfg.seed})"
-            save_pretrained(Transformer(get_preset(cfg.preset)), path)
+    with checkpoint_dir(cfg.model, cfg.preset, cfg.seed) as (path, name):
         model = from_pretrained(path).eval()
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(cfg.seed)
