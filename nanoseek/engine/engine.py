@@ -114,6 +114,7 @@ class Engine:
             rope_dim=cfg.qk_rope_head_dim,
             dtype=p.dtype,
             device=p.device,
+            index_dim=cfg.index_head_dim if cfg.dsa else 0,
         )
         self.device = p.device
         self.compiled = self._default_compile() if compile is None else compile

@@ -12,6 +12,11 @@ of tensor ops and shared by every layer; each layer then costs one `index_copy_`
 `index_select` (contiguous block_size x 576 rows, a memcpy each) over its pool. Every step but a fresh
 prefill attends through a mask over whole blocks, so the shapes a layer sees come from tensors alone and a
 compiled step (compiled.py, which hands each layer its own `LayerCache`) has one graph for all lengths.
+
+DeepSeek-V3.2 (DSA) layers cache one more thing per token, the lightning indexer's key (`index_dim` values), in
+pools of their own under the same block ids. A sparse decode step reads every cached indexer key
+(`update_index`) but only the top-k latents its queries select (`gather`, rows fetched by slot), which is
+where its cost per token stops growing with the context.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class PagedLatentCache:
         rope_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        index_dim: int = 0,
     ):
         self.block_size, self.n_blocks, self.kv_lora_rank = block_size, n_blocks, kv_lora_rank
         self.width = kv_lora_rank + rope_dim
@@ -51,6 +57,12 @@ class PagedLatentCache:
         # compiled block sees each layer's pool as an input of the same kind (see `layer`).
         self.pools = [
             torch.zeros(n_blocks, block_size, self.width, dtype=dtype, device=device) for _ in range(n_layers)
+        ]
+        # DSA's indexer keys (n_blocks, block_size, index_dim) per layer; none for MLA-only models.
+        self.index_dim = index_dim
+        self.index_pools = [
+            torch.zeros(n_blocks, block_size, index_dim, dtype=dtype, device=device)
+            for _ in range(n_layers * (index_dim > 0))
         ]
         self.device, self.dtype = torch.device(device), dtype
         self.free: list[int] = list(range(n_blocks - 1, -1, -1))
@@ -82,8 +94,12 @@ class PagedLatentCache:
         Whole blocks are copied: slots past n_tokens are rewritten before anything reads them."""
         nb = self.blocks_for(n_tokens)
         src_idx, dst_idx = (torch.tensor(t[:nb], device=self.device) for t in (src, dst))
-        for pool in self.pools:
+        for pool in self.pools + self.index_pools:
             pool.index_copy_(0, dst_idx, pool.index_select(0, src_idx))
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token takes over all layers: its latent row, plus the indexer key for DSA."""
+        return (self.width + self.index_dim) * len(self.pools) * self.dtype.itemsize
 
     # ---- one forward step -------------------------------------------------------------------------
     def prepare(self, tables: list[list[int]], starts: list[int], n_new: int, absorb: bool) -> None:
@@ -112,27 +128,67 @@ class PagedLatentCache:
         return self.update_pool(self.pools[layer_idx], c_kv, k_pe)
 
     def update_pool(self, pool: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        lay = self.layout
-        new = torch.cat((c_kv, k_pe), dim=-1).flatten(0, 1)  # (B*T, width)
-        pool.view(-1, self.width).index_copy_(0, lay.write_slots, new.to(pool.dtype))
-        if lay.read_blocks is None:
-            return c_kv, k_pe, None
-        seen = pool.index_select(0, lay.read_blocks.flatten()).view(lay.read_blocks.shape[0], -1, self.width)
+        seen, mask = self._write_read(pool, torch.cat((c_kv, k_pe), dim=-1))
         seen = seen.to(c_kv.dtype)
-        return seen[..., : self.kv_lora_rank], seen[..., self.kv_lora_rank :], lay.mask
+        return seen[..., : self.kv_lora_rank], seen[..., self.kv_lora_rank :], mask
+
+    def update_index(self, layer_idx: int, keys: torch.Tensor):
+        """Store the step's (B, T, index_dim) indexer keys of one DSA layer; return every key the queries
+        may score, (B, S, index_dim), and the keep-mask (B, 1, T, S) or None (causal), as `update` does."""
+        return self.update_index_pool(self.index_pools[layer_idx], keys)
+
+    def update_index_pool(self, pool: torch.Tensor, keys: torch.Tensor):
+        seen, mask = self._write_read(pool, keys)
+        return seen.to(keys.dtype), mask
+
+    def gather(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor):
+        """Store the step's latents like `update`, but return only the rows at `positions` (B, T, k) of each
+        sequence (positions index the keys `update_index` returned): c_kv (B, T, k, r), k_pe (B, T, k, rope)."""
+        return self.gather_pool(self.pools[layer_idx], c_kv, k_pe, positions)
+
+    def gather_pool(self, pool: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor):
+        lay, bs = self.layout, self.block_size
+        new = torch.cat((c_kv, k_pe), dim=-1)
+        flat = self._write(pool, new)
+        B, T, k = positions.shape
+        if lay.read_blocks is None:  # the new tokens are all there is: pick among them
+            rows = new.gather(1, positions.view(B, T * k, 1).expand(-1, -1, new.shape[-1]))
+        else:
+            pos = positions.view(B, T * k)
+            slots = lay.read_blocks.gather(1, pos // bs) * bs + pos % bs
+            rows = flat.index_select(0, slots.flatten()).to(c_kv.dtype)
+        rows = rows.view(B, T, k, -1)
+        return rows[..., : self.kv_lora_rank], rows[..., self.kv_lora_rank :]
+
+    def _write(self, pool: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Write the step's rows (B, T, w) into their slots; returns the pool as rows (slots, w)."""
+        flat = pool.view(-1, pool.shape[-1])
+        flat.index_copy_(0, self.layout.write_slots, new.flatten(0, 1).to(pool.dtype))
+        return flat
+
+    def _write_read(self, pool: torch.Tensor, new: torch.Tensor):
+        """`_write`, then return what the queries see (B, S, w) and the mask.
+        Shapes come from the layout's tensors only (no Python ints), so a compiled step sees one graph for
+        every length."""
+        lay = self.layout
+        self._write(pool, new)
+        if lay.read_blocks is None:
+            return new, None
+        seen = pool.index_select(0, lay.read_blocks.flatten()).view(lay.read_blocks.shape[0], -1, pool.shape[-1])
+        return seen, lay.mask
 
     def layer(self, layer_idx: int) -> LayerCache:
         """This cache seen by one layer only. A compiled block gets these: the layer's pool is then an input
         tensor rather than `pools[layer_idx]`, whose index torch.compile would specialize (a graph per layer)."""
-        return LayerCache(self, self.pools[layer_idx])
+        return LayerCache(self, self.pools[layer_idx], self.index_pools[layer_idx] if self.index_pools else None)
 
 
 class LayerCache:
     """One layer's view of a PagedLatentCache, for compiled blocks: `update` ignores the layer index it is
     given and writes this layer's pool under the parent's current layout."""
 
-    def __init__(self, cache: PagedLatentCache, pool: torch.Tensor):
-        self.cache, self.pool = cache, pool
+    def __init__(self, cache: PagedLatentCache, pool: torch.Tensor, index_pool: torch.Tensor | None = None):
+        self.cache, self.pool, self.index_pool = cache, pool, index_pool
 
     @property
     def absorb(self) -> bool:
@@ -140,3 +196,9 @@ class LayerCache:
 
     def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
         return self.cache.update_pool(self.pool, c_kv, k_pe)
+
+    def update_index(self, layer_idx: int, keys: torch.Tensor):
+        return self.cache.update_index_pool(self.index_pool, keys)
+
+    def gather(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor):
+        return self.cache.gather_pool(self.pool, c_kv, k_pe, positions)

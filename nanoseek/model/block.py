@@ -1,4 +1,5 @@
-"""The decoder block: pre-norm MLA, then a dense FFN or DeepSeekMoE (DeepSeek-V3 §2.1)."""
+"""The decoder block: pre-norm MLA (behind a lightning indexer for V3.2), then a dense FFN or DeepSeekMoE
+(DeepSeek-V3 §2.1)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
+from nanoseek.model.dsa import DSA
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.mla import MLA, LatentCache
 from nanoseek.model.moe import MLP, MoE
@@ -18,7 +20,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, layer_idx)
+        self.self_attn = DSA(cfg, layer_idx) if cfg.dsa else MLA(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 

@@ -1,10 +1,9 @@
-"""Model configuration: one dataclass with Hugging Face's DeepSeek-V2/V3 field names.
+"""Model configuration: one dataclass with Hugging Face's DeepSeek-V2/V3/V3.2 field names.
 
-`ModelConfig.from_hf_dict(json.load(...))` reads a `config.json` of `model_type` deepseek_v3 or
-deepseek_v2 (rope scaling in either the older `rope_scaling` + `rope_theta` spelling or the newer
-`rope_parameters` one); `to_hf_dict()` writes one that transformers loads with no remote code.
-`PRESETS` holds named shapes: `tiny`, `small` (sized for this project's CPUs) and the published
-`deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`.
+`ModelConfig.from_hf_dict(json.load(...))` reads a `config.json` of `model_type` deepseek_v3, deepseek_v32
+(V3 plus DeepSeek Sparse Attention's lightning indexer) or deepseek_v2 (rope scaling in either the older
+`rope_scaling` + `rope_theta` spelling or the newer `rope_parameters` one); `to_hf_dict()` writes one that
+transformers loads with no remote code. Named shapes live in presets.py.
 """
 
 from __future__ import annotations
@@ -19,7 +18,13 @@ from typing import Any
 
 from nanoseek.errors import NanoseekError
 
-MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "deepseek_v2")
+ARCHITECTURES = {
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+}
+INDEXER_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")  # DeepSeek-V3.2 only
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 
@@ -49,6 +54,9 @@ FIELD_LIMITS: dict[str, tuple[int, int]] = {
     "moe_layer_freq": (1, 1024),
     "max_position_embeddings": (1, 1 << 24),
     "num_nextn_predict_layers": (0, 64),
+    "index_n_heads": (1, 1024),
+    "index_head_dim": (1, 4096),
+    "index_topk": (1, 1 << 24),
 }
 # Real-valued fields: (name, smallest allowed, whether the smallest itself is allowed); all must be finite.
 REAL_FIELDS = (
@@ -114,6 +122,12 @@ class ModelConfig:
     rope_interleave: bool = True  # checkpoint rope dims are adjacent pairs, as DeepSeek ships them
     # Multi-Token Prediction modules (DeepSeek-V3 §2.2)
     num_nextn_predict_layers: int = 0
+    # DeepSeek Sparse Attention (DeepSeek-V3.2 §2.1), model_type deepseek_v32 only: a lightning indexer of
+    # index_n_heads ReLU heads of index_head_dim scores every earlier token; each query attends to the top
+    # index_topk. Defaults are V3.2's (and transformers').
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_bias: bool = False
@@ -143,6 +157,11 @@ class ModelConfig:
             mscale = yarn_mscale(rs["factor"], rs["mscale_all_dim"])
             scale *= mscale * mscale
         return scale
+
+    @property
+    def dsa(self) -> bool:
+        """Whether attention is DeepSeek Sparse Attention (MLA behind a lightning indexer)."""
+        return self.model_type == "deepseek_v32"
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (
@@ -192,6 +211,8 @@ class ModelConfig:
                     self.topk_group * (self.n_routed_experts // self.n_group) >= self.num_experts_per_tok,
                     "topk_group groups hold fewer experts than num_experts_per_tok",
                 )
+        if self.dsa:
+            _check_indexer(self)
         if self.rope_scaling is not None:
             need(isinstance(self.rope_scaling, dict), f"rope_scaling must be an object, got {self.rope_scaling!r}")
             need(
@@ -207,7 +228,7 @@ class ModelConfig:
         model_type = d.pop("model_type", None)
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"unknown model_type {model_type!r} in config.json; nanoseek reads {MODEL_TYPES}")
-        v3 = model_type == "deepseek_v3"
+        v3 = model_type in ("deepseek_v3", "deepseek_v32")
         kw: dict[str, Any] = {"model_type": model_type}
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "model_type", "rope_scaling", "torch_dtype"}
         for name in names:
@@ -236,6 +257,7 @@ class ModelConfig:
         d.pop("rope_parameters", None)
         d.pop("rope_scaling", None)
         d.pop("quantization_config", None)  # weights are dequantized on load
+        _check_layer_types(d, kw, model_type)
         for derived in (
             "qk_head_dim",
             "head_dim",
@@ -253,11 +275,10 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         d = dict(self.extra)
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "rope_scaling"):
+            if f.name in ("extra", "rope_scaling") or (f.name in INDEXER_FIELDS and not self.dsa):
                 continue
             d[f.name] = getattr(self, f.name)
-        arch = "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
-        d["architectures"] = [arch]
+        d["architectures"] = [ARCHITECTURES[self.model_type]]
         d["q_lora_rank"] = self.q_lora_rank or None
         d["num_key_value_heads"] = self.num_attention_heads
         d["head_dim"] = self.qk_rope_head_dim  # what transformers derives; written for older readers
@@ -325,6 +346,39 @@ def _check_field_types_and_bounds(cfg: ModelConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and not _is_int(v):
             raise ConfigError(f"{name} must be an integer or null, got {v!r}")
+
+
+def _check_indexer(cfg: ModelConfig) -> None:
+    """DeepSeek-V3.2's shape rules: the indexer's queries come from MLA's query latent, and it rotates the
+    first qk_rope_head_dim of its head dims (transformers and DeepSeek's code build only this form)."""
+    if cfg.q_lora_rank == 0:
+        raise ConfigError("q_lora_rank must be positive for deepseek_v32: the lightning indexer reads the query latent")
+    if cfg.index_head_dim < cfg.qk_rope_head_dim:
+        raise ConfigError(
+            f"index_head_dim={cfg.index_head_dim} must be >= qk_rope_head_dim={cfg.qk_rope_head_dim}: "
+            "the indexer rotates its first qk_rope_head_dim dims"
+        )
+    if not cfg.rope_interleave:
+        raise ConfigError("rope_interleave must be true for deepseek_v32 (its MLA keys are interleaved pairs)")
+
+
+def _check_layer_types(d: dict[str, Any], kw: dict[str, Any], model_type: str) -> None:
+    """V3.2 configs may spell the layer pattern out (`mlp_layer_types`, `layer_types`); nanoseek derives it
+    from first_k_dense_replace, so a pattern that says otherwise is refused rather than silently ignored."""
+    mlp = d.get("mlp_layer_types")
+    if mlp is not None:
+        n, first, freq = (kw.get(k, 1) for k in ("num_hidden_layers", "first_k_dense_replace", "moe_layer_freq"))
+        if not all(_is_int(v) and v > 0 for v in (n, freq)) or not _is_int(first):
+            return  # validate() names the bad field
+        expected = ["sparse" if i >= first and i % freq == 0 else "dense" for i in range(n)]
+        if mlp != expected:
+            raise ConfigError(
+                f"mlp_layer_types {mlp!r} disagrees with first_k_dense_replace={first} (dense layers first, "
+                "then MoE ones), the only pattern DeepSeek models use"
+            )
+    layers = d.get("layer_types")
+    if layers is not None and model_type == "deepseek_v32" and set(layers) != {"indexed_attention"}:
+        raise ConfigError(f"layer_types {sorted(set(layers))!r}: every deepseek_v32 layer is indexed_attention")
 
 
 def _check_yarn(rs: dict[str, Any]) -> None:

@@ -19,6 +19,9 @@ class LatentCache(Protocol):
     `update` stores the new tokens' c_kv (B, T, r) and k_pe (B, T, rope) for one layer and returns every
     cached entry the queries may see, (B, S, r) and (B, S, rope), with a keep-mask (B, 1, T, S).
     `absorb` selects the absorbed form (decode) over the expanded one (prefill).
+    DSA layers (dsa.py) also call `update_index(layer_idx, keys)`, which stores and returns the indexer's
+    keys (B, S, d) with the same mask, and, for sparse decode, `gather(layer_idx, c_kv, k_pe, positions)`
+    in place of `update`: it stores the new latents and returns only the rows at positions (B, T, k).
     """
 
     absorb: bool
@@ -66,9 +69,17 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, cfg.hidden_size, bias=bias)
         self._kv_b_dense: torch.Tensor | None = None  # see kv_b_weight
 
-    def project_q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries split into (q_nope (B,T,H,nope), q_pe (B,T,H,rope)), q_pe not yet rotated."""
-        q = self.q_proj(x) if self.q_lora_rank == 0 else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    def query_latent(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The normalized query latent c_q (B,T,q_lora_rank) (V2 eq. 12), None without query compression."""
+        return None if self.q_lora_rank == 0 else self.q_a_layernorm(self.q_a_proj(x))
+
+    def project_q(self, x: torch.Tensor, c_q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries split into (q_nope (B,T,H,nope), q_pe (B,T,H,rope)), q_pe not yet rotated. c_q: the query
+        latent if already computed."""
+        if self.q_lora_rank == 0:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.query_latent(x) if c_q is None else c_q)
         q = q.view(*x.shape[:2], self.n_heads, -1)
         return q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 

@@ -1,5 +1,6 @@
-"""Named model shapes: `tiny`, `small` (sized for a laptop-class CPU) and the published `deepseek-v2-lite`,
-`deepseek-v2`, `deepseek-v3` configs (built on the meta device by `nanoseek info`, they take no memory)."""
+"""Named model shapes: `tiny`, `tiny-v32`, `small` (sized for a laptop-class CPU) and the published
+`deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`, `deepseek-v3.2` configs (built on the meta device by
+`nanoseek info`, they take no memory)."""
 
 from __future__ import annotations
 
@@ -154,6 +155,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         torch_dtype="bfloat16",
     ),
 }
+
+
+# `tiny` with DeepSeek Sparse Attention: a 4-head indexer whose top-64 is a quarter of a 256-token window, so
+# training and decoding are sparse from the first window on.
+PRESETS["tiny-v32"] = dict(
+    PRESETS["tiny"], model_type="deepseek_v32", index_n_heads=4, index_head_dim=32, index_topk=64
+)
+# DeepSeek-V3.2-Exp: V3's shape plus the lightning indexer (64 heads of 128, top-2048 tokens).
+PRESETS["deepseek-v3.2"] = dict(
+    PRESETS["deepseek-v3"], model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048
+)
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:

@@ -1,8 +1,9 @@
-"""The DeepSeek-V2/V3 transformer: MLA attention, DeepSeekMoE, Multi-Token Prediction.
+"""The DeepSeek-V2/V3/V3.2 transformer: MLA attention (sparse behind a lightning indexer for V3.2),
+DeepSeekMoE, Multi-Token Prediction.
 
 One class per paper concept, module and weight names as in the Hugging Face checkpoint
 (`self_attn.kv_a_proj_with_mqa`, `mlp.gate`, ...), so `nanoseek.checkpoint.hf` only renames the stacked
-expert weights. The parts live beside it: `layers.py`, `mla.py`, `moe.py`, `block.py`, `mtp.py`.
+expert weights. The parts live beside it: `layers.py`, `mla.py`, `dsa.py`, `moe.py`, `block.py`, `mtp.py`.
 
     model = Transformer(get_preset("tiny"))
     logits = model(input_ids)  # (B, T, vocab), float
@@ -15,6 +16,7 @@ from torch import nn
 
 from nanoseek.model.block import Block
 from nanoseek.model.config import ModelConfig
+from nanoseek.model.dsa import DSA
 from nanoseek.model.layers import RMSNorm, RotaryEmbedding
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import MoE
@@ -22,7 +24,7 @@ from nanoseek.model.mtp import MTPBlock
 
 
 class Transformer(nn.Module):
-    """DeepSeek-V2/V3 causal LM. `forward(input_ids)` returns logits (B, T, vocab)."""
+    """DeepSeek-V2/V3/V3.2 causal LM. `forward(input_ids)` returns logits (B, T, vocab)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -120,3 +122,17 @@ class Transformer(nn.Module):
     def aux_loss(self) -> torch.Tensor | float:
         """Sum of the sequence-wise balance losses of the last training forward (0 when α = 0)."""
         return sum((m.aux_loss for m in self.moe_layers() if m.aux_loss is not None), 0.0)
+
+    # ---- DeepSeek Sparse Attention stages (V3.2 §2.1.1) ---------------------------------------------
+    def dsa_layers(self) -> list[DSA]:
+        return [m for m in self.modules() if isinstance(m, DSA)]
+
+    def set_dsa_stage(self, dense_attention: bool, indexer_kl: bool) -> None:
+        """dense_attention: attend to every earlier token (the warm-up stage) instead of the indexer's top-k.
+        indexer_kl: training forwards compute the indexer's KL loss (`indexer_loss`)."""
+        for m in self.dsa_layers():
+            m.dense_attention, m.indexer_kl = dense_attention, indexer_kl
+
+    def indexer_loss(self) -> torch.Tensor | float:
+        """Sum over layers of the indexer KL losses of the last training forward (0 when not asked for)."""
+        return sum((m.indexer_loss for m in self.dsa_layers() if m.indexer_loss is not None), 0.0)
