@@ -105,6 +105,36 @@ CONFIGS = {
         routed_scaling_factor=16.0,
         first_k_dense_replace=1,
     ),
+    # V3.2 (DSA): V3 plus the lightning indexer, whose top-8 of the parity tests' 37 tokens makes attention
+    # sparse; YaRN rotates the indexer's keys too. 8 indexer heads keep exact ReLU-zero ties (which top-k
+    # would break by position) improbable.
+    "v32_sparse": ModelConfig(
+        **BASE,
+        model_type="deepseek_v32",
+        q_lora_rank=24,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=1,
+        rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+        index_n_heads=8,
+        index_head_dim=32,
+        index_topk=8,
+    ),
+    # V3.2 where index_topk exceeds every sequence: the indexer selects everything, attention is dense.
+    "v32_dense": ModelConfig(
+        **BASE,
+        model_type="deepseek_v32",
+        q_lora_rank=24,
+        n_shared_experts=0,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=2,
+        index_n_heads=8,
+        index_head_dim=16,
+        index_topk=128,
+    ),
 }
 
 

@@ -17,6 +17,7 @@ PUBLISHED = {
     "deepseek-v2-lite": (15.7, 2.4),
     "deepseek-v2": (236.0, 21.0),
     "deepseek-v3": (671.0, 37.0),
+    "deepseek-v3.2": (671.0, 37.0),  # V3.2-Exp: V3 plus the indexers (685B with the MTP module, as V3)
 }
 
 
@@ -36,6 +37,15 @@ def test_info_v3_mtp_and_cache_figures():
     assert s.latent_cache_bytes == 576 * 61 * 2 == 70_272  # (c_kv 512 + k_pe 64) values x 61 layers x 2 bytes
     assert s.naive_cache_bytes == 128 * (192 + 128) * 61 * 2
     assert round(s.naive_cache_bytes / s.latent_cache_bytes) == 71
+
+
+def test_info_v32_cache_holds_the_latent_and_the_indexer_key(capsys):
+    s = model_stats(nanoseek.get_preset("deepseek-v3.2"))
+    assert s.latent_cache_bytes == 70_272 and s.index_cache_bytes == 128 * 61 * 2 == 15_616
+    assert model_stats(nanoseek.get_preset("deepseek-v3")).index_cache_bytes == 0
+    assert main(["info", "deepseek-v3.2"]) == 0
+    out = capsys.readouterr().out
+    assert "85,888 B" in out and "top 2,048 tokens" in out and "3,997,696 B" in out  # V3.2 total, MHA
 
 
 def test_info_cli_prints_counts(capsys):

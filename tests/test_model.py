@@ -87,14 +87,27 @@ class DenseLatentCache:
     """The smallest LatentCache: per-layer tensors grown by concatenation (the engine pages them)."""
 
     def __init__(self, n_layers: int, absorb: bool = False):
-        self.c_kv, self.k_pe, self.absorb = [None] * n_layers, [None] * n_layers, absorb
+        self.c_kv, self.k_pe, self.keys, self.absorb = [None] * n_layers, [None] * n_layers, [None] * n_layers, absorb
+
+    @staticmethod
+    def _grow(store, i, new):
+        store[i] = new if store[i] is None else torch.cat([store[i], new], 1)
+        S, T = store[i].shape[1], new.shape[1]
+        return store[i], torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
 
     def update(self, i, c_kv, k_pe):
-        self.c_kv[i] = c_kv if self.c_kv[i] is None else torch.cat([self.c_kv[i], c_kv], 1)
-        self.k_pe[i] = k_pe if self.k_pe[i] is None else torch.cat([self.k_pe[i], k_pe], 1)
-        S, T = self.c_kv[i].shape[1], c_kv.shape[1]
-        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
-        return self.c_kv[i], self.k_pe[i], mask
+        self._grow(self.k_pe, i, k_pe)
+        c_kv, mask = self._grow(self.c_kv, i, c_kv)
+        return c_kv, self.k_pe[i], mask
+
+    def update_index(self, i, keys):  # DSA layers: the indexer's keys
+        return self._grow(self.keys, i, keys)
+
+    def gather(self, i, c_kv, k_pe, positions):  # DSA sparse decode: only the selected rows
+        c_kv, k_pe, _ = self.update(i, c_kv, k_pe)
+        B, T, k = positions.shape
+        take = positions.reshape(B, T * k, 1)
+        return tuple(t.gather(1, take.expand(-1, -1, t.shape[-1])).view(B, T, k, -1) for t in (c_kv, k_pe))
 
 
 def test_absorbed_decode_equals_expanded_attention(config_name):

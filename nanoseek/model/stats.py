@@ -25,6 +25,7 @@ class ModelStats:
     mtp: int  # unique parameters of the MTP modules (embedding and head are shared)
     mtp_stored: int  # as a released checkpoint stores them: with copies of the embedding and head
     latent_cache_bytes: int  # per token, all layers: c_kv + k_pe (MLA)
+    index_cache_bytes: int  # per token, all layers: the lightning indexer's key (V3.2 DSA; 0 without)
     naive_cache_bytes: int  # per token: expanded per-head K (nope+rope) and V
     mha_cache_bytes: int  # per token: an MHA model with the same heads, K and V of v_head_dim each
     cache_dtype_bytes: int
@@ -52,6 +53,7 @@ def model_stats(cfg: ModelConfig, cache_dtype_bytes: int = 2) -> ModelStats:
         mtp=mtp,
         mtp_stored=mtp + cfg.num_nextn_predict_layers * 2 * embedding,  # embed_tokens + shared_head.head
         latent_cache_bytes=(cfg.kv_lora_rank + cfg.qk_rope_head_dim) * L * cache_dtype_bytes,
+        index_cache_bytes=cfg.index_head_dim * L * cache_dtype_bytes if cfg.dsa else 0,
         naive_cache_bytes=H * (cfg.qk_head_dim + cfg.v_head_dim) * L * cache_dtype_bytes,
         mha_cache_bytes=2 * H * cfg.v_head_dim * L * cache_dtype_bytes,
         cache_dtype_bytes=cache_dtype_bytes,
@@ -71,6 +73,9 @@ def parameter_count(cfg: ModelConfig) -> int:
         q = D * cfg.q_lora_rank + bias * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk
     kv = D * (r + rope) + bias * (r + rope) + r + r * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
     attention = q + kv + H * cfg.v_head_dim * D + bias * D + 2 * D  # + the two norms of the block
+    if cfg.dsa:  # the lightning indexer: wq_b, wk, k_norm (weight and bias), weights_proj
+        Hi, Di = cfg.index_n_heads, cfg.index_head_dim
+        attention += cfg.q_lora_rank * Hi * Di + D * Di + 2 * Di + D * Hi
     E, inter = cfg.n_routed_experts, cfg.moe_intermediate_size
     moe = E * D + 3 * E * D * inter + 3 * D * inter * cfg.n_shared_experts
     dense = 3 * D * cfg.intermediate_size
@@ -106,13 +111,29 @@ def format_stats(name: str, cfg: ModelConfig, s: ModelStats) -> str:
             "with copies of the embedding and head)"
         )
     b = s.cache_dtype_bytes
-    rows = [
-        (f"MLA latent (c_kv {cfg.kv_lora_rank} + k_pe {cfg.qk_rope_head_dim})", s.latent_cache_bytes),
+    cached = s.latent_cache_bytes + s.index_cache_bytes
+    rows = [(f"MLA latent (c_kv {cfg.kv_lora_rank} + k_pe {cfg.qk_rope_head_dim})", s.latent_cache_bytes)]
+    if s.index_cache_bytes:
+        rows += [
+            (f"DSA indexer key ({cfg.index_head_dim})", s.index_cache_bytes),
+            ("V3.2 cache: latent + indexer key", cached),
+        ]
+    rows += [
         ("naive per-head K and V", s.naive_cache_bytes),
         (f"MHA, same {cfg.num_attention_heads} heads, d_h {cfg.v_head_dim}", s.mha_cache_bytes),
     ]
     lines.append(f"  KV cache per token ({b}-byte values, all {cfg.num_hidden_layers} layers):")
+    what = "the latent + indexer" if s.index_cache_bytes else "the latent"
     for label, nbytes in rows:
-        ratio = "" if nbytes == s.latent_cache_bytes else f"  ({nbytes / s.latent_cache_bytes:.1f}x the latent)"
+        ratio = f"  ({nbytes / cached:.1f}x {what})" if nbytes > cached else ""
         lines.append(f"    {label:<36} {nbytes:>12,} B{ratio}")
+    if cfg.dsa:
+        n = 128 * 1024  # a long context, where the sparse read pays
+        dense, sparse = n * s.latent_cache_bytes, n * s.index_cache_bytes + cfg.index_topk * s.latent_cache_bytes
+        lines += [
+            f"  sparse attention: each query attends to the indexer's top {cfg.index_topk:,} tokens "
+            f"({cfg.index_n_heads} indexer heads of {cfg.index_head_dim})",
+            f"  cache read per decoded token at 128K context: {sparse / 1e9:.2f} GB (every indexer key, top-"
+            f"{cfg.index_topk:,} latents) vs {dense / 1e9:.2f} GB dense MLA ({dense / sparse:.1f}x)",
+        ]
     return "\n".join(lines)
