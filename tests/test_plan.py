@@ -17,7 +17,7 @@ from nanoseek.model.stats import model_stats
 from nanoseek.model.transformer import Transformer
 from nanoseek.plan.hardware import ACCELERATORS, Accelerator, PlanError, parse_count
 from nanoseek.plan.reference import V3_PRETRAIN_GPU_HOURS, v2_cache_check, v3_implied_mfu
-from nanoseek.plan.serve import ServePlanConfig, cache_sizes, plan_serving, weights_read
+from nanoseek.plan.serve import ServePlanConfig, cache_read, cache_sizes, plan_serving, weights_read
 from nanoseek.plan.train import (
     Layout,
     Precision,
@@ -166,6 +166,21 @@ def test_v2_cache_reduction_from_the_configs():
     assert s.gqa == 2 * 8 * 128 * 60 * 2 and model_stats(get_preset("deepseek-v2")).latent_cache_bytes == s.mla
     with pytest.raises(PlanError, match="gqa_groups=3"):
         plan_serving(get_preset("deepseek-v2-lite"), ServePlanConfig(cache="gqa", gqa_groups=3), ACCELERATORS["h200"])
+
+
+def test_v32_stores_the_indexer_key_and_reads_only_the_top_k_latents():
+    """DeepSeek-V3.2 on 16 H800s at 128K context: each token stores 576 + 128 values a layer, and a decode step
+    reads every indexer key but only 2,048 latents a sequence, so the bound beats dense V3 per device."""
+    v3, v32 = get_preset("deepseek-v3"), get_preset("deepseek-v3.2")
+    s = cache_sizes(v32, cache_bytes=2)
+    assert s.index == 128 * 61 * 2 and s.mla == (576 + 128) * 61 * 2
+    assert cache_read(v32, s, "mla", 131072) == 131072 * s.index + 2048 * 576 * 61 * 2
+    assert cache_read(v32, s, "mla", 1000) == 1000 * s.mla  # shorter than index_topk: everything is read
+    assert cache_read(v3, cache_sizes(v3), "mla", 131072) == 131072 * 576 * 61 * 2
+    plan = ServePlanConfig(context=131072, count=16)
+    dense, sparse = (plan_serving(c, plan, ACCELERATORS["h800"]) for c in (v3, v32))
+    assert sparse.max_sequences < dense.max_sequences  # a bigger cache per token holds fewer sequences
+    assert sparse.tokens_per_s_device > 1.2 * dense.tokens_per_s_device  # but each step reads far less
 
 
 def test_serving_bound_by_hand():

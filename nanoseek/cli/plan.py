@@ -136,7 +136,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         f"{dev.bandwidth / 1e12:.2f} TB/s), context {args.context}"
     )
     print(f"  cache per token ({args.cache_bytes:g} B a value, {cfg.num_hidden_layers} layers):")
-    print(f"    MLA latent           {sizes.mla:>12,.0f} B")
+    if sizes.index:
+        print(
+            f"    MLA latent + indexer {sizes.mla:>12,.0f} B  "
+            f"(indexer key {sizes.index:,.0f} B; top-{cfg.index_topk:,} read)"
+        )
+    else:
+        print(f"    MLA latent           {sizes.mla:>12,.0f} B")
     if sizes.gqa is not None:
         print(
             f"    GQA, {sizes.gqa_groups} groups        {sizes.gqa:>12,.0f} B  "

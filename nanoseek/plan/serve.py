@@ -5,14 +5,16 @@ A serving group of `count` devices holds one copy of the weights, split evenly, 
 of its own sequences (data-parallel attention, as DeepSeek serves MLA: the latent has no heads to split).
 
 Cache per token, all layers, `cache_bytes` per value:
-    MLA latent    (kv_lora_rank + qk_rope_head_dim) · L
+    MLA latent    (kv_lora_rank + qk_rope_head_dim) · L,  plus index_head_dim · L for V3.2's indexer keys
     MHA           2 · H · d_h · L          (same heads, d_h = v_head_dim)
     GQA, g groups 2 · g · d_h · L
 
 A decode step of a batch of B sequences at context T reads the weights it touches and the batch's cache:
     bytes = weight_bytes · (active − k·R·M + E·(1 − (1 − k/E)^B)·R·M) + B · T · cache_per_token
 (R routed parameters per expert and MoE layer, M MoE layers, E experts, top-k: the expected number of distinct
-experts B tokens touch; B = 1 reads exactly the active parameters). The bound is
+experts B tokens touch; B = 1 reads exactly the active parameters). DeepSeek-V3.2's sparse attention reads
+every indexer key but only the top index_topk latents: T · cache_per_token becomes
+T · index_per_token + min(T, index_topk) · latent_per_token. The bound is
     step_s = overhead_s + B · seq_overhead_s + bytes / (count · bandwidth),  tokens/s per device = B / step_s / count,
 and $ per million output tokens = price_per_hour / (3600 · tokens/s per device) · 1e6.
 `overhead_s` and `seq_overhead_s` (0 by default) are time per step, and per sequence in a step, that is not
@@ -46,10 +48,11 @@ class ServePlanConfig:
 
 @dataclass(frozen=True)
 class CacheSizes:
-    mla: float
+    mla: float  # the latent, plus the indexer key for V3.2 (`index`)
     mha: float
     gqa: float | None  # None when the groups do not divide the heads
     gqa_groups: int
+    index: float = 0.0  # V3.2's indexer key (part of `mla`); 0 without DSA
 
     def of(self, kind: str) -> float:
         if kind not in ("mla", "mha", "gqa"):
@@ -74,12 +77,22 @@ class ServePlan:
 
 def cache_sizes(cfg: ModelConfig, cache_bytes: float = 2, gqa_groups: int = 8) -> CacheSizes:
     L, H, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.v_head_dim
+    index = cfg.index_head_dim * L * cache_bytes if cfg.dsa else 0.0
     return CacheSizes(
-        mla=(cfg.kv_lora_rank + cfg.qk_rope_head_dim) * L * cache_bytes,
+        index=index,
+        mla=(cfg.kv_lora_rank + cfg.qk_rope_head_dim) * L * cache_bytes + index,
         mha=2 * H * d * L * cache_bytes,
         gqa=2 * gqa_groups * d * L * cache_bytes if gqa_groups >= 1 and H % gqa_groups == 0 else None,
         gqa_groups=gqa_groups,
     )
+
+
+def cache_read(cfg: ModelConfig, sizes: CacheSizes, kind: str, context: int) -> float:
+    """Cache bytes one sequence's decode step reads at `context` tokens: all of it, or for V3.2's MLA every
+    indexer key and the top index_topk latents (DeepSeek-V3.2 §2.1)."""
+    if kind == "mla" and cfg.dsa:
+        return context * sizes.index + min(context, cfg.index_topk) * (sizes.mla - sizes.index)
+    return context * sizes.of(kind)
 
 
 def weights_read(cfg: ModelConfig, batch: int, active: int) -> float:
@@ -101,7 +114,8 @@ def plan_serving(
     if plan.count < 1 or plan.context < 1 or plan.batch < 0:
         raise PlanError("serving needs count >= 1, context >= 1 and batch >= 0")
     stats = stats or model_stats(cfg)
-    per_token = cache_sizes(cfg, plan.cache_bytes, plan.gqa_groups).of(plan.cache)
+    sizes = cache_sizes(cfg, plan.cache_bytes, plan.gqa_groups)
+    per_token = sizes.of(plan.cache)
     weights = stats.total * plan.weight_bytes / plan.count
     free = device.memory_bytes * plan.headroom - weights
     max_seqs = max(0, math.floor(free / (per_token * plan.context))) * plan.count
@@ -111,7 +125,8 @@ def plan_serving(
             f"the weights ({weights / 1e9:.1f} GB per device) leave no room for one sequence of {plan.context} "
             f"tokens on {plan.count} x {device.name}; use more devices (--count)"
         )
-    step_bytes = weights_read(cfg, batch, stats.active) * plan.weight_bytes + batch * plan.context * per_token
+    read = cache_read(cfg, sizes, plan.cache, plan.context)
+    step_bytes = weights_read(cfg, batch, stats.active) * plan.weight_bytes + batch * read
     step_s = plan.overhead_s + batch * plan.seq_overhead_s + step_bytes / (plan.count * device.bandwidth)
     tok_s = batch / step_s / plan.count
     return ServePlan(
