@@ -1,10 +1,15 @@
-"""Shared fixtures: each parity configuration by name, one torch thread for tiny models, and one `nanoseek zero
---preset smoke` run for the zero and distill tests. Shared helper functions live in helpers.py."""
+"""Shared fixtures: each parity configuration by name, one torch thread for tiny models, one `nanoseek zero
+--preset smoke` run for the zero and distill tests, and the server tests' model and `nanoseek serve` processes
+(here so that tests/test_server*.py share one set per session: a session fixture imported into two modules runs
+twice). Shared helper functions live in helpers.py."""
 
 import pytest
 import torch
 
-from helpers import CONFIGS
+from nanoseek.checkpoint.tokenizer import Tokenizer
+from nanoseek.engine.engine import Engine
+
+from helpers import CONFIGS, think_checkpoint, variant
 
 
 @pytest.fixture(params=sorted(CONFIGS))
@@ -37,3 +42,58 @@ def zero_smoke_run(tmp_path_factory):
     finally:
         torch.set_num_threads(before)
     return out
+
+
+# ---- the server tests' model that reasons and their `nanoseek serve` processes (tests/test_server*.py) --------
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    base = think_checkpoint(tmp_path_factory.getbasetemp())
+    return {
+        "think": base,
+        "zero": variant(base, "zero", template="r1_zero"),
+        "small": variant(base, "small", context=48),
+    }
+
+
+@pytest.fixture(scope="session")
+def servers(checkpoints, tmp_path_factory):
+    """Three servers, started together: the deepseek-template model, the same weights with the R1-Zero
+    template, and a locked one (API key, 48-token context, n <= 2) for auth and schemathesis."""
+    from test_server import KEY, Server  # the server tests' own helpers (and openai, 1 s): only when they run
+
+    logs = tmp_path_factory.mktemp("server-logs")
+    started = {
+        "think": Server(checkpoints["think"], "--served-model-name", "think", log=logs / "think.log"),
+        "zero": Server(checkpoints["zero"], "--served-model-name", "zero", log=logs / "zero.log"),
+        "locked": Server(
+            checkpoints["small"],
+            "--served-model-name",
+            "small",
+            "--api-key",
+            KEY,
+            "--max-n",
+            "2",
+            log=logs / "locked.log",
+        ),
+    }
+    try:
+        yield {k: s.wait_ready() for k, s in started.items()}
+    finally:
+        for s in started.values():
+            s.stop()
+
+
+@pytest.fixture(scope="session")
+def server(servers):
+    return servers["think"]
+
+
+@pytest.fixture(scope="session")
+def offline(checkpoints):
+    """The same checkpoint in-process: what a request gives when run alone, straight on the engine."""
+    return Engine(str(checkpoints["think"]))
+
+
+@pytest.fixture(scope="session")
+def tok(checkpoints):
+    return Tokenizer.from_pretrained(checkpoints["think"])

@@ -20,19 +20,16 @@ import openai
 import pytest
 
 from nanoseek.bench.serve import BenchConfig, ServerProcess, run_bench
-from nanoseek.checkpoint.tokenizer import Tokenizer, render_chat
-from nanoseek.engine.engine import Engine
+from nanoseek.checkpoint.tokenizer import render_chat
 from nanoseek.engine.sampling import SamplingParams
 
-from helpers import QA, R1_SYSTEM, think_checkpoint, variant
+from helpers import QA, R1_SYSTEM
 
 KEY = "sk-test-key"
 
 
-# ---- a model that reasons, trained on the spot ---------------------------------------------------------
-
-
-# ---- real server processes ---------------------------------------------------------------------------
+# ---- real server processes (the fixtures that start them, `checkpoints`, `servers`, `server`, `offline`,
+# `tok`, are in conftest.py: tests/test_server*.py share one set of processes per session) --------------
 class Server(ServerProcess):
     """`nanoseek serve` on a free loopback port (one torch thread: three servers share two cores)."""
 
@@ -49,58 +46,6 @@ class Server(ServerProcess):
             for line in text.splitlines()
             if line and not line.startswith("#")
         }
-
-
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
-    base = think_checkpoint(tmp_path_factory.getbasetemp())
-    return {
-        "think": base,
-        "zero": variant(base, "zero", template="r1_zero"),
-        "small": variant(base, "small", context=48),
-    }
-
-
-@pytest.fixture(scope="session")
-def servers(checkpoints, tmp_path_factory):
-    """Three servers, started together: the deepseek-template model, the same weights with the R1-Zero
-    template, and a locked one (API key, 48-token context, n <= 2) for auth and schemathesis."""
-    logs = tmp_path_factory.mktemp("server-logs")
-    started = {
-        "think": Server(checkpoints["think"], "--served-model-name", "think", log=logs / "think.log"),
-        "zero": Server(checkpoints["zero"], "--served-model-name", "zero", log=logs / "zero.log"),
-        "locked": Server(
-            checkpoints["small"],
-            "--served-model-name",
-            "small",
-            "--api-key",
-            KEY,
-            "--max-n",
-            "2",
-            log=logs / "locked.log",
-        ),
-    }
-    try:
-        yield {k: s.wait_ready() for k, s in started.items()}
-    finally:
-        for s in started.values():
-            s.stop()
-
-
-@pytest.fixture(scope="session")
-def server(servers):
-    return servers["think"]
-
-
-@pytest.fixture(scope="session")
-def offline(checkpoints):
-    """The same checkpoint in-process: what a request gives when run alone, straight on the engine."""
-    return Engine(str(checkpoints["think"]))
-
-
-@pytest.fixture(scope="session")
-def tok(checkpoints):
-    return Tokenizer.from_pretrained(checkpoints["think"])
 
 
 def ask(q: str) -> list[dict]:

@@ -1,6 +1,7 @@
 """Random bodies against a real `nanoseek serve` process: random JSON values, and valid chat and completions
-bodies with fields changed, added or removed (hypothesis), surrogates and NaN included. None may get a 5xx,
-and the server's memory must come back to its level after warm-up."""
+bodies with fields changed, added or removed (hypothesis), surrogates and NaN included, on the three generation
+endpoints (chat, completions, responses). None may get a 5xx, and the server's memory must come back to its level
+after warm-up."""
 
 from __future__ import annotations
 
@@ -20,15 +21,19 @@ from helpers import think_checkpoint, variant
 
 CHAT = {"model": "small", "messages": [{"role": "user", "content": "What is 2+3?"}], "max_tokens": 4}
 COMPLETION = {"model": "small", "prompt": "The quick brown fox", "max_tokens": 4}
+RESPONSE = {"model": "small", "input": "What is 2+3?", "max_output_tokens": 4}
 FIELDS = [
-    *sorted({*CHAT, *COMPLETION}),
+    *sorted({*CHAT, *COMPLETION, *RESPONSE}),
     *"n temperature top_p top_k stop seed stream stream_options logprobs top_logprobs echo ignore_eos".split(),
     *"max_completion_tokens presence_penalty logit_bias user tools response_format best_of suffix".split(),
+    *"thinking chat_template_kwargs reasoning_effort reasoning instructions metadata tool_choice text".split(),
+    *"truncation include store background previous_response_id".split(),
 ]
 
 # any code point, lone surrogates included (and often: they are rare among all of Unicode)
 text = st.text(st.characters(exclude_categories=()), max_size=12) | st.sampled_from(["\ud800", "ok \udfff", "\ud83d"])
 scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | text
+plain_values = st.booleans() | st.integers(-2, 2) | st.none()
 json_values = st.recursive(
     scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4), max_leaves=10
 )
@@ -36,7 +41,10 @@ plausible = st.one_of(
     json_values,
     st.integers(-2, 60),
     st.floats(-3, 3),
-    st.sampled_from(["small", "user", "assistant", "text", "", "5", "<think>"]),
+    st.sampled_from(["small", "user", "assistant", "text", "", "5", "<think>", "none", "high", "auto", "disabled"]),
+    st.fixed_dictionaries({"type": st.sampled_from(["enabled", "disabled", "text", "json_object", "x"])}),
+    st.fixed_dictionaries({"thinking": st.booleans()}) | st.fixed_dictionaries({"enable_thinking": plain_values}),
+    st.fixed_dictionaries({"effort": st.sampled_from(["none", "low", "high", "max", "x"])}),
     st.lists(st.integers(0, 600), min_size=1, max_size=6),
     st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x"]), "content": text}), max_size=3),
 )
@@ -52,8 +60,8 @@ def perturbed(draw, base: dict) -> dict:
 
 
 bodies = st.tuples(
-    st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
-    st.one_of(json_values, perturbed(CHAT), perturbed(COMPLETION)),
+    st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/responses"]),
+    st.one_of(json_values, perturbed(CHAT), perturbed(COMPLETION), perturbed(RESPONSE)),
 )
 
 

@@ -15,8 +15,13 @@ renders exactly what `apply_chat_template` here renders; a test holds them equal
 - "deepseek": DeepSeek-R1's layout,
   `<｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{reply}<｜end▁of▁sentence｜>`.
   Reasoning of earlier assistant turns is dropped from the history, as DeepSeek's API asks.
+  A `thinking` variable (as `chat_template_kwargs` pass it) switches reasoning the way DeepSeek-V3.1's template
+  does: true opens the assistant turn with `<think>` (the model reasons first), false with `</think>` (it
+  answers at once); unset, the turn opens bare and the model decides, as before.
 - "r1_zero": the DeepSeek-R1-Zero template (R1 paper, Table 1): the plain-text preamble, "User: {prompt}.
   Assistant:", which is what `nanoseek zero` trains on, so serving its checkpoint uses the same prompt.
+  It always thinks (its preamble asks for `<think>` first): `thinking` true changes nothing, false is an
+  error (`raise_exception` in Jinja, TokenizerError here).
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ R1_ZERO_PREAMBLE = (
     "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>."
 )
 
+# Templates that render the `thinking` switch (the assistant turn opens with `<think>` or `</think>`); the others
+# ignore it, and r1_zero refuses `thinking` false.
+THINKING_TEMPLATES = frozenset({"deepseek"})
+R1_ZERO_ALWAYS_THINKS = "the r1_zero template always thinks: its instruction asks for <think> first"
+
 # Jinja sources, written to tokenizer_config.json. `apply_chat_template` below renders the same strings.
 CHAT_TEMPLATES = {
     "deepseek": (
@@ -62,9 +72,12 @@ CHAT_TEMPLATES = {
         "{{ '<｜Assistant｜>' + (m['content'].split('</think>')[-1] | trim) + eos_token }}"
         "{%- endif %}"
         "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{ '<｜Assistant｜>' }}{%- endif %}"
+        "{%- if add_generation_prompt %}{{ '<｜Assistant｜>' }}"
+        "{%- if thinking is true %}{{ '<think>' }}{%- elif thinking is false %}{{ '</think>' }}{%- endif %}"
+        "{%- endif %}"
     ),
     "r1_zero": (
+        "{%- if thinking is false %}{{ raise_exception('" + R1_ZERO_ALWAYS_THINKS + "') }}{%- endif %}"
         "{{ bos_token }}"
         "{%- set ns = namespace(system='" + R1_ZERO_PREAMBLE + "') %}"
         "{%- for m in messages if m['role'] == 'system' %}{%- set ns.system = m['content'] %}{%- endfor %}"
@@ -123,10 +136,14 @@ class Tokenizer:
 
     # ---- chat --------------------------------------------------------------------------------
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, template: str | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        template: str | None = None,
+        thinking: bool | None = None,
     ) -> str:
         """Render messages with this tokenizer's template (or another by name); see `render_chat`."""
-        return render_chat(messages, template or self.chat_template, add_generation_prompt)
+        return render_chat(messages, template or self.chat_template, add_generation_prompt, thinking)
 
     # ---- files ------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -184,9 +201,12 @@ class Tokenizer:
         return Tokenizer(self.tk, chat_template=name)
 
 
-def render_chat(messages: list[dict], template: str = "deepseek", add_generation_prompt: bool = True) -> str:
+def render_chat(
+    messages: list[dict], template: str = "deepseek", add_generation_prompt: bool = True, thinking: bool | None = None
+) -> str:
     """Messages ({"role": system|user|assistant, "content": str}) as prompt text, exactly as the Jinja source
-    CHAT_TEMPLATES[template] renders them. Needs no trained tokenizer (corpus building uses it first)."""
+    CHAT_TEMPLATES[template] renders them (with `thinking` as its template variable; None = unset). Needs no
+    trained tokenizer (corpus building uses it first)."""
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise TokenizerError(f"message {i} must have a role of system, user or assistant")
@@ -199,8 +219,12 @@ def render_chat(messages: list[dict], template: str = "deepseek", add_generation
                 out += USER + m["content"]
             elif m["role"] == "assistant":
                 out += ASSISTANT + m["content"].split("</think>")[-1].strip() + EOS
-        return out + (ASSISTANT if add_generation_prompt else "")
+        if not add_generation_prompt:
+            return out
+        return out + ASSISTANT + (THINK_OPEN if thinking is True else THINK_CLOSE if thinking is False else "")
     if template == "r1_zero":
+        if thinking is False:
+            raise TokenizerError(R1_ZERO_ALWAYS_THINKS)
         systems = [m["content"] for m in messages if m["role"] == "system"]
         out = BOS + (systems[-1] if systems else R1_ZERO_PREAMBLE)
         for m in messages:

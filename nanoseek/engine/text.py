@@ -16,6 +16,9 @@ The reasoning rule (DeepSeek's API returns `reasoning_content` apart from `conte
   content is the answer with the `<answer>`/`</answer>` tags removed.
 - reasoning and content are stripped of the whitespace at their ends (the template's separators).
 A generation cut inside `<think>` (max_tokens) has reasoning and an empty content.
+When the prompt itself switched thinking (a template rendered with `thinking`, see checkpoint/tokenizer.py),
+the splitter is told so: `thinking=True` (the prompt ends with `<think>`) starts inside the reasoning,
+`thinking=False` (the prompt ends with `</think>`) makes the whole output content.
 """
 
 from __future__ import annotations
@@ -60,14 +63,16 @@ class _Section:
 
 
 class ReasoningSplitter:
-    """Splits a completion's text into (reasoning, content) increments as it streams; see the module doc."""
+    """Splits a completion's text into (reasoning, content) increments as it streams; see the module doc.
+    thinking: None, the output says (a leading `<think>`); True, the prompt opened `<think>`; False, it closed it."""
 
-    def __init__(self, template: str = "deepseek"):
+    def __init__(self, template: str = "deepseek", thinking: bool | None = None):
         self.answer_tags = ANSWER_TAGS if template == "r1_zero" else ()
-        self.state = "start"  # start -> reasoning -> content, or start -> content
+        # start -> reasoning -> content, or start -> content
+        self.state = "reasoning" if thinking is True else "content" if thinking is False else "start"
         self.buf = ""
         self.reasoning, self.content = _Section(), _Section()
-        self.has_reasoning = False
+        self.has_reasoning = thinking is True
 
     def feed(self, text: str) -> tuple[str, str]:
         self.buf += text
@@ -109,9 +114,9 @@ class ReasoningSplitter:
         return "".join(reasoning), "".join(content)
 
 
-def split_reasoning(text: str, template: str = "deepseek") -> tuple[str | None, str]:
+def split_reasoning(text: str, template: str = "deepseek", thinking: bool | None = None) -> tuple[str | None, str]:
     """(reasoning or None, content) of a whole completion: the same rule as the streaming splitter."""
-    s = ReasoningSplitter(template)
+    s = ReasoningSplitter(template, thinking)
     r1, c1 = s.feed(text)
     r2, c2 = s.finish()
     return (r1 + r2 if s.has_reasoning else None), c1 + c2

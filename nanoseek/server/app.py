@@ -3,17 +3,19 @@
     app = create_app(ServerConfig(model="runs/tiny"))        # or create_app(config, engine=Engine(...))
     uvicorn.run(app, host="127.0.0.1", port=8000)           # what `nanoseek serve` does
 
-Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (each non-streaming or SSE),
-GET /health, GET /metrics. Every error is OpenAI's object {"error": {"message", "type", "param", "code"}}:
-400 for a request that cannot be served (a validation error included: OpenAI answers 400, not 422; a
-request over the per-request limits on sequences and tokens; text that is not valid Unicode), 401 for a
-missing or wrong API key (checked before the body is read; with a key, only /health is open unless
-`public_docs_and_metrics`), 404 for an unknown model or path, 413 for a body over the limit, 429 with
-Retry-After when the server's queue is full, 500 when generation fails, 503 while the engine is down.
+Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (each
+non-streaming or SSE), GET /health, GET /metrics. Every error is OpenAI's object
+{"error": {"message", "type", "param", "code"}}: 400 for a request that cannot be served (a validation error
+included: OpenAI answers 400, not 422; a request over the per-request limits on sequences and tokens; text that
+is not valid Unicode; a field this server does not serve), 401 for a missing or wrong API key (checked before
+the body is read; with a key, only /health is open unless `public_docs_and_metrics`), 404 for an unknown model
+or path, 413 for a body over the limit, 429 with Retry-After when the server's queue is full, 500 when
+generation fails, 503 while the engine is down.
 
 The pieces: config.py (ServerConfig), errors.py (the error object and handlers), guard.py (auth, body limit,
-counting), openapi.py (the schema), routes.py (the handlers), sample.py (one choice's text), streams.py
-(merging request streams), prometheus.py (/metrics).
+counting), openapi.py (the schema), protocol.py and protocol_responses.py (the wire format), routes.py (the chat
+and completions handlers), responses.py (the Responses API), thinking.py (the thinking switch), sample.py (one
+choice's text), streams.py (merging request streams), prometheus.py (/metrics).
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from nanoseek.checkpoint.tokenizer import TokenizerError
 from nanoseek.engine.compiled import warm_up
 from nanoseek.engine.engine import Engine
 from nanoseek.server import protocol as P
+from nanoseek.server import protocol_responses as R
 from nanoseek.server.async_engine import AsyncEngine
 from nanoseek.server.config import ServerConfig
 from nanoseek.server.errors import error_response, install_error_handlers
 from nanoseek.server.guard import Guard
 from nanoseek.server.openapi import install_openapi, sse_event
 from nanoseek.server.prometheus import ServerMetrics
+from nanoseek.server.responses import Responses
 from nanoseek.server.routes import Api
 
 __all__ = ["ServerConfig", "create_app"]
@@ -76,11 +80,12 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         title="nanoseek",
         version=__version__,
         lifespan=lifespan,
-        description="OpenAI-compatible API over the nanoseek engine; reasoning is returned as "
-        "`reasoning_content` apart from `content`, as DeepSeek's API does.",
+        description="OpenAI-compatible API over the nanoseek engine; reasoning is returned apart from `content`, "
+        "as `reasoning_content` (DeepSeek's name) and `reasoning` (vLLM's), and as reasoning items in /v1/responses.",
     )
     app.state.aengine, app.state.metrics, app.state.config = aengine, metrics, config
     api = Api(config, aengine, metrics)
+    responses_api = Responses(api)
 
     errors = {
         s: {"model": P.ErrorResponse, "description": d}
@@ -111,7 +116,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         responses={
             **errors,
             200: {
-                "content": {"text/event-stream": {"schema": sse_event("ChatCompletionChunk")}},
+                "content": {"text/event-stream": {"schema": sse_event("ChatCompletionChunk", "ErrorResponse")}},
                 "description": f"A chat completion. {sse} Chunks are ChatCompletionChunk objects.",
             },
         },
@@ -126,13 +131,32 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         responses={
             **errors,
             200: {
-                "content": {"text/event-stream": {"schema": sse_event("Completion")}},
+                "content": {"text/event-stream": {"schema": sse_event("Completion", "ErrorResponse")}},
                 "description": f"A text completion. {sse} Chunks are Completion objects.",
             },
         },
     )
     async def completions(body: P.CompletionRequest, request: Request):
         return await api.complete(body, request)
+
+    @app.post(
+        "/v1/responses",
+        response_model=R.Response,
+        tags=["openai"],
+        responses={
+            **errors,
+            200: {
+                "content": {
+                    "text/event-stream": {"schema": sse_event(*(e.__name__ for e in R.STREAM_EVENTS), done=False)}
+                },
+                "description": "A response (OpenAI's Responses API). When `stream` is true, server-sent events: "
+                "`event: <type>` and `data: <event JSON>` lines, from response.created to response.completed "
+                "(or response.incomplete, or error and response.failed); no [DONE].",
+            },
+        },
+    )
+    async def create_response(body: R.ResponsesRequest, request: Request):
+        return await responses_api.create(body, request)
 
     @app.get("/health", response_model=P.Health, responses={503: errors[503]})
     async def health():

@@ -48,7 +48,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, e: RequestValidationError):
         errs = e.errors()
         unicode = [e for e in errs if P.NOT_UNICODE in e.get("msg", "")]  # the real fault, whatever the union
-        first = (unicode or errs or [{"loc": (), "msg": "invalid request", "type": ""}])[0]
+        # else the deepest: of a union's members, the one that matched furthest says what is wrong
+        deepest = sorted(errs, key=lambda e: -len((_param(e["loc"]) or "").split(".")))
+        first = (unicode or deepest or [{"loc": (), "msg": "invalid request", "type": ""}])[0]
         if first.get("type") == "json_invalid":
             return error_response(
                 400,

@@ -7,13 +7,19 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from nanoseek.server import protocol as P
+from nanoseek.server import protocol_responses as R
 from nanoseek.server.config import ServerConfig
 
 
-def sse_event(chunk: str) -> dict:
+def sse_event(*chunks: str, done: bool = True) -> dict:
     """One server-sent event (OpenAPI 3.1: the schema of a text/event-stream describes each event): its data is
-    a chunk as JSON, an error object, or the closing `[DONE]`."""
+    one of the named objects as JSON, or (`done`) the closing `[DONE]`."""
     ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
+    data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": list(map(ref, chunks))},
+    }
     return {
         "type": "object",
         "required": ["data"],
@@ -21,16 +27,7 @@ def sse_event(chunk: str) -> dict:
             "event": {"type": "string"},
             "id": {"type": "string"},
             "retry": {"type": "integer"},
-            "data": {
-                "anyOf": [
-                    {"const": "[DONE]"},
-                    {
-                        "type": "string",
-                        "contentMediaType": "application/json",
-                        "contentSchema": {"anyOf": [ref(chunk), ref("ErrorResponse")]},
-                    },
-                ]
-            },
+            "data": {"anyOf": [{"const": "[DONE]"}, data]} if done else data,
         },
     }
 
@@ -60,19 +57,20 @@ def install_openapi(app: FastAPI, config: ServerConfig, max_len: int, vocab_size
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
         # Streamed chunks are named by the event schemas only: add their models.
-        for model in (P.ChatCompletionChunk, P.Completion, P.ErrorResponse):
+        for model in (P.ChatCompletionChunk, P.Completion, P.ErrorResponse, *R.STREAM_EVENTS):
             js = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
             schemas.update(js.pop("$defs", {}))
             schemas.setdefault(model.__name__, js)
         # This server's own bounds: the one model it serves, its context, its largest n.
-        for name, prompt in (
-            ("ChatCompletionRequest", {"messages": [{"role": "user", "content": "What is 2+3?"}]}),
-            ("CompletionRequest", {"prompt": "The quick brown fox"}),
+        for name, prompt, max_field in (
+            ("ChatCompletionRequest", {"messages": [{"role": "user", "content": "What is 2+3?"}]}, "max_tokens"),
+            ("CompletionRequest", {"prompt": "The quick brown fox"}, "max_tokens"),
+            ("ResponsesRequest", {"input": "What is 2+3?"}, "max_output_tokens"),
         ):
             props = schemas[name]["properties"]
             props["model"] = {"type": "string", "enum": [config.model_name], "title": "Model"}
             for field, bound in (
-                ("max_tokens", max_len - 1),
+                (max_field, max_len - 1),
                 ("max_completion_tokens", max_len - 1),
                 ("n", config.max_n),
                 ("best_of", config.max_n),
@@ -80,7 +78,7 @@ def install_openapi(app: FastAPI, config: ServerConfig, max_len: int, vocab_size
                 for branch in props.get(field, {}).get("anyOf", []):
                     if branch.get("type") == "integer":
                         branch["maximum"] = min(bound, branch.get("maximum", bound))
-            schemas[name]["examples"] = [{"model": config.model_name, **prompt, "max_tokens": 16}]
+            schemas[name]["examples"] = [{"model": config.model_name, **prompt, max_field: 16}]
         _bound_integers(schemas["CompletionRequest"]["properties"]["prompt"], vocab_size - 1)  # token ids
         if config.api_key:
             schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

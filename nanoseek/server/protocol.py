@@ -3,7 +3,10 @@
 Requests validate strictly, as JSON Schema reads them (a string is not an integer, 1 is not a boolean, NaN is
 not a number); fields a client may send that nanoseek ignores (`user`, `name`) or rejects unless neutral
 (penalties, `logit_bias`, `tools`) are declared so the schema tells the truth. `top_k` and `ignore_eos` are
-vLLM's extensions. Responses carry DeepSeek's `reasoning_content` beside `content`.
+vLLM's extensions. The thinking switch comes in three spellings (server/thinking.py): DeepSeek's `thinking`,
+vLLM's `chat_template_kwargs`, OpenAI's `reasoning_effort`. Responses carry the reasoning beside `content` under
+both names clients read: DeepSeek's `reasoning_content` and vLLM's `reasoning`. The Responses API's models are
+in protocol_responses.py.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 
 FinishReason = Literal["stop", "length"]
+# OpenAI's reasoning efforts (as the openai SDK spells them); nanoseek has no reasoning budget: "none" switches
+# thinking off, every other effort switches it on
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 TokenId = Annotated[int, Field(ge=0)]  # the server's schema adds the vocabulary's bound
 
 
@@ -62,6 +68,7 @@ class ChatMessage(_Request):
     content: Text | list[TextContentPart]
     name: Text | None = None  # accepted, not used
     reasoning_content: Text | None = None  # an earlier answer's reasoning: accepted, left out of the prompt
+    reasoning: Text | None = None  # the same under vLLM's name
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -91,6 +98,20 @@ class _Sampling(_Request):
     ignore_eos: bool | None = None  # extension: keep generating past the end-of-sentence token
 
 
+class ThinkingConfig(_Request):
+    """DeepSeek's thinking switch: `{"type": "enabled"}` or `{"type": "disabled"}`."""
+
+    type: Literal["enabled", "disabled"]
+
+
+class ChatTemplateKwargs(_Request):
+    """vLLM's and SGLang's variables for the chat template: the thinking switch, under either name (`thinking`
+    wins over `enable_thinking`); other keys are accepted and unused (no template here reads them)."""
+
+    thinking: bool | None = None
+    enable_thinking: bool | None = None
+
+
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
 
@@ -102,6 +123,9 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None  # only "text" is served
     tools: list[dict] | None = None  # not served: must be absent or empty
+    thinking: ThinkingConfig | None = None  # DeepSeek's switch
+    chat_template_kwargs: ChatTemplateKwargs | None = None  # vLLM's switch (wins over the others)
+    reasoning_effort: ReasoningEffort | None = None  # OpenAI's: "none" = off, any other = on
 
 
 class CompletionRequest(_Sampling):
@@ -150,6 +174,7 @@ class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
     reasoning_content: str | None  # the text inside <think>...</think>; null when the model did not think
+    reasoning: str | None  # the same, under vLLM's name
 
 
 class ChatCompletionChoice(BaseModel):
@@ -175,6 +200,7 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # the same text as reasoning_content (vLLM's name)
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):

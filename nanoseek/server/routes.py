@@ -1,5 +1,6 @@
 """The handlers behind /v1/chat/completions and /v1/completions: validation, admission to the engine thread,
-and the answer, whole or as server-sent events (both from one event path, so both give the same text)."""
+and the answer, whole or as server-sent events (both from one event path, so both give the same text).
+/v1/responses (responses.py) uses the same validation, admission and event path."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from nanoseek.server.errors import APIError
 from nanoseek.server.prometheus import ServerMetrics
 from nanoseek.server.sample import Sample
 from nanoseek.server.streams import disconnected, merge
+from nanoseek.server.thinking import Thinking
 
 log = logging.getLogger("nanoseek.server")
 
@@ -64,26 +66,7 @@ class Api:
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options")
         n = self.check_n(body)
-        max_len = self.engine.max_len
-        if n_prompt >= max_len:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {max_len} tokens. However, your "
-                f"prompt has {n_prompt} tokens, leaving no room for a completion.",
-                param=prompt_param,
-                code="context_length_exceeded",
-            )
-        if max_tokens is None:
-            max_tokens = max_len - n_prompt
-        elif n_prompt + max_tokens > max_len:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {max_len} tokens. However, you "
-                f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, "
-                f"{max_tokens} for the completion).",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+        max_tokens = self.check_context(n_prompt, max_tokens, prompt_param, "max_tokens")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
@@ -97,6 +80,30 @@ class Api:
             logprobs=logprobs,
             top_logprobs=top_logprobs,
         )
+
+    def check_context(self, n_prompt: int, max_tokens: int | None, prompt_param: str, max_param: str) -> int:
+        """The tokens to generate (default: the rest of the context), or a 400 when the prompt leaves no room."""
+        max_len = self.engine.max_len
+        if n_prompt >= max_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_len} tokens. However, your "
+                f"prompt has {n_prompt} tokens, leaving no room for a completion.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            return max_len - n_prompt
+        if n_prompt + max_tokens > max_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_len} tokens. However, you "
+                f"requested {n_prompt + max_tokens} tokens ({n_prompt} in the prompt, "
+                f"{max_tokens} for the completion).",
+                param=max_param,
+                code="context_length_exceeded",
+            )
+        return max_tokens
 
     def check_n(self, body: P._Sampling) -> int:
         n = body.n or 1
@@ -162,38 +169,46 @@ class Api:
             raise APIError(400, "top_logprobs needs logprobs to be true.", param="top_logprobs")
         max_tokens = body.max_completion_tokens or body.max_tokens
         self.check_work(1, self.check_n(body), 0, max_tokens or 1, "messages")
+        thinking = Thinking.of_chat(body)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt = self.tokenizer.apply_chat_template(messages)
-        except TokenizerError as e:
-            raise APIError(400, str(e), param="messages") from None
-        ids = await run_in_threadpool(self.tokenizer.encode, prompt)
+        ids = await self.render(messages, thinking, "messages")
         params = self.params(body, max_tokens, len(ids), "messages", bool(body.logprobs), body.top_logprobs or 0)
         self.check_work(1, params.n, len(ids), params.max_tokens, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self.admit([ids], params, rid)
         head = dict(id=rid, created=int(time.time()), model=self.config.model_name, system_fingerprint=FINGERPRINT)
-        template = self.tokenizer.chat_template
+        template, split = self.tokenizer.chat_template, thinking.split(self.tokenizer.chat_template)
         samples = [
-            Sample(self.tokenizer, params.stop, template, self.pieces if body.logprobs else None)
+            Sample(self.tokenizer, params.stop, template, self.pieces if body.logprobs else None, split)
             for _ in range(params.n)
         ]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self._sse(self._chat_chunks(streams, samples, head, len(ids), include_usage, t0), streams)
-        await self._collect(streams, samples, request, t0)
+        await self.collect(streams, samples, request, t0)
         choices = []
         for i, s in enumerate(samples):
             reasoning = s.reasoning if s.split.has_reasoning else None
             choices.append(
                 P.ChatCompletionChoice(
                     index=i,
-                    message=P.ChatCompletionMessage(content=s.content, reasoning_content=reasoning),
+                    message=P.ChatCompletionMessage(
+                        content=s.content, reasoning_content=reasoning, reasoning=reasoning
+                    ),
                     logprobs=P.ChoiceLogprobs(content=s.logprobs) if body.logprobs else None,
                     finish_reason=s.finish_reason,
                 )
             )
         return P.ChatCompletion(**head, choices=choices, usage=self._chat_usage(len(ids), samples))
+
+    async def render(self, messages: list[dict], thinking: Thinking, param: str) -> list[int]:
+        """The prompt's token ids: messages through the chat template, with the thinking switch."""
+        thinking.check(self.tokenizer.chat_template)
+        try:
+            prompt = self.tokenizer.apply_chat_template(messages, thinking=thinking.on)
+        except TokenizerError as e:
+            raise APIError(400, str(e), param=param) from None
+        return await run_in_threadpool(self.tokenizer.encode, prompt)
 
     def _chat_usage(self, n_prompt: int, samples: list[Sample]) -> P.ChatUsage:
         n_out = sum(s.n_tokens for s in samples)
@@ -218,11 +233,11 @@ class Api:
 
         for i in range(len(samples)):
             yield chunk(i, P.DeltaMessage(role="assistant", content=""))
-        async for i, r, c, lps, finished in self._events(streams, samples, t0):
+        async for i, r, c, lps, finished in self.events(streams, samples, t0):
             if r or c or lps:
                 yield chunk(
                     i,
-                    P.DeltaMessage(reasoning_content=r or None, content=c or None),
+                    P.DeltaMessage(reasoning_content=r or None, reasoning=r or None, content=c or None),
                     logprobs=P.ChoiceLogprobs(content=lps) if lps else None,
                 )
             if finished:
@@ -276,7 +291,7 @@ class Api:
                 ),
                 streams,
             )
-        await self._collect(streams, samples, request, t0)
+        await self.collect(streams, samples, request, t0)
         choices = [
             P.CompletionChoice(
                 index=i,
@@ -315,7 +330,7 @@ class Api:
         for i, s in enumerate(samples):
             if echo[i // n]:
                 yield chunk(i, echo[i // n])
-        async for i, _, text, _, finished in self._events(streams, samples, t0):
+        async for i, _, text, _, finished in self.events(streams, samples, t0):
             s = samples[i]
             lp = None
             if logprobs:
@@ -332,7 +347,7 @@ class Api:
             ).model_dump_json()
 
     # ---- driving the streams ----
-    async def _events(self, streams: list[RequestStream], samples: list[Sample], t0: float):
+    async def events(self, streams: list[RequestStream], samples: list[Sample], t0: float):
         """Yield (choice index, reasoning, content, logprob entries, finished) as tokens arrive from every
         prompt's stream; choice index = prompt index * n + sample index."""
         n = len(samples) // len(streams)
@@ -358,11 +373,11 @@ class Api:
             self.metrics.finished[s.finish_reason] += 1
         self.metrics.latency.observe(time.perf_counter() - t0)
 
-    async def _collect(self, streams, samples, request: Request, t0: float) -> None:
+    async def collect(self, streams, samples, request: Request, t0: float) -> None:
         """Run a non-streaming request to the end, or abort it if the client disconnects first."""
 
         async def consume():
-            async for _ in self._events(streams, samples, t0):
+            async for _ in self.events(streams, samples, t0):
                 pass
 
         work = asyncio.ensure_future(consume())
@@ -397,12 +412,20 @@ class Api:
                 err = P.ErrorDetail(message=str(e), type="server_error", code="generation_failed")
                 yield f"data: {P.ErrorResponse(error=err).model_dump_json()}\n\n"
             finally:
-                if not all(s.done for s in streams):
-                    self.metrics.finished["abort"] += 1
-                for s in streams:
-                    s.close()
+                self.release(streams)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(
-            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
+        return event_stream(body())
+
+    def release(self, streams: list[RequestStream]) -> None:
+        """A stream's end, or its client gone: requests not done yet are aborted (and counted)."""
+        if not all(s.done for s in streams):
+            self.metrics.finished["abort"] += 1
+        for s in streams:
+            s.close()
+
+
+def event_stream(body: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

@@ -11,9 +11,16 @@ from nanoseek.server import protocol as P
 class Sample:
     """One choice as its tokens arrive: text (stop strings applied), reasoning split, logprobs, counts."""
 
-    def __init__(self, tokenizer, stop: list[str], template: str | None, pieces: TokenPieces | None):
+    def __init__(
+        self,
+        tokenizer,
+        stop: list[str],
+        template: str | None,
+        pieces: TokenPieces | None,
+        thinking: bool | None = None,
+    ):
         self.text = SampleText(tokenizer, stop)
-        self.split = ReasoningSplitter(template) if template else None
+        self.split = ReasoningSplitter(template, thinking) if template else None
         self.pieces = pieces
         self.n_tokens = self.reasoning_tokens = 0
         self.finish_reason: str | None = None
