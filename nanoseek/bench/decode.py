@@ -27,11 +27,29 @@ Both sides run greedy decoding with EOS ignored, so every run makes exactly the 
 returned medians are keyed `prefill/nanoseek/<format>`, `decode<b>/nanoseek/<format>`,
 `active_bytes/<format>`, `bandwidth_fraction/<format>`, ...; the fp32 figures also under the keys without
 the format (`decode1/nanoseek`, `bandwidth_fraction`).
+
+**Long contexts** (`--context`, in place of the table above): how decoding slows as the context grows, where
+DeepSeek-V3.2's sparse attention (DSA) pays.
+
+    nanoseek bench decode --preset long-v32 --context 1024 4096 16384 --compare-dense --threads 1
+
+For each N: one random N-token prompt is prefilled (timed), then batch-1 greedy decode tokens/s is measured in
+`--rounds` rounds of `--tokens` steps each, all on the one request (so the context during measurement runs from
+N to N + rounds x tokens); medians. `--compare-dense` measures a V3.2 model beside its dense twin, the same
+config and weights as model_type deepseek_v3 with the indexer dropped (every query attends to every earlier
+token), rounds interleaved, and reports the ratio: the question a V3.2 user asks is what sparsity buys against
+the same model attending densely, which two separately seeded presets would not answer. Also printed: the
+engine cache's bytes per token (all layers: MLA's latent, plus the indexer key for V3.2) and the 1-minute
+load average before and after. No transformers reference here: its `generate` at 16K tokens takes too long.
+Prefill costs grow with N squared (the indexer scores every earlier token, and expanded attention under the
+sparse mask scores them too): at 16K on 2 CPU cores, minutes. `--weights` applies its first format. Medians are
+keyed `context<N>/decode/<label>`, `context<N>/prefill_s/<label>`, `context<N>/ratio`, `cache_bytes/<label>`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import tempfile
 import time
@@ -70,6 +88,8 @@ class DecodeBenchConfig:
     bandwidth_mb: int = 256  # size of the copy that measures memory bandwidth (well past the caches)
     weights: list[str] = field(default_factory=lambda: ["fp32"])  # formats measured, one engine each
     compile: bool | None = None  # the engines' torch.compile'd decode step; None: where it is faster
+    context: list[int] | None = None  # prompt lengths of the context sweep (which replaces the usual table)
+    compare_dense: bool = False  # the sweep also measures a V3.2 model as dense V3 (its indexer dropped)
 
 
 def engine_decode(engine: Engine, prompts: list[list[int]], n_new: int) -> tuple[float, float]:
@@ -166,6 +186,8 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
         model = from_pretrained(path).eval()
         tokenizer = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None
         hf = None
+        if cfg.context:
+            return context_sweep(cfg, model, name, log)
         if not cfg.no_reference:
             # transformers is the reference, a dev dependency only: imported when it runs.
             import transformers
@@ -283,4 +305,95 @@ def run(cfg: DecodeBenchConfig, log=print) -> dict:
         )
     else:
         log("  MTP: the checkpoint has no MTP modules (nothing to measure)")
+    return med
+
+
+def dense_twin(model: Transformer) -> Transformer:
+    """A DeepSeek-V3.2 model as DeepSeek-V3: the same config and weights with model_type deepseek_v3 and no
+    indexer, so every query attends to every earlier token (dense MLA)."""
+    dense = Transformer(model.config.replace(model_type="deepseek_v3"))
+    missing, _ = dense.load_state_dict(model.state_dict(), strict=False)  # the unexpected keys: the indexers
+    if missing:
+        raise NanoseekError(f"the dense twin lacks {missing[:3]}")
+    return dense.eval()
+
+
+SWEEP_WARMUP = 4  # decode steps after the prefill before the clock starts (first-call costs, compilation)
+
+
+def context_sweep(cfg: DecodeBenchConfig, model: Transformer, name: str, log=print) -> dict:
+    """The `--context` run: batch-1 greedy decode tokens/s after a prefill of each length, with
+    `--compare-dense` beside the model's dense twin; returns the medians keyed `context<n>/decode/<label>`."""
+    mc = model.config
+    if cfg.compare_dense and not mc.dsa:
+        raise NanoseekError(
+            "--compare-dense needs a deepseek_v32 model: it measures it beside itself without the indexer"
+        )
+    label = "V3.2" if mc.dsa else mc.model_type
+    models = {label: model, "V3": dense_twin(model)} if cfg.compare_dense else {label: model}
+    steps = SWEEP_WARMUP + cfg.rounds * cfg.tokens
+    if min(cfg.context) < 1:
+        raise NanoseekError("--context takes prompt lengths of at least 1 token")
+    if max(cfg.context) + steps >= mc.max_position_embeddings:
+        raise NanoseekError(
+            f"--context {max(cfg.context)} plus {steps} decoded tokens exceeds the model's "
+            f"{mc.max_position_embeddings} positions"
+        )
+    fmt = cfg.weights[0]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    load = [os.getloadavg()[0]]
+    res: dict[str, list[float]] = {}
+    med: dict[str, float] = {}
+    for ctx in cfg.context:
+        prompt = torch.randint(5, mc.vocab_size, (ctx,), generator=gen).tolist()
+        params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+        engines = {}
+        for key, m in models.items():  # one request each, alive through every round: one prefill per context
+            engine = Engine(m, max_batch_size=1, cache_tokens=ctx + steps + 64, weights=fmt, compile=cfg.compile)
+            engine.add_request(prompt, params)
+            t0 = time.perf_counter()
+            engine.step()
+            med[f"context{ctx}/prefill_s/{key}"] = time.perf_counter() - t0
+            for _ in range(SWEEP_WARMUP):
+                engine.step()
+            engines[key] = engine
+            med[f"cache_bytes/{key}"] = engine.cache.bytes_per_token()
+        for _ in range(cfg.rounds):  # interleaved: drift on a shared machine hits every model alike
+            for key, engine in engines.items():
+                t0 = time.perf_counter()
+                for _ in range(cfg.tokens):
+                    engine.step()
+                res.setdefault(f"context{ctx}/decode/{key}", []).append(cfg.tokens / (time.perf_counter() - t0))
+        for key, engine in engines.items():
+            med[f"context{ctx}/decode/{key}"] = statistics.median(res[f"context{ctx}/decode/{key}"])
+            med[f"context{ctx}/ms_per_token/{key}"] = 1e3 / med[f"context{ctx}/decode/{key}"]
+        log(f"context {ctx} done", flush=True)
+    load.append(os.getloadavg()[0])
+    med["load_before"], med["load_after"] = load
+
+    st = model_stats(mc, cache_dtype_bytes=4)
+    log(f"\nnanoseek bench decode --context: {name}")
+    log(
+        f"  {st.total / 1e6:.1f}M parameters, {fmt} weights, batch 1, greedy; torch threads {torch.get_num_threads()}, "
+        f"torch {torch.__version__}; medians of {cfg.rounds} rounds of {cfg.tokens} tokens, decoded after a prefill "
+        f"of the context (no transformers reference: its generate at these lengths takes too long)"
+    )
+    if mc.dsa:
+        log(
+            f"  V3.2: every query attends to its indexer's top {mc.index_topk} tokens "
+            f"({mc.index_n_heads} indexer heads of {mc.index_head_dim})"
+        )
+    log(f"  load average (1 min): {load[0]:.2f} before, {load[1]:.2f} after")
+    log("  cache bytes per token, all layers: " + ", ".join(f"{k} {med[f'cache_bytes/{k}']:,}" for k in models))
+    keys = list(models)
+    head = "".join(f"{k + ' tok/s':>14}" for k in keys) + "".join(f"{k + ' prefill s':>16}" for k in keys)
+    ratio = f"{keys[0]} / {keys[1]}" if len(keys) == 2 else ""
+    log(f"  {'context':>8}{head}{ratio:>12}")
+    for ctx in cfg.context:
+        row = "".join(f"{med[f'context{ctx}/decode/{k}']:14.1f}" for k in keys)
+        row += "".join(f"{med[f'context{ctx}/prefill_s/{k}']:16.1f}" for k in keys)
+        if len(keys) == 2:
+            med[f"context{ctx}/ratio"] = med[f"context{ctx}/decode/{keys[0]}"] / med[f"context{ctx}/decode/{keys[1]}"]
+            row += f"{med[f'context{ctx}/ratio']:11.2f}x"
+        log(f"  {ctx:>8}{row}")
     return med

@@ -5,6 +5,7 @@ nanoseek generate --model runs/tiny --prompt "What is 12 + 30?" --max-tokens 64 
 nanoseek generate --model runs/tiny --prompt "Hi" --chat --n 3 --seed 1 --mtp
 nanoseek bench decode --preset small            # or --model DIR; nanoseek vs transformers, as ratios
 nanoseek bench decode --preset small --weights fp32 bf16 int8 int4      # each weight format beside the others
+nanoseek bench decode --preset long-v32 --context 1024 4096 16384 --compare-dense   # V3.2 vs dense V3 by context
 nanoseek bench quality --model runs/zero/model --heldout runs/zero/data          # loss, top-1 agreement, pass@1
 nanoseek bench profile --preset small --weights fp32 int8 --compile --no-compile  # where a decode step's time goes
 """
@@ -149,6 +150,20 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     b.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     b.add_argument("--bandwidth-mb", type=int, default=256, help="size of the copy measuring memory bandwidth")
     b.add_argument("--no-reference", action="store_true", help="skip transformers (nanoseek figures only)")
+    b.add_argument(
+        "--context",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="instead of the usual table: batch-1 greedy decode tok/s after a prefill of N tokens, for each N "
+        "(e.g. 1024 4096 16384), and the cache bytes per token; no transformers reference",
+    )
+    b.add_argument(
+        "--compare-dense",
+        action="store_true",
+        help="with --context and a DeepSeek-V3.2 model: also measure it as dense DeepSeek-V3 (the same weights, "
+        "the indexer dropped), interleaved, with the ratio",
+    )
     add_engine_weights(b, several=True)
     b.set_defaults(func=cmd_bench_decode)
 

@@ -25,6 +25,10 @@ from nanoseek.model.config import ModelConfig
 from nanoseek.model.layers import apply_rope
 from nanoseek.model.mla import MLA, LatentCache
 
+# Score values (queries x keys, per head) a sparse prefill computes at once: 32M, 128 MB in fp32. A 16K-token
+# prompt scored whole would need its (T, T) scores per indexer head at once (gigabytes).
+PREFILL_SCORES = 1 << 25
+
 
 class Indexer(nn.Module):
     """The lightning indexer of one layer (V3.2 §2.1, eq. 1); weight names as in the checkpoints."""
@@ -107,11 +111,11 @@ class DSA(MLA):
         q_nope, q_pe = self.project_q(x, c_q)
         q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)
         c_kv, k_pe = self.project_latent(x, cos, sin)
+        if cache is not None:  # inference (the engine): prefill or decode over the cache, no indexer loss
+            return self.o_proj(self.cached(x, c_q, cos, sin, q_nope, q_pe, c_kv, k_pe, cache))
         kl = self.training and self.indexer_kl
         x_idx, q_idx = (x.detach(), c_q.detach()) if kl else (x, c_q)  # §2.1.1: the indexer optimized apart
         keys = self.indexer.keys(x_idx, cos, sin)
-        if cache is not None:
-            keys, mask = cache.update_index(self.layer_idx, keys)
         S = keys.shape[1]
         keep = causal_keep(T, S, x.device) if mask is None else mask
         sparse = S > self.indexer.topk and not self.dense_attention
@@ -119,20 +123,61 @@ class DSA(MLA):
         if sparse or kl:
             with torch.set_grad_enabled(kl and torch.is_grad_enabled()):  # top-k has no gradient to give
                 scores = self.indexer(x_idx, q_idx, cos, sin, keys)
-        if cache is not None and cache.absorb and sparse:
-            positions, valid = top_positions(scores, keep, self.indexer.topk)
-            c_sel, pe_sel = cache.gather(self.layer_idx, c_kv, k_pe, positions)
-            return self.o_proj(self.absorbed_sparse(q_nope, q_pe, c_sel, pe_sel, valid))
         attend = selected_mask(scores, keep, self.indexer.topk) if sparse else mask  # None: plain causal
-        if cache is not None:
-            c_kv, k_pe, _ = cache.update(self.layer_idx, c_kv, k_pe)
         if self.training:
             self.indexer_loss = (
                 self._indexer_kl(scores, q_nope, q_pe, c_kv, k_pe, keep if attend is None else attend) if kl else None
             )
-        if cache is not None and cache.absorb:
-            return self.o_proj(self.absorbed(q_nope, q_pe, c_kv, k_pe, attend))
         return self.o_proj(self.expanded(q_nope, q_pe, c_kv, k_pe, attend))
+
+    def cached(self, x, c_q, cos, sin, q_nope, q_pe, c_kv, k_pe, cache: LatentCache) -> torch.Tensor:
+        """Attention of the step's T queries over everything cached, the step's own tokens stored first
+        (their indexer keys beside their latents). Decode (`cache.absorb`) attends absorbed over the top-k
+        latents alone, gathered from the cache; prefill attends expanded under the sparse mask, a chunk of
+        queries at a time (`sparse_prefill`). With no more keys than index_topk it is plain MLA: every key
+        is selected, so the indexer is not run. Returns (B, T, H*v)."""
+        keys, mask = cache.update_index(self.layer_idx, self.indexer.keys(x, cos, sin))  # (B, S, d)
+        T, S, k = x.shape[1], keys.shape[1], self.indexer.topk
+        sparse = S > k and not self.dense_attention
+        if sparse and cache.absorb:
+            keep = causal_keep(T, S, x.device) if mask is None else mask
+            positions, valid = top_positions(self.indexer(x, c_q, cos, sin, keys), keep, k)
+            c_sel, pe_sel = cache.gather(self.layer_idx, c_kv, k_pe, positions)
+            return self.absorbed_sparse(q_nope, q_pe, c_sel, pe_sel, valid)
+        c_kv, k_pe, _ = cache.update(self.layer_idx, c_kv, k_pe)
+        if sparse:
+            return self.sparse_prefill(x, c_q, cos, sin, keys, mask, q_nope, q_pe, c_kv, k_pe)
+        if cache.absorb:
+            return self.absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.expanded(q_nope, q_pe, c_kv, k_pe, mask)
+
+    def sparse_prefill(self, x, c_q, cos, sin, keys, mask, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+        """`expanded` under the sparse mask, the same numbers, for a prompt of any length: the queries go in
+        chunks whose indexer scores (B, Q, S') and attention scores (B, H, Q, S') stay near PREFILL_SCORES
+        values, S' being the keys up to the chunk's last query (so most of the causal upper half is never
+        scored). Keys and values are rebuilt from the latent once for all chunks. keys (B, S, d), c_kv (B, S,
+        r), k_pe (B, S, rope): all cached entries; mask: the cache's keep-mask (B, 1, T, S), None: causal."""
+        B, T, H = q_nope.shape[:3]
+        S = keys.shape[1]
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # (B, H, T, nope+rope)
+        k_all = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, H, -1)), dim=-1).transpose(1, 2)
+        v = F.pad(v, (0, max(q.shape[-1] - self.v_head_dim, 0))).transpose(1, 2)  # as in `expanded`
+        n = max(1, PREFILL_SCORES // (B * S * max(H, self.indexer.n_heads)))  # queries per chunk
+        out = []
+        for t0 in range(0, T, n):
+            t1 = min(t0 + n, T)
+            s1 = S - T + t1  # query t sees keys up to its position, start + t <= S - T + t (S >= start + T)
+            keep = causal_keep(t1 - t0, s1, x.device) if mask is None else mask[:, :, t0:t1, :s1]
+            chunk = slice(t0, t1)
+            scores = self.indexer(x[:, chunk], c_q[:, chunk], cos[:, chunk], sin[:, chunk], keys[:, :s1])
+            attend = selected_mask(scores, keep, self.indexer.topk)  # (B, 1, Q, S')
+            o = F.scaled_dot_product_attention(
+                q[:, :, chunk], k_all[:, :, :s1], v[:, :, :s1], attn_mask=attend, scale=self.softmax_scale
+            )
+            out.append(o[..., : self.v_head_dim])  # (B, H, Q, v)
+        return torch.cat(out, dim=2).transpose(1, 2).reshape(B, T, -1)
 
     def absorbed_sparse(self, q_nope, q_pe, c_sel, pe_sel, valid):
         """Absorbed attention of each query over its own k gathered latents: c_sel (B, T, k, r), pe_sel

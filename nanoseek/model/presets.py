@@ -1,6 +1,6 @@
-"""Named model shapes: `tiny`, `tiny-v32`, `small` (sized for a laptop-class CPU) and the published
-`deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`, `deepseek-v3.2` configs (built on the meta device by
-`nanoseek info`, they take no memory)."""
+"""Named model shapes: `tiny`, `tiny-v32`, `small` (sized for a laptop-class CPU), `long-v32` (long-context
+decode benchmarks) and the published `deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`, `deepseek-v3.2` configs
+(built on the meta device by `nanoseek info`, they take no memory)."""
 
 from __future__ import annotations
 
@@ -165,6 +165,31 @@ PRESETS["tiny-v32"] = dict(
 # DeepSeek-V3.2-Exp: V3's shape plus the lightning indexer (64 heads of 128, top-2048 tokens).
 PRESETS["deepseek-v3.2"] = dict(
     PRESETS["deepseek-v3"], model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048
+)
+# ~23M parameters whose decode cost at long contexts is attention's: 4 layers of V3's 576-wide latent (kv_lora_rank
+# 512 + rope 64) behind a slim FFN, an 8-head indexer of 64 and top-1024, 32K positions. What `nanoseek bench
+# decode --preset long-v32 --context 1024 4096 16384 --compare-dense` measures against the same model dense.
+PRESETS["long-v32"] = dict(
+    vocab_size=4096,
+    hidden_size=512,
+    intermediate_size=1024,
+    moe_intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    q_lora_rank=256,
+    kv_lora_rank=512,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=64,
+    v_head_dim=64,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    max_position_embeddings=32768,
+    model_type="deepseek_v32",
+    index_n_heads=8,
+    index_head_dim=64,
+    index_topk=1024,
 )
 
 
