@@ -9,12 +9,22 @@ import torch
 from nanoseek.checkpoint.tokenizer import Tokenizer
 from nanoseek.engine.engine import Engine
 
-from helpers import CONFIGS, think_checkpoint, variant
+from helpers import CONFIGS, random_model, think_checkpoint, variant
 
 
 @pytest.fixture(params=sorted(CONFIGS))
 def config_name(request):
     return request.param
+
+
+@pytest.fixture(scope="module", params=["v3", "v3_mtp", "v32_sparse"])
+def model_and_mtp(request):
+    """(a random model, whether the engine speculates with its MTP module): V3, V3 with MTP, sparse V3.2."""
+    name = request.param
+    cfg = CONFIGS[name.removesuffix("_mtp")]
+    if name.endswith("_mtp"):
+        cfg = cfg.replace(num_nextn_predict_layers=1)
+    return random_model(cfg).eval(), name.endswith("_mtp")
 
 
 @pytest.fixture(scope="module")

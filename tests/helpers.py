@@ -183,18 +183,10 @@ def _conversations(template: str) -> list[tuple[str, str]]:
 
 
 @lru_cache(maxsize=None)
-def think_checkpoint(root: Path) -> Path:
-    """A 100k-parameter model trained to memorize QA in both formats (about 100 full-batch AdamW steps).
-    Returns a checkpoint with the deepseek template; `variant` derives the others."""
-    out = root / "think"
-    if (out / "tokenizer_config.json").exists():
-        return out
-    pairs = _conversations("deepseek") + _conversations("r1_zero")
-    tok = train_tokenizer(
-        [p + r for p, r in pairs] * 10 + ["The quick brown fox jumps over the lazy dog."] * 5, vocab_size=512
-    )
-    cfg = ModelConfig(
-        vocab_size=512,
+def chat_model_config(tok: Tokenizer, vocab_size: int, max_position_embeddings: int = 512) -> ModelConfig:
+    """The server tests' 100k-parameter shape (MLA + MoE, 2 layers) for a tokenizer's special ids."""
+    return ModelConfig(
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         moe_intermediate_size=32,
@@ -209,17 +201,22 @@ def think_checkpoint(root: Path) -> Path:
         num_experts_per_tok=2,
         n_shared_experts=1,
         first_k_dense_replace=1,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         bos_token_id=tok.bos_id,
         eos_token_id=tok.eos_id,
         pad_token_id=tok.pad_id,
     )
+
+
+def memorize(tok: Tokenizer, cfg: ModelConfig, pairs: list[tuple[str, str]], max_new_tokens: int = 40) -> Transformer:
+    """A model trained from seed 0 to reply to each prompt of `pairs` with its reply (loss on the replies only,
+    full-batch AdamW, at most 400 steps), checked by greedy decoding."""
     torch.manual_seed(0)
     model = Transformer(cfg)
     seqs = [(tok.encode(p), tok.encode(r) + [tok.eos_id]) for p, r in pairs]
     T = max(len(p) + len(r) for p, r in seqs)
     ids = torch.full((len(seqs), T), tok.pad_id)
-    target = torch.full((len(seqs), T), IGNORE_INDEX)  # loss on the replies only
+    target = torch.full((len(seqs), T), IGNORE_INDEX)
     for i, (p, r) in enumerate(seqs):
         ids[i, : len(p) + len(r)] = torch.tensor(p + r)
         target[i, len(p) - 1 : len(p) + len(r) - 1] = torch.tensor(r)
@@ -241,11 +238,30 @@ def think_checkpoint(root: Path) -> Path:
     model.eval()
     engine = Engine(model, tok)
     for p, r in pairs:  # the fixture's own check: greedy decoding reproduces every reply
-        got = engine.generate([p], SamplingParams(max_tokens=40, temperature=0))[0].outputs[0]
-        assert got.text == r and got.finish_reason == "stop", (p, got.text, loss.item())
+        got = engine.generate([p], SamplingParams(max_tokens=max_new_tokens, temperature=0))[0].outputs[0]
+        assert got.text == r and got.finish_reason == "stop", (p[-40:], got.text, loss.item())
+    return model
+
+
+def think_checkpoint(root: Path) -> Path:
+    """A 100k-parameter model trained to memorize QA in both formats (about 100 full-batch AdamW steps).
+    Returns a checkpoint with the deepseek template; `variant` derives the others."""
+    out = root / "think"
+    if (out / "tokenizer_config.json").exists():
+        return out
+    pairs = _conversations("deepseek") + _conversations("r1_zero")
+    tok = train_tokenizer(
+        [p + r for p, r in pairs] * 10 + ["The quick brown fox jumps over the lazy dog."] * 5, vocab_size=512
+    )
+    model = memorize(tok, chat_model_config(tok, 512), pairs)
     save_pretrained(model, out)
     tok.save_pretrained(out)
     return out
+
+
+def token_ids(outs) -> list[list[list[int]]]:
+    """Each request's samples' token ids, from Engine.generate's outputs."""
+    return [[c.token_ids for c in o.outputs] for o in outs]
 
 
 def variant(base: Path, name: str, template: str | None = None, context: int | None = None) -> Path:

@@ -225,7 +225,7 @@ BAD_REQUESTS = [
         400,
         "stream_options",
     ),
-    ("chat", {"model": "think", "messages": ask("hi"), "tools": [{"type": "function"}]}, {}, 400, "tools"),
+    ("chat", {"model": "think", "messages": ask("hi"), "tools": [{"type": "function"}]}, {}, 400, "tools.0.function"),
     ("chat", b"[1, 2, 3]", {}, 400, None),
     ("chat", b"NaN", {}, 400, None),
     ("completions", {"model": "think", "prompt": [99999]}, {}, 400, "prompt"),
@@ -370,6 +370,28 @@ def test_32_concurrent_streams_equal_each_request_alone(server):
     m = server.metrics()
     assert m["nanoseek_requests_running"] == 0 and m["nanoseek_kv_cache_blocks_used"] == 0
     assert elapsed < 60
+
+
+@pytest.mark.slow
+def test_prefix_cache_hits_are_reported_and_decode_as_misses_do(server):
+    """The same long system prompt twice: the second request finds its blocks in the cache, says so in
+    usage (chat's prompt_tokens_details, the Responses API's input_tokens_details) and on /metrics, and
+    returns exactly what the first did (greedy)."""
+    system = "Prefix cache check. " + "The quick brown fox jumps over the lazy dog. " * 6
+    messages = [{"role": "system", "content": system}, *ask("What is 2+2?")]
+    kw = dict(model="think", messages=messages, temperature=0, max_tokens=12)
+    client = server.client()
+    before = server.metrics()
+    first, again = (client.chat.completions.create(**kw) for _ in range(2))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 32 <= cached < again.usage.prompt_tokens and cached % 16 == 0  # whole 16-token blocks, not the last
+    assert again.choices[0].message == first.choices[0].message
+    after = server.metrics()
+    assert after["nanoseek_prefix_cache_hits_total"] - before["nanoseek_prefix_cache_hits_total"] == cached
+    assert 0 < after["nanoseek_prefix_cache_hit_rate"] <= 1
+    r1, r2 = (client.responses.create(model="think", instructions=system, input="Say hi.", temperature=0) for _ in "12")
+    assert r2.usage.input_tokens_details.cached_tokens >= 32 and r2.output_text == r1.output_text
 
 
 @pytest.mark.slow

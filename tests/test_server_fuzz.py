@@ -1,6 +1,7 @@
 """Random bodies against a real `nanoseek serve` process: random JSON values, and valid chat and completions
 bodies with fields changed, added or removed (hypothesis), surrogates and NaN included, on the three generation
-endpoints (chat, completions, responses). None may get a 5xx, and the server's memory must come back to its level
+endpoints (chat, completions, responses); structured output and tools included (schemas that compile, that do
+not, and random JSON as a schema). None may get a 5xx, and the server's memory must come back to its level
 after warm-up."""
 
 from __future__ import annotations
@@ -27,15 +28,27 @@ FIELDS = [
     *"n temperature top_p top_k stop seed stream stream_options logprobs top_logprobs echo ignore_eos".split(),
     *"max_completion_tokens presence_penalty logit_bias user tools response_format best_of suffix".split(),
     *"thinking chat_template_kwargs reasoning_effort reasoning instructions metadata tool_choice text".split(),
-    *"truncation include store background previous_response_id".split(),
+    *"truncation include store background previous_response_id parallel_tool_calls".split(),
 ]
 
 # any code point, lone surrogates included (and often: they are rare among all of Unicode)
 text = st.text(st.characters(exclude_categories=()), max_size=12) | st.sampled_from(["\ud800", "ok \udfff", "\ud83d"])
 scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | text
 plain_values = st.booleans() | st.integers(-2, 2) | st.none()
+TOOL_CALLS = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
 json_values = st.recursive(
     scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4), max_leaves=10
+)
+schemas = st.one_of(
+    st.sampled_from(
+        [
+            {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]},
+            {"type": "object"},
+            {"type": "nope"},
+            {"type": "string", "pattern": "("},
+        ]
+    ),
+    json_values,
 )
 plausible = st.one_of(
     json_values,
@@ -47,6 +60,36 @@ plausible = st.one_of(
     st.fixed_dictionaries({"effort": st.sampled_from(["none", "low", "high", "max", "x"])}),
     st.lists(st.integers(0, 600), min_size=1, max_size=6),
     st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x"]), "content": text}), max_size=3),
+    # structured output and tools: schemas that compile, that do not, and random JSON as a schema
+    st.fixed_dictionaries(
+        {
+            "type": st.sampled_from(["json_schema", "json_object"]),
+            "json_schema": st.fixed_dictionaries({"name": st.sampled_from(["x", "a b"]), "schema": schemas}),
+        }
+    ),
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "type": st.just("function"),
+                "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "g", "a b"]), "parameters": schemas}),
+            }
+        ),
+        max_size=2,
+    ),
+    st.sampled_from(["required", {"type": "function", "function": {"name": "f"}}]),
+    st.lists(
+        st.sampled_from(
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "tool", "content": "sunny"},
+                {"role": "tool", "content": "sunny", "tool_call_id": "c"},
+                {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]},
+                {"role": "assistant", "content": None, "tool_calls": TOOL_CALLS},
+            ]
+        ),
+        min_size=1,
+        max_size=3,
+    ),
 )
 
 

@@ -8,6 +8,10 @@ another until --requests have been sent in all. Reported per round, then as medi
 output tokens/s (completion tokens / wall time of the round), time to first token and inter-token latency
 (per token: the requests ask for `logprobs`, so every token is announced even when its text is held back,
 e.g. part of a UTF-8 character) at p50 and p99, and the cost of a million output tokens at --price-per-hour.
+With --system-prompt-tokens N every request starts with the same system message of about N tokens and its
+user message ends with the request's number (what prefix caching serves: a shared prefix, distinct tails);
+the prompt tokens the server found cached (`usage.prompt_tokens_details.cached_tokens`) are reported.
+--server-flags passes flags to the server started with --model (e.g. `--no-prefix-caching`).
 
 With --model the benchmark starts the server itself (on a free loopback port) and, interleaved with the
 server rounds, runs the same requests on the engine in-process (`Engine.generate`, no HTTP): the ratio of
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -47,6 +52,8 @@ class BenchConfig:
     rounds: int = 3
     max_batch_size: int = 32
     threads: int | None = None  # torch threads of the server and the in-process engine (default: torch's)
+    system_prompt_tokens: int = 0  # a shared system message of about this many tokens (0: none)
+    server_flags: str = ""  # more `nanoseek serve` flags for the server started with --model
 
 
 @dataclass
@@ -55,6 +62,8 @@ class RoundResult:
     wall_s: float
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -126,6 +135,9 @@ async def _one_request(http: httpx.AsyncClient, body: dict, result: RoundResult)
                 raise RuntimeError(f"generation failed: {chunk['error']['message']}")
             if chunk.get("usage"):
                 result.tokens += chunk["usage"]["completion_tokens"]
+                result.prompt_tokens += chunk["usage"]["prompt_tokens"]
+                details = chunk["usage"].get("prompt_tokens_details") or {}
+                result.cached_tokens += details.get("cached_tokens") or 0
             n = sum(len((c.get("logprobs") or {}).get("content") or []) for c in chunk["choices"])
             if n:  # tokens in this chunk (logprobs name each one, even those whose text is held back)
                 now = time.perf_counter()
@@ -137,10 +149,23 @@ async def _one_request(http: httpx.AsyncClient, body: dict, result: RoundResult)
                 last = now
 
 
+def system_prompt(n_tokens: int) -> str:
+    """About n_tokens tokens of text (digits are one token each in nanoseek's tokenizers)."""
+    return " ".join(str(i * 7919 % 100000) for i in range(n_tokens // 6))
+
+
+def _messages(cfg: BenchConfig, i: int) -> list[dict]:
+    if not cfg.system_prompt_tokens:
+        return [{"role": "user", "content": cfg.prompt}]
+    return [
+        {"role": "system", "content": system_prompt(cfg.system_prompt_tokens)},
+        {"role": "user", "content": f"{cfg.prompt} (request {i})"},
+    ]
+
+
 async def _server_round(url: str, model: str, cfg: BenchConfig) -> RoundResult:
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": cfg.prompt}],
         "max_tokens": cfg.max_tokens,
         "temperature": 0,
         "ignore_eos": True,
@@ -156,7 +181,7 @@ async def _server_round(url: str, model: str, cfg: BenchConfig) -> RoundResult:
         nonlocal left
         while left > 0:
             left -= 1
-            await _one_request(http, body, result)
+            await _one_request(http, {**body, "messages": _messages(cfg, left)}, result)
 
     limits = httpx.Limits(max_connections=cfg.clients + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as http:
@@ -168,10 +193,10 @@ async def _server_round(url: str, model: str, cfg: BenchConfig) -> RoundResult:
 
 def _engine_round(engine: Engine, cfg: BenchConfig) -> RoundResult:
     tok = engine.tokenizer
-    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": cfg.prompt}]))
+    prompts = [tok.encode(tok.apply_chat_template(_messages(cfg, i))) for i in range(cfg.requests)]
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0, ignore_eos=True)
     t0 = time.perf_counter()
-    outs = engine.generate([ids] * cfg.requests, params)
+    outs = engine.generate(prompts, params)
     wall = time.perf_counter() - t0
     return RoundResult(tokens=sum(len(o.outputs[0].token_ids) for o in outs), wall_s=wall)
 
@@ -181,8 +206,9 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.model:
         print(f"starting `nanoseek serve --model {cfg.model}` on a free loopback port ...", flush=True)
         threads = ["--threads", str(cfg.threads)] if cfg.threads else []
+        flags = shlex.split(cfg.server_flags)
         server = ServerProcess(
-            cfg.model, "--max-batch-size", str(cfg.max_batch_size), "--log-level", "warning", *threads
+            cfg.model, "--max-batch-size", str(cfg.max_batch_size), "--log-level", "warning", *threads, *flags
         )
         server.wait_ready()
         if cfg.threads:
@@ -206,7 +232,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             line = (
                 f"round {k + 1}: server {served[-1].tokens_per_s:8.1f} tok/s, TTFT p50 "
                 f"{percentile(served[-1].ttft_s, 50) * 1e3:.0f} ms, "
-                f"ITL p50 {percentile(served[-1].itl_s, 50) * 1e3:.1f} ms"
+                f"ITL p50 {percentile(served[-1].itl_s, 50) * 1e3:.1f} ms, "
+                f"{served[-1].cached_tokens} of {served[-1].prompt_tokens} prompt tokens cached"
             )
             if engine is not None:
                 alone.append(_engine_round(engine, cfg))
@@ -224,6 +251,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "itl_p50_s": med([percentile(r.itl_s, 50) for r in served]),
         "itl_p99_s": med([percentile(r.itl_s, 99) for r in served]),
         "usd_per_million_output_tokens": cfg.price_per_hour / 3600 / tps * 1e6,
+        "cached_prompt_share": sum(r.cached_tokens for r in served) / max(1, sum(r.prompt_tokens for r in served)),
     }
     print(f"median of {cfg.rounds} rounds:")
     print(f"  output tokens/s            {tps:10.1f}")

@@ -18,10 +18,18 @@ renders exactly what `apply_chat_template` here renders; a test holds them equal
   A `thinking` variable (as `chat_template_kwargs` pass it) switches reasoning the way DeepSeek-V3.1's template
   does: true opens the assistant turn with `<think>` (the model reasons first), false with `</think>` (it
   answers at once); unset, the turn opens bare and the model decides, as before.
+  Tools as DeepSeek-V3.1's template has them: a `tools` variable (OpenAI's function definitions) is described
+  after the system prompt with the call format, an assistant's `tool_calls` are written
+  `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜>…<｜tool▁calls▁end｜>`
+  before its end of sentence, a `tool` message as `<｜tool▁output▁begin｜>…<｜tool▁output▁end｜>`, and the
+  assistant's next turn continues right after the tool outputs (no new `<｜Assistant｜>`, no generation prompt).
+  The markers are text: nanoseek's tokenizers do not have them as tokens (the grammar that enforces the
+  format, nanoseek/engine/constrain.py, works over text either way).
 - "r1_zero": the DeepSeek-R1-Zero template (R1 paper, Table 1): the plain-text preamble, "User: {prompt}.
   Assistant:", which is what `nanoseek zero` trains on, so serving its checkpoint uses the same prompt.
   It always thinks (its preamble asks for `<think>` first): `thinking` true changes nothing, false is an
-  error (`raise_exception` in Jinja, TokenizerError here).
+  error (`raise_exception` in Jinja, TokenizerError here). It has no tool format: tools, tool calls and tool
+  messages are errors too.
 """
 
 from __future__ import annotations
@@ -60,24 +68,63 @@ R1_ZERO_PREAMBLE = (
 # ignore it, and r1_zero refuses `thinking` false.
 THINKING_TEMPLATES = frozenset({"deepseek"})
 R1_ZERO_ALWAYS_THINKS = "the r1_zero template always thinks: its instruction asks for <think> first"
+# Templates with DeepSeek-V3.1's tool format; r1_zero refuses tools.
+TOOL_TEMPLATES = frozenset({"deepseek"})
+R1_ZERO_NO_TOOLS = "the r1_zero template has no tool format"
+# DeepSeek-V3.1's tool markers (text, not tokens, in nanoseek's tokenizers) and its instructions for them.
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOLS_HEADER = "\n\n## Tools\nYou have access to the following tools:\n"
+TOOLS_FORMAT = (
+    "\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n"
+    f"{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}tool_call_name{TOOL_SEP}tool_call_arguments{TOOL_CALL_END}"
+    "{{additional_tool_calls}}" + TOOL_CALLS_END + "\n\nWhere:\n\n"
+    "- `tool_call_name` must be an exact match to one of the available tools\n"
+    "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema\n"
+    "- For multiple tool calls, chain them directly without separators or spaces\n"
+)
+
+
+def _jinja_str(text: str) -> str:
+    """A Jinja string literal holding `text` as it is (braces included: a literal is not parsed)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
 
 # Jinja sources, written to tokenizer_config.json. `apply_chat_template` below renders the same strings.
 CHAT_TEMPLATES = {
     "deepseek": (
         "{{ bos_token }}"
         "{%- for m in messages if m['role'] == 'system' %}{{ m['content'] }}{%- endfor %}"
+        "{%- if tools %}{{ " + _jinja_str(TOOLS_HEADER) + " }}"
+        "{%- for t in tools %}{{ '\\n### ' + t['function']['name'] + '\\nDescription: ' + "
+        "(t['function']['description'] or '') + '\\n\\nParameters: ' + (t['function']['parameters'] or {}) | tojson "
+        "+ '\\n' }}{%- endfor %}"
+        "{{ " + _jinja_str(TOOLS_FORMAT) + " }}"
+        "{%- endif %}"
+        "{%- set ns = namespace(tool=false) %}"
         "{%- for m in messages %}"
-        "{%- if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+        "{%- if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}{%- set ns.tool = false %}"
         "{%- elif m['role'] == 'assistant' %}"
-        "{{ '<｜Assistant｜>' + (m['content'].split('</think>')[-1] | trim) + eos_token }}"
+        "{%- if not ns.tool %}{{ '<｜Assistant｜>' }}{%- endif %}"
+        "{{ (m['content'] or '').split('</think>')[-1] | trim }}"
+        "{%- if m['tool_calls'] %}{{ '" + TOOL_CALLS_BEGIN + "' }}"
+        "{%- for c in m['tool_calls'] %}{{ '" + TOOL_CALL_BEGIN + "' + c['function']['name'] + '" + TOOL_SEP + "' + "
+        "c['function']['arguments'] + '" + TOOL_CALL_END + "' }}{%- endfor %}"
+        "{{ '" + TOOL_CALLS_END + "' }}{%- endif %}"
+        "{{ eos_token }}{%- set ns.tool = false %}"
+        "{%- elif m['role'] == 'tool' %}"
+        "{{ '" + TOOL_OUTPUT_BEGIN + "' + m['content'] + '" + TOOL_OUTPUT_END + "' }}{%- set ns.tool = true %}"
         "{%- endif %}"
         "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{ '<｜Assistant｜>' }}"
+        "{%- if add_generation_prompt and not ns.tool %}{{ '<｜Assistant｜>' }}"
         "{%- if thinking is true %}{{ '<think>' }}{%- elif thinking is false %}{{ '</think>' }}{%- endif %}"
         "{%- endif %}"
     ),
     "r1_zero": (
         "{%- if thinking is false %}{{ raise_exception('" + R1_ZERO_ALWAYS_THINKS + "') }}{%- endif %}"
+        "{%- if tools or messages | selectattr('role', 'equalto', 'tool') | list %}"
+        "{{ raise_exception('" + R1_ZERO_NO_TOOLS + "') }}{%- endif %}"
         "{{ bos_token }}"
         "{%- set ns = namespace(system='" + R1_ZERO_PREAMBLE + "') %}"
         "{%- for m in messages if m['role'] == 'system' %}{%- set ns.system = m['content'] %}{%- endfor %}"
@@ -141,9 +188,10 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         template: str | None = None,
         thinking: bool | None = None,
+        tools: list[dict] | None = None,
     ) -> str:
         """Render messages with this tokenizer's template (or another by name); see `render_chat`."""
-        return render_chat(messages, template or self.chat_template, add_generation_prompt, thinking)
+        return render_chat(messages, template or self.chat_template, add_generation_prompt, thinking, tools)
 
     # ---- files ------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -202,29 +250,42 @@ class Tokenizer:
 
 
 def render_chat(
-    messages: list[dict], template: str = "deepseek", add_generation_prompt: bool = True, thinking: bool | None = None
+    messages: list[dict],
+    template: str = "deepseek",
+    add_generation_prompt: bool = True,
+    thinking: bool | None = None,
+    tools: list[dict] | None = None,
 ) -> str:
-    """Messages ({"role": system|user|assistant, "content": str}) as prompt text, exactly as the Jinja source
-    CHAT_TEMPLATES[template] renders them (with `thinking` as its template variable; None = unset). Needs no
-    trained tokenizer (corpus building uses it first)."""
+    """Messages ({"role": system|user|assistant|tool, "content": str}, an assistant's optionally with OpenAI's
+    `tool_calls` and null content) as prompt text, exactly as the Jinja source CHAT_TEMPLATES[template] renders
+    them (with `thinking` and `tools`, OpenAI's function definitions, as its template variables; None = unset).
+    Needs no trained tokenizer (corpus building uses it first)."""
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise TokenizerError(f"message {i} must have a role of system, user or assistant")
-        if not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise TokenizerError(f"message {i} must have a role of system, user, assistant or tool")
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             raise TokenizerError(f"message {i} must have string content")
     if template == "deepseek":
-        out = BOS + "".join(m["content"] for m in messages if m["role"] == "system")
+        out = BOS + "".join(m["content"] for m in messages if m["role"] == "system") + _tools_text(tools)
+        after_tool = False  # an assistant turn right after tool outputs continues them (V3.1): no <｜Assistant｜>
         for m in messages:
             if m["role"] == "user":
                 out += USER + m["content"]
             elif m["role"] == "assistant":
-                out += ASSISTANT + m["content"].split("</think>")[-1].strip() + EOS
-        if not add_generation_prompt:
+                out += ("" if after_tool else ASSISTANT) + (m["content"] or "").split("</think>")[-1].strip()
+                out += _calls_text(m.get("tool_calls")) + EOS
+            elif m["role"] == "tool":
+                out += TOOL_OUTPUT_BEGIN + m["content"] + TOOL_OUTPUT_END
+            after_tool = m["role"] == "tool" or (after_tool and m["role"] == "system")
+        if not add_generation_prompt or after_tool:
             return out
         return out + ASSISTANT + (THINK_OPEN if thinking is True else THINK_CLOSE if thinking is False else "")
     if template == "r1_zero":
         if thinking is False:
             raise TokenizerError(R1_ZERO_ALWAYS_THINKS)
+        if tools or any(m["role"] == "tool" for m in messages):
+            raise TokenizerError(R1_ZERO_NO_TOOLS)
         systems = [m["content"] for m in messages if m["role"] == "system"]
         out = BOS + (systems[-1] if systems else R1_ZERO_PREAMBLE)
         for m in messages:
@@ -234,6 +295,28 @@ def render_chat(
                 out += " Assistant: " + m["content"].strip() + EOS
         return out + (" Assistant:" if add_generation_prompt else "")
     raise TokenizerError(f"unknown chat template {template!r}; known: {', '.join(CHAT_TEMPLATES)}")
+
+
+def _tools_text(tools: list[dict] | None) -> str:
+    """The system prompt's tool section (DeepSeek-V3.1's): each function's name, description and parameters
+    (JSON as transformers' `tojson` writes it), then the call format."""
+    if not tools:
+        return ""
+    out = TOOLS_HEADER
+    for t in tools:
+        fn = t["function"]
+        params = json.dumps(fn.get("parameters") or {}, ensure_ascii=False)
+        out += f"\n### {fn['name']}\nDescription: {fn.get('description') or ''}\n\nParameters: {params}\n"
+    return out + TOOLS_FORMAT
+
+
+def _calls_text(calls: list[dict] | None) -> str:
+    if not calls:
+        return ""
+    body = "".join(
+        TOOL_CALL_BEGIN + c["function"]["name"] + TOOL_SEP + c["function"]["arguments"] + TOOL_CALL_END for c in calls
+    )
+    return TOOL_CALLS_BEGIN + body + TOOL_CALLS_END
 
 
 def train_tokenizer(

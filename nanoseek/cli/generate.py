@@ -8,6 +8,7 @@ nanoseek bench decode --preset small --weights fp32 bf16 int8 int4      # each w
 nanoseek bench decode --preset long-v32 --context 1024 4096 16384 --compare-dense   # V3.2 vs dense V3 by context
 nanoseek bench quality --model runs/zero/model --heldout runs/zero/data          # loss, top-1 agreement, pass@1
 nanoseek bench profile --preset small --weights fp32 int8 --compile --no-compile  # where a decode step's time goes
+nanoseek bench constrained --preset tiny --batch 16   # grammar-constrained (JSON schema) vs free decoding
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.bench.constrained import ConstrainedBenchConfig
+from nanoseek.bench.constrained import run as run_constrained
 from nanoseek.bench.decode import DecodeBenchConfig, run
 from nanoseek.bench.profile import ProfileConfig
 from nanoseek.bench.profile import run as run_profile
@@ -102,6 +105,11 @@ def cmd_bench_profile(args: argparse.Namespace) -> None:
         raise NanoseekError("give either --model DIR or --preset NAME")
     args.compile = args.compile or [False]
     run_profile(ProfileConfig(**{k: getattr(args, k) for k in ProfileConfig.__dataclass_fields__}))
+
+
+def cmd_bench_constrained(args: argparse.Namespace) -> None:
+    fields = ConstrainedBenchConfig.__dataclass_fields__
+    run_constrained(ConstrainedBenchConfig(**{k: getattr(args, k) for k in fields if hasattr(args, k)}))
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> None:
@@ -213,3 +221,14 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--top", type=int, default=8, help="operators listed by self time per configuration (0: none)")
     p.set_defaults(func=cmd_bench_profile)
+
+    c = bench.add_parser("constrained", help="grammar-constrained vs free decode tokens/s in one batch, mask cost")
+    c.add_argument("--model", help="checkpoint directory (with tokenizer.json)")
+    c.add_argument("--preset", help="or a preset with random weights and a tokenizer made on the spot (e.g. tiny)")
+    c.add_argument("--seed", type=int, default=0, help="weights and tokenizer of --preset")
+    c.add_argument("--batch", type=int, default=16, help="sequences decoded together")
+    c.add_argument("--tokens", type=int, default=64, help="tokens per sequence")
+    c.add_argument("--rounds", type=int, default=3)
+    c.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding (checkpoints with MTP modules)")
+    c.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    c.set_defaults(func=cmd_bench_constrained)

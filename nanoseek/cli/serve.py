@@ -99,6 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             allow_nonfinite=args.allow_nonfinite_weights,
             weights=args.weights,
             compile=args.compile,
+            prefix_caching=args.prefix_caching,
+            max_num_batched_tokens=args.max_num_batched_tokens or None,
         )
     except ValueError as e:
         raise NanoseekError(f"nanoseek serve: {e}") from None
@@ -197,6 +199,18 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         default=1024,
         help="sequences that may wait for a batch slot, all requests together; beyond that, 429 + Retry-After",
     )
+    serve.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="share the cached latents of common prompt prefixes between requests (default: on)",
+    )
+    serve.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=256,
+        help="chunked prefill: prompt tokens prefilled per engine step beside the decodes; 0 = whole prompts",
+    )
     serve.add_argument("--device", default="cpu", help="cpu or cuda")
     add_allow_nonfinite_weights(serve)
     add_engine_weights(serve)
@@ -228,4 +242,15 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     b.add_argument("--rounds", type=int, default=3, help="rounds (server and in-process engine interleaved)")
     b.add_argument("--max-batch-size", type=int, default=32, help="with --model: the server's batch")
     b.add_argument("--threads", type=int, help="with --model: torch threads of the server and the in-process engine")
+    b.add_argument(
+        "--system-prompt-tokens",
+        type=int,
+        default=0,
+        help="prepend a system message of about this many tokens, the same for every request (prefix caching)",
+    )
+    b.add_argument(
+        "--server-flags",
+        default="",
+        help="with --model: more `nanoseek serve` flags, e.g. '--no-prefix-caching --max-num-batched-tokens 0'",
+    )
     b.set_defaults(func=cmd_bench_serve)

@@ -10,9 +10,15 @@
 - The latents live in a paged block cache (kv_cache.py). Requests join and leave between decode steps
   (continuous batching); a request whose next block cannot be had preempts the youngest running
   sequence, which is recomputed later from its tokens, so its output does not change.
-- n samples of one prompt share one prefill: the prompt's latents are copied to each sample's blocks.
+- Prefix caching (prefix_cache.py): full blocks of latents are shared by every sequence whose tokens start
+  the same way (a repeated system prompt, the n samples of one prompt, a GRPO group), reference-counted, and
+  kept after use until evicted (LRU); a prompt prefills only what is not cached.
+- Chunked prefill (scheduler.py): with `max_num_batched_tokens`, prompts are prefilled in chunks under a
+  per-step token budget beside the decode of the running sequences, so they keep streaming.
 - Sampling is batched (sampling.py): one softmax / sort / cumsum for the whole batch, one uniform draw
   per row from that sample's own generator, so a seeded request gives the same tokens alone or batched.
+- `SamplingParams(constraint=...)` (a grammar, constrain.py): each sequence owns a matcher, advanced by every
+  token it appends; the sampler masks its row to what the grammar allows (MTP drafts included).
 - With MTP modules and `use_mtp=True`, every request decodes speculatively (DeepSeek-V3 §2.2, §5.4.3):
   the MTP module drafts the next-next token, one main-model forward over [last token, draft] verifies it
   and yields one or two tokens. Greedy output is identical to plain decoding; sampled requests use exact
@@ -32,7 +38,7 @@ import copy
 import itertools
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,9 +46,11 @@ import torch
 from nanoseek.checkpoint.hf import from_pretrained
 from nanoseek.checkpoint.tokenizer import Tokenizer
 from nanoseek.engine.compiled import CompiledDecode
+from nanoseek.engine.constrain import Matcher
 from nanoseek.engine.kv_cache import CacheFull, PagedLatentCache
 from nanoseek.engine.requests import Completion, EngineStats, RequestOutput, TokenEvent
 from nanoseek.engine.sampling import RowParams, SamplingParams, make_generator, row_logprobs, sample_rows, verify_rows
+from nanoseek.engine.scheduler import PrefillScheduler
 from nanoseek.engine.text import SampleText
 from nanoseek.model.quant import WEIGHT_FORMATS, quantize_model
 from nanoseek.model.transformer import Transformer
@@ -64,13 +72,16 @@ class _Sequence:
     draft_probs: torch.Tensor | None = None  # (V,) the distribution the draft was drawn from; None: one-hot
     finish_reason: str | None = None
     text: SampleText | None = None  # with stop strings: the text so far, cut at the first stop string
+    matcher: Matcher | None = None  # with params.constraint: its grammar's state, advanced by every token
+    hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its leading blocks (scheduler.py)
+    cached_prompt: int = 0  # prompt tokens found in the prefix cache at its first admission
 
     @property
     def output_ids(self) -> list[int]:
         return self.tokens[self.n_prompt :]
 
 
-class Engine:
+class Engine(PrefillScheduler):
     def __init__(
         self,
         model: Transformer | str | Path,
@@ -84,6 +95,8 @@ class Engine:
         allow_nonfinite: bool = False,
         weights: str = "fp32",
         compile: bool | None = None,
+        prefix_caching: bool = True,
+        max_num_batched_tokens: int | None = None,
     ):
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
@@ -115,12 +128,18 @@ class Engine:
             dtype=p.dtype,
             device=p.device,
             index_dim=cfg.index_head_dim if cfg.dsa else 0,
+            prefix_caching=prefix_caching,
         )
+        if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be positive (or None: whole prompts)")
+        self.max_num_batched_tokens = max_num_batched_tokens  # None: every admitted prompt prefilled whole
+        self._weights_version = -1  # see scheduler.py's _check_weights
         self.device = p.device
         self.compiled = self._default_compile() if compile is None else compile
         self._compiled_decode = CompiledDecode(model, self.cache) if self.compiled else None
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
+        self.prefilling: list[list[_Sequence]] = []  # admitted, prompt partly cached: [first sample, *others]
         self.requests: dict[str, list[_Sequence]] = {}
         self._dropped = 0  # aborted sequences still in `waiting` (skipped when they reach its head)
         self.stats = EngineStats()
@@ -171,6 +190,7 @@ class Engine:
                 make_generator(params.seed, i),
                 arrival,
                 text=SampleText(self.tokenizer, params.stop) if params.stop else None,
+                matcher=params.constraint.matcher(vocab) if params.constraint else None,
             )
             for i in range(params.n)
         ]
@@ -182,24 +202,29 @@ class Engine:
         """Drop a request (a client went away): its sequences stop and free their blocks now. O(its own
         sequences): waiting ones are marked and skipped when they reach the head of the queue, and the queue
         is swept only once marked ones make up half of it (amortized O(1) each)."""
+        prefilling = [s for g in self.prefilling if g[0].request_id == request_id for s in g]
+        self.prefilling = [g for g in self.prefilling if g[0].request_id != request_id]
         for seq in self.requests.pop(request_id, []):
             self._free(seq)
             if seq in self.running:
                 self.running.remove(seq)
+            elif seq in prefilling:
+                pass
             elif not seq.finish_reason:  # neither running nor finished: waiting
                 seq.finish_reason, self._dropped = "abort", self._dropped + 1
         if self._dropped * 2 > len(self.waiting):
             self.waiting, self._dropped = deque(s for s in self.waiting if not s.finish_reason), 0
 
     def has_unfinished(self) -> bool:
-        return len(self.waiting) > self._dropped or bool(self.running)
+        return len(self.waiting) > self._dropped or bool(self.running) or bool(self.prefilling)
 
     def is_finished(self, request_id: str) -> bool:
         return all(s.finish_reason for s in self.requests.get(request_id, []))
 
     def output(self, request_id: str) -> RequestOutput:
         seqs = self.requests[request_id]
-        return RequestOutput(request_id, seqs[0].tokens[: seqs[0].n_prompt], [self._completion(s) for s in seqs])
+        prompt = seqs[0].tokens[: seqs[0].n_prompt]
+        return RequestOutput(request_id, prompt, [self._completion(s) for s in seqs], None, seqs[0].cached_prompt)
 
     def pop_output(self, request_id: str) -> RequestOutput:
         out = self.output(request_id)
@@ -237,6 +262,12 @@ class Engine:
                 self.abort(rid)
 
     # ---- one scheduling iteration ------------------------------------------------------------
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: call after changing the model's weights or buffers (an RL policy after
+        an optimizer step). Latents cached with the old weights would otherwise be reused; the automatic
+        check (scheduler.py's `_check_weights`) cannot see fused optimizers or buffer updates."""
+        self.cache.blocks.forget()
+
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         """Admit waiting sequences (prefill), then decode one token (or a verified draft) for the rest."""
@@ -247,56 +278,19 @@ class Engine:
         if decoding:
             events += self._speculate(decoding) if self.use_mtp else self._decode(decoding)
         self.running = [s for s in self.running if not s.finish_reason]
+        for s in self.running if self.cache.blocks.prefix_caching else ():
+            self._register(s)  # blocks filled this step become shareable
         return events
 
-    def _admit(self) -> list[TokenEvent]:
-        events = []
-        while self.waiting and len(self.running) < self.max_batch_size:
-            seq = self.waiting[0]
-            if seq.finish_reason:  # aborted while waiting
-                self.waiting.popleft()
-                self._dropped -= 1
-                continue
-            # It and its request's other waiting samples with the same tokens (found without scanning the queue)
-            same = (s for s in self.requests[seq.request_id] if s is not seq and s.tokens == seq.tokens)
-            siblings = [seq, *(s for s in same if not s.finish_reason and s not in self.running)]
-            siblings = siblings[: self.max_batch_size - len(self.running)]
-            per_seq = self.cache.blocks_for(len(seq.tokens) + 1)
-            if len(siblings) * per_seq > self.cache.n_free:
-                siblings = siblings[:1]  # no room to share the prefill: admit one at a time
-            if per_seq > self.cache.n_free:
-                if self.running:
-                    break  # wait for running sequences to free blocks
-                # Alone with the whole cache and still no room: it has grown as long as the cache allows.
-                self.waiting.popleft()
-                seq.finish_reason = "length"
-                continue
-            for s in siblings:
-                self.waiting.remove(s)
-            events += self._prefill(siblings)
-        return events
-
-    def _prefill(self, group: list[_Sequence]) -> list[TokenEvent]:
-        """Prefill the shared prefix once, copy its latents to every sample, sample each first token.
-        With MTP, also run the MTP module over the prompt and draft each sample's second token."""
-        lead, dev = group[0], self.device
-        T = len(lead.tokens)
-        self.cache.grow(lead.blocks, T)
-        self.cache.prepare([lead.blocks], [0], T, absorb=False)
-        ids = torch.tensor([lead.tokens], device=dev)
-        positions = torch.arange(T, device=dev)[None]
-        h = self.model.hidden_states(ids, positions, self.cache)  # (1, T, D)
-        logits = self._logits(h[:, -1]).expand(len(group), -1)  # (n, V)
-        self.stats.prompt_tokens += T
-        rows = RowParams.of([s.params for s in group], dev)
+    def _prefill_done(self, group: list[_Sequence], h_last: torch.Tensor) -> list[TokenEvent]:
+        """group[0]'s prompt is all cached and h_last (1, D) is its last position's hidden state: the other
+        samples share its blocks (scheduler.py), each samples its first token; with MTP, each runs the MTP
+        module at the prompt's last position and drafts its second token."""
+        group = self._share_prompt(group)
+        dev, T = self.device, len(group[0].tokens)
+        logits = self._logits(h_last).expand(len(group), -1)  # (n, V)
+        rows = RowParams.of([s.params for s in group], dev, [s.matcher for s in group])
         tokens = rows.sample(logits, [s.generator for s in group])
-        if self.use_mtp and T > 1:
-            # MTP entries 0..T-2 pair h_i with prompt token i+1: the same for every sample.
-            self.cache.prepare([lead.blocks], [0], T - 1, absorb=False)
-            self._mtp_hidden(h[:, :-1], ids[:, 1:], positions[:, :-1])
-        for s in group[1:]:
-            self.cache.grow(s.blocks, T)
-            self.cache.copy_prefix(lead.blocks, s.blocks, T)
         events = []
         for s, token, logprob in zip(group, tokens.tolist(), row_logprobs([s.params for s in group], logits, tokens)):
             s.n_cached = T
@@ -308,9 +302,8 @@ class Engine:
                 # Entry T-1 pairs h_{T-1} with each sample's own first token and drafts its second.
                 seqs = [group[i] for i in alive]
                 self.cache.prepare([s.blocks for s in seqs], [T - 1] * len(seqs), 1, absorb=True)
-                x = self._mtp_hidden(
-                    h[:, -1:].expand(len(seqs), -1, -1), tokens[alive, None], positions[:, -1:].expand(len(seqs), -1)
-                )
+                pos = torch.full((len(seqs), 1), T - 1, device=dev)
+                x = self._mtp_hidden(h_last[:, None].expand(len(seqs), -1, -1), tokens[alive, None], pos)
                 self._draft(
                     seqs, x[:, 0], rows if len(seqs) == len(group) else RowParams.of([s.params for s in seqs], dev)
                 )
@@ -326,7 +319,8 @@ class Engine:
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         pos = torch.tensor(starts, device=self.device)[:, None]
         logits = self._logits(self._decode_forward(ids, pos)[:, -1])  # (B, V)
-        tokens = RowParams.of([s.params for s in seqs], self.device).sample(logits, [s.generator for s in seqs])
+        rows = RowParams.of([s.params for s in seqs], self.device, [s.matcher for s in seqs])
+        tokens = rows.sample(logits, [s.generator for s in seqs])
         self.stats.decode_steps += 1
         events = []
         for s, token, logprob in zip(seqs, tokens.tolist(), row_logprobs([s.params for s in seqs], logits, tokens)):
@@ -379,7 +373,7 @@ class Engine:
         pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(2, device=dev)  # (B, 2)
         h = self._decode_forward(ids, pos)  # (B, 2, D)
         logits = self._logits(h)  # (B, 2, V)
-        rows = RowParams.of([s.params for s in seqs], dev)
+        rows = RowParams.of([s.params for s in seqs], dev, [s.matcher for s in seqs])
         first, keep, second = verify_rows(
             rows, logits, drafts, [s.draft_probs for s in seqs], [s.generator for s in seqs]
         )
@@ -419,8 +413,9 @@ class Engine:
     def _draft(self, seqs: list[_Sequence], x: torch.Tensor, rows: RowParams) -> None:
         """Draft each sequence's next token from the MTP hidden state x (B, D); keep q for verification."""
         logits = self._logits(self.model.mtp[0].shared_head.norm(x))  # (B, V)
+        rows = replace(rows, matchers=[s.matcher for s in seqs]).refreshed()  # grammars: their masks after the step
         if rows.all_greedy:  # q is one-hot on the argmax: keep only the token (draft_probs None)
-            for s, d in zip(seqs, logits.argmax(dim=-1).tolist()):
+            for s, d in zip(seqs, rows.masked(logits).argmax(dim=-1).tolist()):
                 s.draft, s.draft_probs = d, None
             return
         q = rows.probs(logits)
@@ -471,6 +466,8 @@ class Engine:
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
         p = seq.params
         if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if seq.matcher is not None and seq.matcher.advance(token):  # the grammar is complete: EOS is all it allows
             return "stop"
         if seq.text is not None:  # incremental: each token's text is searched once, never the whole output
             seq.text.add(token)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoseek.engine.prefix_cache import BlockPool
+
 
 class CacheFull(RuntimeError):
     """No free block: the scheduler must wait or preempt."""
@@ -50,29 +52,32 @@ class PagedLatentCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         index_dim: int = 0,
+        prefix_caching: bool = False,
     ):
         self.block_size, self.n_blocks, self.kv_lora_rank = block_size, n_blocks, kv_lora_rank
         self.width = kv_lora_rank + rope_dim
         # Per layer (blocks, block_size, r + rope): one row per cached token. Separate tensors, not one, so a
         # compiled block sees each layer's pool as an input of the same kind (see `layer`).
+        # One block more than n_blocks: the last is scratch, where a ragged batch's padding tokens are written.
         self.pools = [
-            torch.zeros(n_blocks, block_size, self.width, dtype=dtype, device=device) for _ in range(n_layers)
+            torch.zeros(n_blocks + 1, block_size, self.width, dtype=dtype, device=device) for _ in range(n_layers)
         ]
         # DSA's indexer keys (n_blocks, block_size, index_dim) per layer; none for MLA-only models.
         self.index_dim = index_dim
         self.index_pools = [
-            torch.zeros(n_blocks, block_size, index_dim, dtype=dtype, device=device)
+            torch.zeros(n_blocks + 1, block_size, index_dim, dtype=dtype, device=device)
             for _ in range(n_layers * (index_dim > 0))
         ]
         self.device, self.dtype = torch.device(device), dtype
-        self.free: list[int] = list(range(n_blocks - 1, -1, -1))
+        self.blocks = BlockPool(n_blocks, prefix_caching)
         self.absorb = False
         self.layout: StepLayout | None = None
 
     # ---- block bookkeeping ------------------------------------------------------------------------
     @property
     def n_free(self) -> int:
-        return len(self.free)
+        """Blocks that can be had: never cached, or cached and referenced by no sequence (evictable)."""
+        return self.blocks.n_free
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
@@ -80,20 +85,20 @@ class PagedLatentCache:
     def grow(self, table: list[int], n_tokens: int) -> None:
         """Extend a block table so it can hold n_tokens; raises CacheFull (and changes nothing) if it can't."""
         need = self.blocks_for(n_tokens) - len(table)
-        if need > len(self.free):
-            raise CacheFull(f"need {need} blocks, {len(self.free)} free")
+        if need > self.blocks.n_free:
+            raise CacheFull(f"need {need} blocks, {self.blocks.n_free} free")
         for _ in range(max(need, 0)):
-            table.append(self.free.pop())
+            table.append(self.blocks.take())
 
     def release(self, table: list[int]) -> None:
-        self.free.extend(reversed(table))
-        table.clear()
+        self.blocks.release(table)
 
-    def copy_prefix(self, src: list[int], dst: list[int], n_tokens: int) -> None:
-        """Copy the first n_tokens cached entries of one sequence into another's blocks (n > 1 samples).
-        Whole blocks are copied: slots past n_tokens are rewritten before anything reads them."""
-        nb = self.blocks_for(n_tokens)
-        src_idx, dst_idx = (torch.tensor(t[:nb], device=self.device) for t in (src, dst))
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy whole blocks src[i] -> dst[i] in every pool (an n > 1 sample's private last prompt block).
+        Slots past the cached tokens are rewritten before anything reads them."""
+        if not src:
+            return
+        src_idx, dst_idx = (torch.tensor(t, device=self.device) for t in (src, dst))
         for pool in self.pools + self.index_pools:
             pool.index_copy_(0, dst_idx, pool.index_select(0, src_idx))
 
@@ -102,9 +107,13 @@ class PagedLatentCache:
         return (self.width + self.index_dim) * len(self.pools) * self.dtype.itemsize
 
     # ---- one forward step -------------------------------------------------------------------------
-    def prepare(self, tables: list[list[int]], starts: list[int], n_new: int, absorb: bool) -> None:
+    def prepare(
+        self, tables: list[list[int]], starts: list[int], n_new: int, absorb: bool, lengths: list[int] | None = None
+    ) -> None:
         """Lay out a step where sequence b writes n_new tokens at positions starts[b].. and attends
-        over positions 0..starts[b]+n_new-1 (causally among the new ones)."""
+        over positions 0..starts[b]+n_new-1 (causally among the new ones). With `lengths` (a ragged batch:
+        prefill chunks of several prompts), only the first lengths[b] new tokens of row b are real: the rest
+        are padding, written to the scratch block; a real token never sees them (they come after it)."""
         dev, bs = self.device, self.block_size
         B = len(tables)
         # At least two blocks: torch.compile specializes a size of 1, so a one-block context would be a graph
@@ -113,7 +122,11 @@ class PagedLatentCache:
         padded = [t[:nb] + [0] * (nb - len(t[:nb])) for t in tables]  # block 0 pads; the mask hides it
         table = torch.tensor(padded, device=dev)  # (B, nb)
         pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(n_new, device=dev)  # (B, T) positions written
-        write = (table.gather(1, pos // bs) * bs + pos % bs).flatten()
+        write = table.gather(1, pos // bs) * bs + pos % bs  # (B, T)
+        if lengths is not None:
+            pad = torch.arange(n_new, device=dev) >= torch.tensor(lengths, device=dev)[:, None]
+            write = write.masked_fill(pad, self.n_blocks * bs)  # the scratch block's first row
+        write = write.flatten()
         if max(starts) == 0 and B == 1:
             self.layout = StepLayout(write, None, None)  # a fresh prefill: the new tokens are all there is to see
         else:

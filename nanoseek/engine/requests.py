@@ -21,6 +21,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[Completion] = field(default_factory=list)
     error: str | None = None  # set when the request was refused; the others are served regardless
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (not prefilled)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TokenEvent:
 @dataclass
 class EngineStats:
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those found in the prefix cache
     generated_tokens: int = 0
     preemptions: int = 0
     decode_steps: int = 0  # batched decode forwards (a speculative step verifies and drafts in one)

@@ -10,13 +10,20 @@ sampling), so a seeded request gets the same tokens alone or in any batch.
     probs = rows.probs(logits)                        # (B, V), the distribution each row samples from
 
 Speculative decoding (engine.py) uses the same `probs` for the target and the draft distributions.
+
+Constrained rows (`SamplingParams.constraint`, a grammar: constrain.py) carry a mask of the tokens their grammar
+allows; `RowParams.of(params, device, matchers)` builds it for the batch, and every path (argmax, top-k, top-p,
+the draw, speculative verification) samples from the masked logits, so constrained and free requests share a
+batch. Logprobs stay those of the model's own distribution.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from nanoseek.engine.constrain import Constraint, Matcher, token_masks
 
 
 @dataclass
@@ -32,6 +39,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # return the log-probability of each chosen token
     top_logprobs: int = 0  # also report the k most likely tokens of each step (TokenEvent.top_logprobs)
+    constraint: Constraint | None = None  # a grammar the output must follow (constrain.py); None = free
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -51,6 +59,8 @@ class SamplingParams:
             bad(f"n must be a positive integer, got {self.n!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            bad(f"constraint must be a compiled Constraint (nanoseek.engine.constrain), got {self.constraint!r}")
 
     @property
     def greedy(self) -> bool:
@@ -79,11 +89,17 @@ class RowParams:
     all_greedy: bool
     max_top_k: int  # largest top_k of the batch (0: no row cuts)
     any_top_p: bool
+    matchers: list[Matcher | None] | None = None  # each row's grammar state (None: free)
+    allowed: torch.Tensor | None = None  # (B, V) bool, the tokens each row's grammar allows; None: all
 
     @classmethod
-    def of(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> "RowParams":
+    def of(
+        cls, params: list[SamplingParams], device: torch.device | str = "cpu", matchers: list | None = None
+    ) -> "RowParams":
+        """The rows' settings; with `matchers` (one per row, None for free rows), the masks of their grammars now."""
         temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
         greedy = [p.greedy for p in params]
+        allowed = token_masks(matchers, device) if matchers else None
         return cls(
             greedy,
             torch.tensor(greedy, device=device)[:, None],
@@ -93,11 +109,22 @@ class RowParams:
             all(greedy),
             max(p.top_k for p in params),
             any(p.top_p < 1 for p in params),
+            matchers if allowed is not None else None,
+            allowed,
         )
+
+    def refreshed(self) -> "RowParams":
+        """The same rows with their grammars' masks recomputed (after the rows took tokens)."""
+        return self if self.matchers is None else replace(self, allowed=token_masks(self.matchers, self.greedy.device))
+
+    def masked(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits with the tokens the rows' grammars forbid at -inf."""
+        return logits if self.allowed is None else logits.masked_fill(~self.allowed, float("-inf"))
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, V) logits -> (B, V) fp32 probabilities after temperature, top-k and top-p; one-hot on
-        the argmax for greedy rows (so speculative sampling needs no greedy special case)."""
+        the argmax for greedy rows (so speculative sampling needs no greedy special case). Grammar masks first."""
+        logits = self.masked(logits)
         one_hot = torch.zeros_like(logits, dtype=torch.float32).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
         if self.all_greedy:
             return one_hot
@@ -121,7 +148,7 @@ class RowParams:
     def sample(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """(B, V) logits -> (B,) tokens: the argmax for greedy rows, a draw from `probs` for the others."""
         if self.all_greedy:
-            return logits.argmax(dim=-1)
+            return self.masked(logits).argmax(dim=-1)
         return sample_rows(self.probs(logits), self.uniform(generators))
 
     def uniform(self, generators: list[torch.Generator]) -> torch.Tensor:
@@ -188,11 +215,18 @@ def verify_rows(
     generators: list[torch.Generator],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token at the last position, draft kept?, token after the draft), each (B,), from a verify forward's
-    logits (B, 2, V). draft_probs: each row's draft distribution q, None where it was one-hot on the draft."""
+    logits (B, 2, V). draft_probs: each row's draft distribution q, None where it was one-hot on the draft.
+    Constrained rows: the first position takes the grammar's mask now (a draft it forbids has p = 0 and is
+    rejected), the second the mask after the draft."""
+    after = (
+        rows
+        if rows.matchers is None
+        else replace(rows, allowed=token_masks(rows.matchers, drafts.device, drafts.tolist()))
+    )
     if rows.all_greedy:  # one-hot p and q: the rule reduces to argmaxes, no (B, V) work
-        target = logits.argmax(dim=-1)  # (B, 2)
-        return target[:, 0], target[:, 0] == drafts, target[:, 1]
-    p, p_next = rows.probs(logits[:, 0]), rows.probs(logits[:, 1])  # (B, V) each
+        first, second = rows.masked(logits[:, 0]).argmax(dim=-1), after.masked(logits[:, 1]).argmax(dim=-1)
+        return first, first == drafts, second
+    p, p_next = rows.probs(logits[:, 0]), after.probs(logits[:, 1])  # (B, V) each
     q = torch.stack(
         [
             q_row if q_row is not None else torch.zeros_like(p[0]).index_fill_(0, drafts[i : i + 1], 1.0)

@@ -7,6 +7,8 @@ Owns the HTTP side of generation; the text a client sees (detokenizing, stop str
 is engine/text.py's, shared with `nanoseek chat`.
 - app.py: create_app, the routes; config.py: ServerConfig; routes.py: the chat and completions handlers;
   responses.py: /v1/responses (OpenAI's Responses API); thinking.py: the thinking switch's spellings;
+  structured.py: response_format, tools and tool_choice as the engine's grammar; tools.py: tool calls (messages
+  for the template, calls parsed out of answers and streamed);
 - errors.py: OpenAI's error object and the exception handlers; guard.py: API key, body limit, counting
   (the per-request and queue limits are routes.py's);
 - openapi.py: the schema as served; protocol.py, protocol_responses.py: the wire format as pydantic models;

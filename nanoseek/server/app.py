@@ -59,6 +59,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             allow_nonfinite=config.allow_nonfinite,
             weights=config.weights,
             compile=config.compile,
+            prefix_caching=config.prefix_caching,
+            max_num_batched_tokens=config.max_num_batched_tokens,
         )
     if engine.tokenizer is None:
         raise TokenizerError(f"{config.model} has no tokenizer.json: the server needs one")

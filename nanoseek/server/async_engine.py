@@ -51,6 +51,8 @@ class EngineSnapshot:
     cache_blocks_total: int = 0
     steps: int = 0
     preemptions: int = 0
+    prompt_tokens: int = 0  # prefilled or found in the prefix cache (recomputed after preemption included)
+    cached_prompt_tokens: int = 0  # found in the prefix cache
     aborted: int = 0
     failed_steps: int = 0
 
@@ -63,6 +65,7 @@ class _Add:
     loop: asyncio.AbstractEventLoop
     admitted: asyncio.Future
     events: asyncio.Queue
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache, set before the request's last item
 
 
 @dataclass
@@ -80,9 +83,15 @@ _DONE = None  # queue item after a request's last events
 class RequestStream:
     """The events of one admitted request, as lists of TokenEvent (one list per engine step)."""
 
-    def __init__(self, aengine: AsyncEngine, request_id: str, events: asyncio.Queue):
+    def __init__(self, aengine: AsyncEngine, request_id: str, events: asyncio.Queue, add: _Add | None = None):
         self.aengine, self.request_id, self.events = aengine, request_id, events
         self.done = False
+        self._add = add
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the engine found in its prefix cache (known once the stream has ended)."""
+        return self._add.cached_tokens if self._add else 0
 
     def __aiter__(self):
         return self
@@ -157,7 +166,7 @@ class AsyncEngine:
             for a in adds:
                 self.abort(a.request_id)  # a no-op for the refused ones
             raise refused[0]
-        return [RequestStream(self, a.request_id, a.events) for a in adds]
+        return [RequestStream(self, a.request_id, a.events, a) for a in adds]
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(_Abort(request_id))
@@ -228,7 +237,7 @@ class AsyncEngine:
         # A sample can also finish without an event (the scheduler found no room for it at all).
         for rid in [r for r in self._active if self.engine.is_finished(r)]:
             req = self._active.pop(rid)
-            self.engine.pop_output(rid)
+            req.cached_tokens = self.engine.pop_output(rid).num_cached_tokens
             _call(req.loop, req.events.put_nowait, _DONE)
             _call(req.loop, self._release, req.params.n)
 
@@ -260,6 +269,8 @@ class AsyncEngine:
             cache_blocks_total=e.cache.n_blocks,
             steps=self._steps,
             preemptions=e.stats.preemptions,
+            prompt_tokens=e.stats.prompt_tokens,
+            cached_prompt_tokens=e.stats.cached_prompt_tokens,
             aborted=self._aborted,
             failed_steps=self._failed_steps,
         )

@@ -46,7 +46,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
-        errs = e.errors()
+        errs = [_tag_field(e) for e in e.errors()]
         unicode = [e for e in errs if P.NOT_UNICODE in e.get("msg", "")]  # the real fault, whatever the union
         # else the deepest: of a union's members, the one that matched furthest says what is wrong
         deepest = sorted(errs, key=lambda e: -len((_param(e["loc"]) or "").split(".")))
@@ -78,18 +78,33 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"Internal server error: {type(e).__name__}", code="internal_error")
 
 
+def _tag_field(err: dict) -> dict:
+    """A union chosen by a field (messages by `role`) that has a bad or missing tag: the fault is that field."""
+    if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        field = str(err.get("ctx", {}).get("discriminator", "")).strip("'")
+        return {**err, "loc": (*err["loc"], field)} if field else err
+    return err
+
+
 def _utf8(text: str) -> str:
     """An error never fails to encode: text that is not valid UTF-8 (a lone surrogate) is replaced."""
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+# a union member that is a model is named by its class ("tool_choice.NamedToolChoice"): never a field's name
+_MODELS = {n for n, v in vars(P).items() if isinstance(v, type) and issubclass(v, P.BaseModel)}
 
 
 def _param(loc: tuple) -> str | None:
     """A validation error's location as OpenAI's `param` ("messages.0.content"): pydantic's own markers (the
-    body, the member of a union it tried: "str", "list[TextContentPart]") are left out."""
+    body, the member of a union it tried: "str", "list[TextContentPart]", "NamedToolChoice", a message's role
+    after its index: "messages.0.tool.tool_call_id") are left out."""
     keep = [
-        str(x) for x in loc if x != "body" and not (isinstance(x, str) and (x in _TYPE_TAGS or "[" in x or "-" in x))
+        str(x)
+        for i, x in enumerate(loc)
+        if x != "body"
+        and not (isinstance(x, str) and (x in _TYPE_TAGS or x in _MODELS or "[" in x or "-" in x))
+        and not (x in P.ROLES and i > 0 and isinstance(loc[i - 1], int))
     ]
     return ".".join(keep) or None

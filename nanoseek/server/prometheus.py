@@ -84,6 +84,17 @@ class ServerMetrics:
         metric("nanoseek_kv_cache_blocks_total", "gauge", "Latent-cache blocks.", snap.cache_blocks_total)
         metric("nanoseek_engine_steps_total", "counter", "Engine steps run.", snap.steps)
         metric("nanoseek_preemptions_total", "counter", "Sequences preempted for cache room.", snap.preemptions)
+        metric(
+            "nanoseek_prefix_cache_queries_total", "counter", "Prompt tokens prefilled or cached.", snap.prompt_tokens
+        )
+        metric(
+            "nanoseek_prefix_cache_hits_total",
+            "counter",
+            "Prompt tokens found in the prefix cache.",
+            snap.cached_prompt_tokens,
+        )
+        hit_rate = snap.cached_prompt_tokens / snap.prompt_tokens if snap.prompt_tokens else 0.0
+        metric("nanoseek_prefix_cache_hit_rate", "gauge", "Share of prompt tokens found in the prefix cache.", hit_rate)
         metric("nanoseek_requests_aborted_total", "counter", "Requests dropped because the client left.", snap.aborted)
         metric("nanoseek_engine_step_failures_total", "counter", "Engine steps that raised.", snap.failed_steps)
         metric("nanoseek_engine_up", "gauge", "1 while the engine thread runs.", int(engine_up))

@@ -2,11 +2,13 @@
 
 Requests validate strictly, as JSON Schema reads them (a string is not an integer, 1 is not a boolean, NaN is
 not a number); fields a client may send that nanoseek ignores (`user`, `name`) or rejects unless neutral
-(penalties, `logit_bias`, `tools`) are declared so the schema tells the truth. `top_k` and `ignore_eos` are
-vLLM's extensions. The thinking switch comes in three spellings (server/thinking.py): DeepSeek's `thinking`,
-vLLM's `chat_template_kwargs`, OpenAI's `reasoning_effort`. Responses carry the reasoning beside `content` under
-both names clients read: DeepSeek's `reasoning_content` and vLLM's `reasoning`. The Responses API's models are
-in protocol_responses.py.
+(penalties, `logit_bias`) are declared so the schema tells the truth. Messages are a union on `role`
+(system/developer, user, assistant with optional `tool_calls`, tool with `tool_call_id`); `tools`,
+`tool_choice` and `response_format` are OpenAI's shapes, enforced by grammars (server/structured.py).
+`top_k` and `ignore_eos` are vLLM's extensions. The thinking switch comes in three spellings
+(server/thinking.py): DeepSeek's `thinking`, vLLM's `chat_template_kwargs`, OpenAI's `reasoning_effort`.
+Responses carry the reasoning beside `content` under both names clients read: DeepSeek's `reasoning_content`
+and vLLM's `reasoning`. The Responses API's models are in protocol_responses.py.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ MAX_STOP = 16
 MAX_TOP_LOGPROBS = 20
 
 FinishReason = Literal["stop", "length"]
+ChatFinishReason = Literal["stop", "length", "tool_calls"]  # tool_calls: the answer is calls to the request's tools
+ToolName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule for function names
 # OpenAI's reasoning efforts (as the openai SDK spells them); nanoseek has no reasoning budget: "none" switches
 # thinking off, every other effort switches it on
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
@@ -63,15 +67,53 @@ class TextContentPart(_Request):
     text: Text
 
 
-class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]  # developer = OpenAI's newer name for system
+class _Message(_Request):
     content: Text | list[TextContentPart]
     name: Text | None = None  # accepted, not used
+
+    def text(self) -> str | None:
+        c = self.content
+        return c if c is None or isinstance(c, str) else "".join(p.text for p in c)
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]  # developer = OpenAI's newer name for system
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+
+
+class FunctionCall(_Request):
+    name: ToolName
+    arguments: Text  # JSON, as the model wrote it
+
+
+class MessageToolCall(_Request):
+    """A call an earlier assistant turn made (as this server returned it), sent back in the history."""
+
+    id: Text
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: Text | list[TextContentPart] | None = None  # null only beside tool_calls
     reasoning_content: Text | None = None  # an earlier answer's reasoning: accepted, left out of the prompt
     reasoning: Text | None = None  # the same under vLLM's name
+    tool_calls: list[MessageToolCall] | None = None
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+class ToolMessage(_Message):
+    """A tool's result, answering the call `tool_call_id`."""
+
+    role: Literal["tool"]
+    tool_call_id: Text
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})  # the tags in a validation error's loc
 
 
 class StreamOptions(_Request):
@@ -112,8 +154,40 @@ class ChatTemplateKwargs(_Request):
     enable_thinking: bool | None = None
 
 
+class JsonSchemaFormat(_Request):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: Text | None = None
+    schema_: dict | None = Field(None, alias="schema")  # a JSON schema (None: any JSON object)
+    strict: bool | None = None  # accepted: the schema is always enforced (grammar-constrained decoding)
+
+
 class ResponseFormat(_Request):
+    """`json_object`: the answer is a JSON object; `json_schema`: JSON valid against `json_schema.schema`.
+    Both are enforced while decoding, by a grammar (nanoseek/engine/constrain.py)."""
+
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None  # required with type json_schema
+
+
+class FunctionDefinition(_Request):
+    name: ToolName
+    description: Text | None = None
+    parameters: dict | None = None  # a JSON schema for the arguments object (None: any object)
+    strict: bool | None = None  # accepted: the arguments are always enforced when a call is required
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Request):
+    name: ToolName
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -121,8 +195,11 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None  # only "text" is served
-    tools: list[dict] | None = None  # not served: must be absent or empty
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    # none: no call; auto (the default with tools): the model decides; required / named: enforced calls
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call
     thinking: ThinkingConfig | None = None  # DeepSeek's switch
     chat_template_kwargs: ChatTemplateKwargs | None = None  # vLLM's switch (wins over the others)
     reasoning_effort: ReasoningEffort | None = None  # OpenAI's: "none" = off, any other = on
@@ -142,10 +219,15 @@ class CompletionRequest(_Sampling):
 
 
 # ---- responses ------------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose latents were found in the prefix cache (not prefilled)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionTokensDetails(BaseModel):
@@ -170,18 +252,34 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str  # call_...
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # null only when the answer is tool calls and nothing else
     reasoning_content: str | None  # the text inside <think>...</think>; null when the model did not think
     reasoning: str | None  # the same, under vLLM's name
+    tool_calls: list[ToolCall] | None = None  # sent only when the model called tools
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler):
+        return {k: v for k, v in handler(self).items() if k != "tool_calls" or v is not None}
 
 
 class ChatCompletionChoice(BaseModel):
     index: int
     message: ChatCompletionMessage
     logprobs: ChoiceLogprobs | None
-    finish_reason: FinishReason
+    finish_reason: ChatFinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -194,6 +292,28 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None  # in a call's first delta
+    arguments: str | None = None  # "" in the first delta, then pieces of the JSON text
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed piece of a tool call: the first has the call's id, type and name, the later ones argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class DeltaMessage(BaseModel):
     """A streamed piece of a message: only the keys that carry something are sent."""
 
@@ -201,6 +321,7 @@ class DeltaMessage(BaseModel):
     content: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None  # the same text as reasoning_content (vLLM's name)
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
@@ -211,7 +332,7 @@ class ChatCompletionChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -166,7 +166,7 @@ OutputItem = Annotated[ReasoningItem | OutputMessage, Field(discriminator="type"
 
 
 class InputTokensDetails(BaseModel):
-    cached_tokens: int = 0  # no prompt cache across requests
+    cached_tokens: int = 0  # input tokens found in the prefix cache (not prefilled)
     cache_write_tokens: int = 0
 
 

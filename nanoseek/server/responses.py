@@ -97,7 +97,7 @@ class Responses:
         key = uuid.uuid4().hex
         streams = await api.admit([ids], params, f"resp_{key}")
         sample = Sample(tok, [], tok.chat_template, None, thinking.split(tok.chat_template))
-        out = Output(key, body, temperature, top_p, len(ids), sample)
+        out = Output(key, body, temperature, top_p, len(ids), sample, streams)
         if body.stream:
             return event_stream(self._events(streams, out, t0))
         await api.collect(streams, [sample], request, t0)
@@ -145,8 +145,10 @@ class Output:
     """One response as it is built: its output items (opened and closed as the text streams) and the response
     object at any point."""
 
-    def __init__(self, key: str, body: R.ResponsesRequest, temperature: float, top_p: float, n_prompt: int, sample):
-        self.key, self.body, self.n_prompt, self.sample = key, body, n_prompt, sample
+    def __init__(
+        self, key: str, body: R.ResponsesRequest, temperature: float, top_p: float, n_prompt: int, sample, streams
+    ):
+        self.key, self.body, self.n_prompt, self.sample, self.streams = key, body, n_prompt, sample, streams
         self.temperature, self.top_p = temperature, top_p
         self.created = int(time.time())
         self.ids = {"reasoning": f"rs_{key}", "message": f"msg_{key}"}
@@ -214,6 +216,7 @@ class Output:
             ]
             usage = R.ResponseUsage(
                 input_tokens=self.n_prompt,
+                input_tokens_details=R.InputTokensDetails(cached_tokens=sum(x.cached_tokens for x in self.streams)),
                 output_tokens=s.n_tokens,
                 output_tokens_details=R.OutputTokensDetails(reasoning_tokens=s.reasoning_tokens),
                 total_tokens=self.n_prompt + s.n_tokens,

@@ -25,7 +25,9 @@ from nanoseek.server.errors import APIError
 from nanoseek.server.prometheus import ServerMetrics
 from nanoseek.server.sample import Sample
 from nanoseek.server.streams import disconnected, merge
+from nanoseek.server.structured import plan
 from nanoseek.server.thinking import Thinking
+from nanoseek.server.tools import template_messages, template_tools
 
 log = logging.getLogger("nanoseek.server")
 
@@ -161,25 +163,32 @@ class Api:
     async def chat(self, body: P.ChatCompletionRequest, request: Request):
         t0 = time.perf_counter()
         self.check_model(body.model)
-        if body.tools:
-            raise APIError(400, "tools are not supported by this server.", param="tools")
-        if body.response_format is not None and body.response_format.type != "text":
-            raise APIError(400, "Only response_format type `text` is supported.", param="response_format")
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true.", param="top_logprobs")
         max_tokens = body.max_completion_tokens or body.max_tokens
         self.check_work(1, self.check_n(body), 0, max_tokens or 1, "messages")
         thinking = Thinking.of_chat(body)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        ids = await self.render(messages, thinking, "messages")
+        messages = template_messages(body.messages)
+        template = self.tokenizer.chat_template
+        split = None if messages[-1]["role"] == "tool" else thinking.split(template)  # after tool outputs: no prompt
+        vocab = self.engine.model.config.vocab_size
+        structured = await run_in_threadpool(plan, body, self.tokenizer, vocab, split is True)  # grammar: ms
+        ids = await self.render(messages, thinking, "messages", template_tools(body.tools))
         params = self.params(body, max_tokens, len(ids), "messages", bool(body.logprobs), body.top_logprobs or 0)
+        params.constraint = structured.constraint
         self.check_work(1, params.n, len(ids), params.max_tokens, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self.admit([ids], params, rid)
         head = dict(id=rid, created=int(time.time()), model=self.config.model_name, system_fingerprint=FINGERPRINT)
-        template, split = self.tokenizer.chat_template, thinking.split(self.tokenizer.chat_template)
         samples = [
-            Sample(self.tokenizer, params.stop, template, self.pieces if body.logprobs else None, split)
+            Sample(
+                self.tokenizer,
+                params.stop,
+                template,
+                self.pieces if body.logprobs else None,
+                split,
+                structured.parser(),
+            )
             for _ in range(params.n)
         ]
         if body.stream:
@@ -188,34 +197,32 @@ class Api:
         await self.collect(streams, samples, request, t0)
         choices = []
         for i, s in enumerate(samples):
-            reasoning = s.reasoning if s.split.has_reasoning else None
             choices.append(
                 P.ChatCompletionChoice(
                     index=i,
-                    message=P.ChatCompletionMessage(
-                        content=s.content, reasoning_content=reasoning, reasoning=reasoning
-                    ),
+                    message=s.message(),
                     logprobs=P.ChoiceLogprobs(content=s.logprobs) if body.logprobs else None,
                     finish_reason=s.finish_reason,
                 )
             )
-        return P.ChatCompletion(**head, choices=choices, usage=self._chat_usage(len(ids), samples))
+        return P.ChatCompletion(**head, choices=choices, usage=self._chat_usage(len(ids), samples, streams))
 
-    async def render(self, messages: list[dict], thinking: Thinking, param: str) -> list[int]:
-        """The prompt's token ids: messages through the chat template, with the thinking switch."""
+    async def render(self, messages: list[dict], thinking: Thinking, param: str, tools=None) -> list[int]:
+        """The prompt's token ids: messages (and tools) through the chat template, with the thinking switch."""
         thinking.check(self.tokenizer.chat_template)
         try:
-            prompt = self.tokenizer.apply_chat_template(messages, thinking=thinking.on)
+            prompt = self.tokenizer.apply_chat_template(messages, thinking=thinking.on, tools=tools)
         except TokenizerError as e:
             raise APIError(400, str(e), param=param) from None
         return await run_in_threadpool(self.tokenizer.encode, prompt)
 
-    def _chat_usage(self, n_prompt: int, samples: list[Sample]) -> P.ChatUsage:
+    def _chat_usage(self, n_prompt: int, samples: list[Sample], streams: list[RequestStream]) -> P.ChatUsage:
         n_out = sum(s.n_tokens for s in samples)
         return P.ChatUsage(
             prompt_tokens=n_prompt,
             completion_tokens=n_out,
             total_tokens=n_prompt + n_out,
+            prompt_tokens_details=_cached(streams),
             completion_tokens_details=P.CompletionTokensDetails(
                 reasoning_tokens=sum(s.reasoning_tokens for s in samples)
             ),
@@ -240,10 +247,13 @@ class Api:
                     P.DeltaMessage(reasoning_content=r or None, reasoning=r or None, content=c or None),
                     logprobs=P.ChoiceLogprobs(content=lps) if lps else None,
                 )
+            if samples[i].call_deltas:
+                yield chunk(i, P.DeltaMessage(tool_calls=samples[i].take_call_deltas()))
             if finished:
                 yield chunk(i, P.DeltaMessage(), finish=samples[i].finish_reason)
         if include_usage:
-            yield P.ChatCompletionChunk(**head, choices=[], usage=self._chat_usage(n_prompt, samples)).model_dump_json()
+            usage = self._chat_usage(n_prompt, samples, streams)
+            yield P.ChatCompletionChunk(**head, choices=[], usage=usage).model_dump_json()
 
     # ---- /v1/completions ----
     async def complete(self, body: P.CompletionRequest, request: Request):
@@ -305,7 +315,12 @@ class Api:
         return P.Completion(
             **head,
             choices=choices,
-            usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out),
+            usage=P.Usage(
+                prompt_tokens=n_prompt,
+                completion_tokens=n_out,
+                total_tokens=n_prompt + n_out,
+                prompt_tokens_details=_cached(streams),
+            ),
         )
 
     def _legacy_logprobs(self, s: Sample, events: list[TokenEvent], start: int = 0) -> P.CompletionLogprobs:
@@ -343,7 +358,12 @@ class Api:
             yield P.Completion(
                 **head,
                 choices=[],
-                usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out),
+                usage=P.Usage(
+                    prompt_tokens=n_prompt,
+                    completion_tokens=n_out,
+                    total_tokens=n_prompt + n_out,
+                    prompt_tokens_details=_cached(streams),
+                ),
             ).model_dump_json()
 
     # ---- driving the streams ----
@@ -429,3 +449,8 @@ def event_stream(body: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(
         body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
+
+
+def _cached(streams: list[RequestStream]) -> P.PromptTokensDetails:
+    """OpenAI's usage.prompt_tokens_details: the prompt tokens found in the prefix cache, all prompts."""
+    return P.PromptTokensDetails(cached_tokens=sum(s.cached_tokens for s in streams))
