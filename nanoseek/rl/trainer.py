@@ -38,6 +38,9 @@ class GRPOTrainer:
         engine: Engine | None = None,
     ):
         self.model, self.tokenizer, self.task, self.cfg = model, tokenizer, task, cfg
+        # DeepSeek-V3.2 (DSA): the policy trains on the sparse attention the engine samples with; the indexer
+        # is left as pretraining made it (no KL here, and its top-k selection passes no gradient).
+        model.set_dsa_stage(dense_attention=False, indexer_kl=False)
         self.reward_fn = reward_fn or task_reward_fn(task, RewardWeights(**cfg.reward_weights))
         self.prompt_fn = prompt_fn or prompt_text
         self.engine = engine or Engine(
@@ -251,6 +254,7 @@ class GRPOTrainer:
     def _after_optimizer_step(self) -> None:
         """Count routed tokens into the router bias (if γ > 0) and make the engine decode with the new weights."""
         update_bias(self.model, self.cfg.router_bias_update_speed)
+        self.engine.reset_prefix_cache()  # prompt latents cached with the old weights are stale
 
     # ---- one step ----------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
