@@ -50,6 +50,12 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--mtp-lambda": ("mtp_lambda", float, "MTP loss weight λ (default 0.3)"),
     "--bias-update-speed": ("bias_update_speed", float, "γ of the aux-loss-free bias update (default 1e-3)"),
     "--aux-loss-alpha": ("aux_loss_alpha", float, "α of the sequence-wise balance loss (default: model config)"),
+    "--dsa-warmup-steps": (
+        "dsa_warmup_steps",
+        int,
+        "DeepSeek-V3.2 models: first steps with dense attention, the lightning indexer alone trained by KL "
+        "toward it; then sparse training of everything (default 0: sparse from the start)",
+    ),
     "--seed": ("seed", int, "model init and data order (default 0)"),
     "--device": ("device", str, "auto, cpu, cuda, cuda:N (default auto)"),
     "--dtype": ("dtype", str, "auto, fp32 or bf16 autocast (default auto: bf16 on CUDA, fp32 on CPU)"),
@@ -61,6 +67,7 @@ TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
 }
 SWITCHES = {  # argparse dest -> (TrainConfig field, value when the flag is given)
     "no_doc_mask": ("doc_mask", False),
+    "dsa_warmup_train_all": ("dsa_warmup_train_all", True),
     "compile": ("compile", True),
     "expert_parallel": ("expert_parallel", True),
     "fsdp": ("fsdp", True),
@@ -192,8 +199,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         held = f"{result.heldout_loss:.4f}" if result.heldout_loss is not None else "n/a"
         mfu = f", MFU {result.mfu:.1%}" if result.mfu is not None else ""
         load = f", expert load max/mean {max(result.expert_load):.2f}" if result.expert_load else ""
+        kl = f", indexer KL {result.indexer_loss:.4f}" if result.indexer_loss is not None else ""
         print(
-            f"step {result.step}: train loss {result.train_loss:.4f}, held-out loss {held}, "
+            f"step {result.step}: train loss {result.train_loss:.4f}, held-out loss {held}{kl}, "
             f"{result.tokens_per_s:,.0f} tokens/s{mfu}{load}"
         )
         print(f"checkpoint: {result.checkpoint}\nmetrics: {run_dir / 'metrics.jsonl'} (plot: nanoseek plot {run_dir})")
@@ -251,6 +259,12 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     g.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: estimated)")
     g.add_argument(
         "--no-doc-mask", action="store_true", help="let packed documents attend to each other (faster; default: masked)"
+    )
+    g.add_argument(
+        "--dsa-warmup-train-all",
+        action="store_true",
+        help="the dense warm-up trains every parameter (LM loss + indexer KL), not the indexer alone: "
+        "for pretraining a V3.2 model from scratch",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     g.add_argument(

@@ -1,7 +1,8 @@
 """`nanoseek zero` and `nanoseek distill`: R1-Zero from scratch in one command, then distillation into a
 smaller student (see docs/zero.md).
 
-    nanoseek zero [--preset smoke|default] [--out RUN_DIR] [--seed N] [--threads N] [--resume]
+    nanoseek zero [--preset smoke|default] [--model-preset tiny|tiny-v32] [--out RUN_DIR] [--seed N]
+                  [--threads N] [--resume]
     nanoseek distill --run RUN_DIR [--preset smoke|default] [--out DIR] [--resume]
 """
 
@@ -13,16 +14,17 @@ from nanoseek.cli.flags import add_progress
 from nanoseek.errors import NanoseekError
 from nanoseek.rl.distill import distill_preset, run_distill
 from nanoseek.rl.zero import run_zero
-from nanoseek.rl.zero_config import ZERO_PRESETS, load_run_config, preset
+from nanoseek.rl.zero_config import MODEL_PRESETS, ZERO_PRESETS, load_run_config, preset
 
 
 def _zero_config(args: argparse.Namespace):
-    if args.resume and args.preset is None:
+    if args.resume and args.preset is None and args.model_preset is None:
         cfg = load_run_config(args.out)  # the run's own settings
         if args.seed is not None and args.seed != cfg.seed:
             raise NanoseekError(f"--resume: the run in {args.out} has seed {cfg.seed}, not {args.seed}")
-    else:
-        cfg = preset(args.preset or "default", seed=args.seed or 0)
+    else:  # with --resume, the settings asked for must be the run's (run_zero compares them)
+        name = args.preset or (load_run_config(args.out).preset if args.resume else "default")
+        cfg = preset(name, seed=args.seed or 0, model=args.model_preset or "tiny")
     if args.threads is not None:
         cfg.threads = args.threads
     return cfg
@@ -67,6 +69,13 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         default=None,
         help="default: the demo (~20-25 min on 2 cores); smoke: about a minute (tests). Default: default, or "
         "the run's own preset with --resume",
+    )
+    z.add_argument(
+        "--model-preset",
+        choices=MODEL_PRESETS,
+        default=None,
+        help="the model shape's base: tiny (DeepSeek-V3, the default) or tiny-v32 (DeepSeek-V3.2: sparse attention "
+        "behind a lightning indexer, pretrained with a dense warm-up first)",
     )
     z.add_argument("--out", default="runs/zero", help="run directory (default runs/zero)")
     z.add_argument(

@@ -96,13 +96,15 @@ def grpo_loss(
 class SharedPromptCache:
     """A `LatentCache` (model.py) for training: the first forward runs the P prompts and keeps their latents
     (with gradients); the second runs the N = P*G completions, each attending to its group's prompt
-    latents plus its own earlier tokens. Exactly the full causal forward over prompt + completion."""
+    latents plus its own earlier tokens. Exactly the full causal forward over prompt + completion. DSA layers
+    (DeepSeek-V3.2) keep their indexer keys the same way (`update_index`), and select among the same keys."""
 
     absorb = False
 
     def __init__(self, prompt_lens: torch.Tensor, group_of: torch.Tensor, tp: int, tc: int):
         self.group_of = group_of
         self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.index_prefix: dict[int, torch.Tensor] = {}
         self.completing = False
         device = prompt_lens.device
         in_prompt = torch.arange(tp, device=device)[None] < prompt_lens[group_of][:, None]  # (N, Tp)
@@ -110,6 +112,14 @@ class SharedPromptCache:
         self.mask = torch.cat(
             (in_prompt[:, None, :].expand(-1, tc, -1), causal[None].expand(len(group_of), -1, -1)), dim=-1
         )[:, None]  # (N, 1, Tc, Tp+Tc)
+        self.keep = self.mask  # stays boolean: the DSA layers' top-k selection reads it
+
+    def update_index(self, layer_idx: int, keys: torch.Tensor):
+        """A DSA layer's indexer keys (B, T, d), as `update` does the latents (its mask: boolean)."""
+        if not self.completing:
+            self.index_prefix[layer_idx] = keys  # (P, Tp, d)
+            return keys, None
+        return torch.cat((self.index_prefix[layer_idx][self.group_of], keys), dim=1), self.keep
 
     def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
         if not self.completing:

@@ -143,7 +143,7 @@ def _prepare_run_dir(run: Path, cfg: ZeroConfig, resume: bool) -> None:
     if resume:
         if not saved.exists():
             raise ZeroError(f"cannot resume: {run} holds no zero run ({CONFIG_FILE} is missing)")
-        old = json.loads(saved.read_text())
+        old = ZeroConfig.from_dict(json.loads(saved.read_text())).to_dict()  # fields added since: defaults
         new = cfg.to_dict()
         changed = sorted(k for k in new if k != "threads" and old.get(k) != new[k])  # threads: speed only
         if changed:

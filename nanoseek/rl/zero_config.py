@@ -3,6 +3,7 @@ evaluation), the named presets (`preset("default")`, `preset("smoke")`), and the
 
     from nanoseek.rl.zero_config import preset
     cfg = preset("smoke", seed=1)          # a ZeroConfig; run it with nanoseek.rl.zero.run_zero
+    cfg = preset("smoke", model="tiny-v32")  # the same run on DeepSeek-V3.2's sparse attention
 """
 
 from __future__ import annotations
@@ -161,8 +162,26 @@ class ZeroConfig:
         return tasks
 
 
-def preset(name: str = "default", seed: int = 0) -> ZeroConfig:
-    """The named run: "default" (the demo, ~20-25 min on 2 cores) or "smoke" (about a minute; what the tests run)."""
+MODEL_PRESETS = ("tiny", "tiny-v32")
+
+
+def preset(name: str = "default", seed: int = 0, model: str = "tiny") -> ZeroConfig:
+    """The named run: "default" (the demo, ~20-25 min on 2 cores) or "smoke" (about a minute; what the tests run).
+
+    model: the model preset the run's shape is cut from: "tiny" (DeepSeek-V3: MLA, DeepSeekMoE, MTP) or
+    "tiny-v32" (the same plus DeepSeek-V3.2's sparse attention behind a lightning indexer, top-64 keys).
+    A V3.2 model is pretrained from scratch with a dense warm-up of every parameter (the indexer fitted to
+    the dense attention by KL) before sparse training; GRPO, evaluation and the engine then run it sparse."""
+    if model not in MODEL_PRESETS:
+        raise ZeroError(f"unknown zero model preset {model!r}; presets: {', '.join(MODEL_PRESETS)}")
+    cfg = _preset(name, seed, model)
+    if cfg.model.dsa:
+        cfg.train.dsa_warmup_steps = cfg.train.max_steps // 6
+        cfg.train.dsa_warmup_train_all = True
+    return cfg
+
+
+def _preset(name: str, seed: int, model: str) -> ZeroConfig:
     if name == "default":
         # Two-digit addition: the tiny model's direct answers are mostly wrong, its worked column additions
         # far more often right. Most of the corpus is worksheets of worked problems as plain text (cheap:
@@ -174,7 +193,7 @@ def preset(name: str = "default", seed: int = 0) -> ZeroConfig:
             task="arithmetic",
             task_knobs=knobs,
             seed=seed,
-            model=get_preset("tiny", vocab_size=512, max_position_embeddings=512),
+            model=get_preset(model, vocab_size=512, max_position_embeddings=512),
             corpus=CorpusConfig(
                 parts=[
                     CorpusPart("arithmetic", knobs, documents=4_000, reasoning_fraction=0.25),
@@ -216,7 +235,7 @@ def preset(name: str = "default", seed: int = 0) -> ZeroConfig:
             task_knobs=knobs,
             seed=seed,
             model=get_preset(
-                "tiny",
+                model,
                 vocab_size=384,
                 hidden_size=64,
                 intermediate_size=128,

@@ -42,6 +42,12 @@ class TrainConfig:
     bias_update_speed: float = 1e-3  # γ of the auxiliary-loss-free bias update; 0 = off
     aux_loss_alpha: float | None = None  # α of the sequence-wise balance loss; None = the model config's
     doc_mask: bool = True  # packed documents do not attend to each other
+    # DeepSeek Sparse Attention (V3.2 models only, V3.2 §2.1.1): the first dsa_warmup_steps attend densely
+    # and fit the lightning indexer to that attention by KL, with every other parameter frozen (or, with
+    # dsa_warmup_train_all, trained by the LM loss too: pretraining from scratch); then sparse attention
+    # over the indexer's top-k, everything trained, the indexer by its KL on the selected keys alone.
+    dsa_warmup_steps: int = 0
+    dsa_warmup_train_all: bool = False
     # runtime
     seed: int = 0  # model init (for a fresh model) and data order
     device: str = "auto"  # "auto": cuda if available, else cpu
@@ -74,6 +80,8 @@ class TrainConfig:
         "bias_update_speed",
         "aux_loss_alpha",
         "doc_mask",
+        "dsa_warmup_steps",
+        "dsa_warmup_train_all",
         "seed",
     )
 
@@ -105,6 +113,11 @@ class TrainConfig:
         need(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         need(self.eval_every >= -1 and self.save_every >= 0, "eval_every must be >= -1 and save_every >= 0")
         need(self.eval_sequences >= 1, "eval_sequences must be >= 1")
+        need(self.dsa_warmup_steps >= 0, f"dsa_warmup_steps must be >= 0, got {self.dsa_warmup_steps}")
+        need(
+            self.dsa_warmup_steps > 0 or not self.dsa_warmup_train_all,
+            "--dsa-warmup-train-all changes the dense warm-up: give its length with --dsa-warmup-steps N",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -130,6 +143,13 @@ class TrainResult:
     tokens_per_s: float  # median over the steps of this process's run
     mfu: float | None
     expert_load: list[float] = field(default_factory=list)  # max/mean per MoE layer, last step
+    indexer_loss: float | None = None  # DSA models: the indexer KL of the last step
+
+
+def dsa_warmup(step: int, cfg: TrainConfig) -> bool:
+    """Is optimizer step `step` (0-based) in the dense warm-up of a DSA model? The stage follows from the
+    step alone, so a run resumed mid-warm-up continues it."""
+    return step < cfg.dsa_warmup_steps
 
 
 # ---- schedule ------------------------------------------------------------------------------------

@@ -24,18 +24,23 @@ from nanoseek.train.data import IGNORE_INDEX, PackedBatches
 
 # ---- the objective -------------------------------------------------------------------------------
 class PretrainObjective(nn.Module):
-    """Forward of one micro-batch: summed next-token and MTP cross-entropies, and the balance loss.
+    """Forward of one micro-batch: summed next-token and MTP cross-entropies, and the balance loss; with
+    `indexer_loss=True` also the lightning indexers' KL (DeepSeek-V3.2 DSA layers, 0 for other models).
 
-    A module of its own so that DDP wraps the whole training forward (the MTP heads included)."""
+    A module of its own so that DDP wraps the whole training forward (the MTP heads included), and every
+    loss that reaches a parameter is one of its outputs."""
 
-    def __init__(self, model: Transformer, mtp_depth: int):
+    def __init__(self, model: Transformer, mtp_depth: int, indexer_loss: bool = False):
         super().__init__()
-        self.model, self.mtp_depth = model, mtp_depth
+        self.model, self.mtp_depth, self.with_indexer_loss = model, mtp_depth, indexer_loss
 
     def forward(
         self, inputs: torch.Tensor, targets: list[torch.Tensor], mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """inputs (B, T); targets[k] (B, T-k) for k = 0..mtp_depth. Returns (cross-entropy sums (1+D,), aux loss)."""
+    ) -> tuple[torch.Tensor, ...]:
+        """inputs (B, T); targets[k] (B, T-k) for k = 0..mtp_depth. Returns (cross-entropy sums (1+D,), aux
+        loss), and the summed indexer KL (training forwards of DSA layers with `indexer_kl` on) as a third."""
+        for layer in self.model.dsa_layers():
+            layer.indexer_loss = None  # an MTP block that does not run this time keeps no stale loss
         h = self.model.hidden_states(inputs, mask=mask)
         logits = [self.model.lm_head(h)]
         if self.mtp_depth:
@@ -47,7 +52,11 @@ class PretrainObjective(nn.Module):
             ]
         )
         aux = self.model.aux_loss()
-        return sums, aux if torch.is_tensor(aux) else h.new_zeros(())
+        aux = aux if torch.is_tensor(aux) else h.new_zeros(())
+        if not self.with_indexer_loss:
+            return sums, aux
+        kl = self.model.indexer_loss()
+        return sums, aux, kl if torch.is_tensor(kl) else h.new_zeros((), dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -75,7 +84,7 @@ def heldout_loss(
             mb = batches.take(rows or [0]).to(device)
             tgt = mb.targets(0) if doc_mask else mb.tokens[:, 1:]
             with autocast:
-                sums, _ = forward(mb.inputs, [tgt], mb.attention_mask() if doc_mask else None)
+                sums = forward(mb.inputs, [tgt], mb.attention_mask() if doc_mask else None)[0]
             if rows:
                 total += torch.stack((sums[0].float(), (tgt != IGNORE_INDEX).sum().float()))
     finally:
@@ -89,7 +98,9 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, mtp_depth: int = 0)
     """Model FLOPs of one trained token: 6 per activated parameter (forward 2, backward 4) plus causal
     attention, 6 · H · (d_qk + d_v) · (T+1)/2 per layer (PaLM appendix B, halved for the causal mask).
     Activated parameters as DeepSeek counts them (`stats.model_stats`); each MTP depth adds its block
-    (shared and top-k experts only) and another pass through the output head."""
+    (shared and top-k experts only) and another pass through the output head. DeepSeek-V3.2 (sparse
+    stage): a query attends to at most index_topk keys, and the lightning indexer scores every earlier one,
+    6 · index_n_heads · index_head_dim · (T+1)/2 per layer (its projections are parameters, counted above)."""
     s = model_stats(cfg)
     params = s.active
     if mtp_depth:
@@ -101,8 +112,14 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, mtp_depth: int = 0)
             mtp -= routed * (cfg.n_routed_experts - cfg.num_experts_per_tok) // cfg.n_routed_experts
         params += mtp_depth * (mtp + cfg.vocab_size * cfg.hidden_size)
     layers = cfg.num_hidden_layers + mtp_depth
-    attention = 6 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len + 1) / 2 * layers
-    return 6 * params + attention
+    causal = (seq_len + 1) / 2  # keys per query, on average
+    keys, indexer = causal, 0.0
+    if cfg.dsa:
+        k = min(cfg.index_topk, seq_len)  # queries past position k attend to k keys
+        keys = (k * (k + 1) / 2 + (seq_len - k) * k) / seq_len
+        indexer = 6 * cfg.index_n_heads * cfg.index_head_dim * causal
+    attention = 6 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * keys
+    return 6 * params + (attention + indexer) * layers
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:

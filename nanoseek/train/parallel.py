@@ -206,13 +206,15 @@ def wrap_ddp(model: nn.Module, device: str = "cpu") -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
 
 
-def apply_fsdp(root: nn.Module, blocks: list[nn.Module]) -> nn.Module:
+def apply_fsdp(root: nn.Module, blocks: list[nn.Module], reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2: shard each transformer block on its own (gathered just for its forward and backward), then the
     root, which keeps the rest (embedding, final norm, head, MTP projections). `root` must be the module
     whose forward runs the training step, so its hooks gather the root parameters. Gradients are
-    reduce-scattered as averages over ranks, as DDP's are."""
+    reduce-scattered as averages over ranks, as DDP's are. reshard_after_forward=False keeps each block
+    gathered from its forward to its backward: needed when a loss leaves a block other than through its
+    output (DSA's indexer KL), which FSDP's pre-backward hook, on the output, would not see coming."""
     for block in blocks:
-        fully_shard(block)
+        fully_shard(block, reshard_after_forward=reshard_after_forward)
     fully_shard(root)
     return root
 
@@ -241,25 +243,43 @@ def finish_expert_grads(model: nn.Module) -> None:
     single-process run where the stacked expert tensor always has one."""
     for name, mod in expert_parallel_params(model).items():
         p = getattr(mod, name.rsplit(".", 1)[1])
+        if not p.requires_grad:  # frozen this step (a DSA warm-up): no gradient, no update
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         else:
             p.grad.div_(mod.ep_size)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm (expert slices counted once over all ranks); returns the norm before
-    clipping. max_norm <= 0 only measures."""
+def average_grads(params: list[nn.Parameter]) -> None:
+    """Average the gradients of replicated parameters over the ranks, where DDP does not (parameters
+    without a gradient are skipped: every rank must hold the same ones)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if is_distributed() and grads:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= world_size()
+        torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, params: list[nn.Parameter] | None = None) -> float:
+    """Clip the global gradient norm of `params` (default: all of the model's; expert slices counted once
+    over all ranks); returns the norm before clipping. max_norm <= 0 only measures."""
     sliced = {id(getattr(mod, n.rsplit(".", 1)[1])) for n, mod in expert_parallel_params(model).items()}
-    params = [p for p in model.parameters() if p.grad is not None]
+    params = [p for p in (model.parameters() if params is None else params) if p.grad is not None]
     if not sliced:  # replicated (DDP) or FSDP-sharded gradients: torch computes the global norm
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
         return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     replicated = [p.grad for p in params if id(p) not in sliced]
     local = [p.grad for p in params if id(p) in sliced]
-    sq = torch.stack([g.float().pow(2).sum() for g in local]).sum()
+    device = next(model.parameters()).device
+
+    def squares(grads: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=device)
+
+    sq = squares(local)
     all_reduce_sum(sq)  # every rank's expert slice counts once
-    sq = sq + torch.stack([g.float().pow(2).sum() for g in replicated]).sum()
+    sq = sq + squares(replicated)
     norm = float(sq.sqrt())
     if max_norm > 0 and norm > max_norm:
         torch._foreach_mul_([p.grad for p in params], max_norm / (norm + 1e-6))

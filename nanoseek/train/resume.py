@@ -58,6 +58,13 @@ def check_compatible(cfg: TrainConfig, model_cfg: ModelConfig, ds: Dataset, mtp_
         raise TrainError(
             f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings {model_cfg.max_position_embeddings}"
         )
+    dsa_flags = {"--dsa-warmup-steps": cfg.dsa_warmup_steps > 0, "--dsa-warmup-train-all": cfg.dsa_warmup_train_all}
+    for flag, on in dsa_flags.items():
+        if on and not model_cfg.dsa:
+            raise TrainError(
+                f"{flag} trains DeepSeek Sparse Attention's indexer, but the model is {model_cfg.model_type} "
+                "without one: train a deepseek_v32 model (e.g. --preset tiny-v32)"
+            )
     if cfg.fsdp and world == 1:
         raise TrainError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
     if cfg.fsdp and cfg.expert_parallel:

@@ -18,9 +18,16 @@ One optimizer step (DeepSeek-V3 §2, §3.3 and §4.2 in miniature):
   (warmup-stable-decay) to `min_lr_ratio · lr`, global-norm clipping, then the auxiliary-loss-free bias
   update b_i += γ·sign(mean load − load_i) from the step's token counts summed over ranks (V3 §2.1.2).
 - fp32 on CPU; bf16 autocast on CUDA where bf16 is fast (parameters and optimizer state stay fp32).
+- DeepSeek-V3.2 models (DSA, V3.2 §2.1.1): the first `dsa_warmup_steps` steps attend densely and train the
+  lightning indexers alone by their KL toward the main attention (everything else frozen: no gradient, so
+  no update and no weight decay), or everything with `dsa_warmup_train_all`; then attention is sparse
+  (top-k), everything trains, and the indexers' KL on the selected keys is added to the backward. Their
+  input is detached, so the KL trains only the indexers and the LM loss only the rest; the two parts are
+  clipped apart too, so neither's gradient norm scales the other's step.
 
-Logged per step to RUN_DIR/metrics.jsonl: loss/train, loss/mtp, loss/aux, lr, grad_norm, tokens_per_s, mfu,
-expert_load/<layer> (max/mean tokens per expert); loss/heldout at each evaluation.
+Logged per step to RUN_DIR/metrics.jsonl: loss/train, loss/mtp, loss/aux, loss/indexer, lr, grad_norm,
+grad_norm/indexer, tokens_per_s, mfu, expert_load/<layer> (max/mean tokens per expert); loss/heldout at
+each evaluation.
 
 Beside this module: the settings and schedule (`config.py`), the objective, held-out loss and FLOPs
 (`objective.py`), the run-directory and resume checks (`resume.py`), checkpoints (`state.py`).
@@ -43,7 +50,7 @@ from nanoseek.model.config import ModelConfig
 from nanoseek.model.moe import update_bias
 from nanoseek.model.transformer import Transformer
 from nanoseek.train import parallel
-from nanoseek.train.config import TrainConfig, TrainError, TrainResult, lr_factor
+from nanoseek.train.config import TrainConfig, TrainError, TrainResult, dsa_warmup, lr_factor
 from nanoseek.train.data import IGNORE_INDEX, Batch, DataError, Dataset, PackedBatches, load_dataset
 from nanoseek.train.metrics import MetricsLogger
 from nanoseek.train.objective import PretrainObjective, heldout_loss, peak_flops, training_flops_per_token
@@ -137,6 +144,13 @@ class Trainer:
         if ckpt is not None:
             check_resume_config(cfg, read_saved_state(ckpt), ds, self.world, ckpt)
         self.objective, self.forward = self._parallelize(model)
+        # DSA: the lightning indexers' parameters and the rest, trained (and clipped) apart. Collected once
+        # the parallelism has replaced what it shards or slices.
+        indexers = {id(p) for m in model.dsa_layers() for p in m.indexer.parameters()}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.indexer_params = [p for p in trainable if id(p) in indexers]
+        self.main_params = [p for p in trainable if id(p) not in indexers]
+        self.frozen = False  # in the dense warm-up, is all but the indexers frozen?
         self.optimizer = adamw(model, cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
 
@@ -191,15 +205,26 @@ class Trainer:
         """(the objective, wrapped for DDP / FSDP2 / expert parallelism; what runs it, maybe compiled)."""
         if self.cfg.expert_parallel:
             parallel.apply_expert_parallel(model)
-        objective: nn.Module = PretrainObjective(model, self.mtp_depth)
+        objective: nn.Module = PretrainObjective(model, self.mtp_depth, indexer_loss=True)
         if self.world > 1 and self.cfg.fsdp:
             # An MTP block's shared_head.norm is called outside the block's forward, so its attention and
             # MoE are the sharded units and its small norms and eh_proj stay with the root.
             units = list(model.layers) + [m for b in model.mtp[: self.mtp_depth] for m in (b.self_attn, b.mlp)]
-            objective = parallel.apply_fsdp(objective, units)
+            objective = parallel.apply_fsdp(objective, units, reshard_after_forward=not model.dsa_layers())
         elif self.world > 1:
             objective = parallel.wrap_ddp(objective, str(self.device))
         return objective, torch.compile(objective) if self.cfg.compile else objective
+
+    def set_stage(self, step: int) -> None:
+        """The DSA stage of optimizer step `step`: the dense warm-up (indexers alone trained, unless
+        dsa_warmup_train_all) or sparse training. Nothing changes for a model without DSA layers."""
+        if not self.indexer_params:
+            return
+        warm = dsa_warmup(step, self.cfg)
+        self.model.set_dsa_stage(dense_attention=warm, indexer_kl=True)
+        self.frozen = warm and not self.cfg.dsa_warmup_train_all
+        for p in self.main_params:
+            p.requires_grad_(not self.frozen)
 
     def targets(self, b: Batch, k: int) -> torch.Tensor:
         # Without the document mask attention crosses documents, so every next token is a fair target.
@@ -209,33 +234,49 @@ class Trainer:
         """One optimizer step over the global batch at the current data position; returns its metrics."""
         cfg, D, world = self.cfg, self.mtp_depth, self.world
         t0 = time.perf_counter()
+        self.set_stage(self.step)
+        # Frozen warm-up under DDP: only the indexers get gradients, which DDP (expecting every parameter's)
+        # must not wait for; they are averaged over the ranks below instead. FSDP2 reduces whatever has one.
+        own_sync = self.frozen and world > 1 and not cfg.fsdp
         batch = self.train_batches.get(self.position, self.per_step).to(self.device)
         # Each loss is a sum over this rank's tokens divided by the whole step's token count, times the
         # world size that DDP/FSDP divide by again: the gradient of one big batch's mean.
         counts = torch.stack([(self.targets(batch, k) != IGNORE_INDEX).sum() for k in range(1 + D)])
         denom = counts.clamp_min(1).to(torch.float32)
         weights = torch.tensor([1.0] + [cfg.mtp_lambda / max(D, 1)] * D, device=self.device)  # λ/D per MTP depth
-        logged = torch.zeros(2 + D, device=self.device)
+        logged = torch.zeros(3 + D, device=self.device)  # CE sums (1+D), balance loss, indexer KL
         for micro in range(cfg.grad_accum):
             lo = (micro * world + self.rank) * cfg.batch_size
             mb = Batch(batch.tokens[lo : lo + cfg.batch_size], batch.doc_ids[lo : lo + cfg.batch_size])
-            last = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if world == 1 or last else parallel.no_gradient_sync(self.objective):
+            sync = world == 1 or (micro == cfg.grad_accum - 1 and not own_sync)
+            with contextlib.nullcontext() if sync else parallel.no_gradient_sync(self.objective):
                 with self.autocast:
-                    sums, aux = self.forward(
+                    sums, aux, kl = self.forward(
                         mb.inputs,
                         [self.targets(mb, k) for k in range(1 + D)],
                         mb.attention_mask() if cfg.doc_mask else None,
                     )
-                ((sums / denom * weights).sum() * world + aux / cfg.grad_accum).backward()
-            logged += torch.cat((sums.detach(), aux.detach().reshape(1) / cfg.grad_accum))
+                # The KL is a mean over the micro-batch's queries, as the balance loss is over its sequences.
+                loss = kl / cfg.grad_accum
+                if not self.frozen:
+                    loss = loss + (sums / denom * weights).sum() * world + aux / cfg.grad_accum
+                loss.backward()
+            side = torch.stack((aux.detach().float(), kl.detach().float())) / cfg.grad_accum
+            logged += torch.cat((sums.detach(), side))
+        if own_sync:
+            parallel.average_grads(self.indexer_params)
         parallel.finish_expert_grads(self.objective)
-        grad_norm = parallel.clip_grad_norm(self.model, cfg.grad_clip)
+        if self.indexer_params:
+            grad_norm = parallel.clip_grad_norm(self.model, cfg.grad_clip, self.main_params)
+            indexer_norm = parallel.clip_grad_norm(self.model, cfg.grad_clip, self.indexer_params)
+        else:
+            grad_norm = parallel.clip_grad_norm(self.model, cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        load = update_bias(self.model, cfg.bias_update_speed)  # counts summed over ranks, then b += γ sign(·)
+        # Counts summed over ranks, then b += γ sign(·); the routing stays frozen with the rest in a DSA warm-up.
+        load = update_bias(self.model, 0.0 if self.frozen else cfg.bias_update_speed)
         parallel.all_reduce_sum(logged)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -255,7 +296,10 @@ class Trainer:
         if D:
             row["loss/mtp"] = sum(losses[1:]) / D
         if self.model.config.aux_loss_alpha > 0 and self.model.config.seq_aux:
-            row["loss/aux"] = float(logged[-1]) / world
+            row["loss/aux"] = float(logged[-2]) / world
+        if self.indexer_params:
+            row["loss/indexer"] = float(logged[-1]) / world
+            row["grad_norm/indexer"] = indexer_norm
         if self.peak:
             row["mfu"] = self.mfu(tok_s)
         row.update({f"expert_load/{n}": v for n, v in zip(self.moe_names, load)})
@@ -265,6 +309,7 @@ class Trainer:
         return self.flops_per_token * tokens_per_s / (self.peak * self.world) if self.peak else None
 
     def heldout_loss(self) -> float:
+        self.set_stage(self.step)  # the attention of the step to come: sparse once the warm-up is over
         return heldout_loss(
             self.forward,
             self.eval_batches,
@@ -313,6 +358,8 @@ class Trainer:
                     self.metrics.log(self.step, **row)
                 if bar is not None:
                     post = {"loss": f"{row['loss/train']:.3f}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
+                    if "loss/indexer" in row:
+                        post["kl"] = f"{row['loss/indexer']:.3f}"
                     if "loss/heldout" in row:
                         post["heldout"] = f"{heldout:.3f}"
                     bar.set_postfix(post, refresh=False)
@@ -326,6 +373,10 @@ class Trainer:
         if heldout is None and self.eval_batches is not None and self.step > 0:  # resumed at or past the end
             self.say(f"the run already reached max_steps={cfg.max_steps}")
             heldout = self.heldout_loss()
+        if self.indexer_params:  # hand the model back as inference runs it: sparse, no KL, nothing frozen
+            self.model.set_dsa_stage(dense_attention=False, indexer_kl=False)
+            for p in self.main_params:
+                p.requires_grad_(True)
         median = sorted(throughput)[len(throughput) // 2] if throughput else 0.0
         return TrainResult(
             run_dir=self.run_dir,
@@ -336,4 +387,5 @@ class Trainer:
             tokens_per_s=median,
             mfu=self.mfu(median) if throughput else None,
             expert_load=[v for k, v in row.items() if k.startswith("expert_load/")],
+            indexer_loss=row.get("loss/indexer"),
         )
