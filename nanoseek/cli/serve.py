@@ -208,7 +208,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     serve.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        default=256,
+        default=1024,
         help="chunked prefill: prompt tokens prefilled per engine step beside the decodes; 0 = whole prompts",
     )
     serve.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -90,12 +90,14 @@ class PrefillScheduler:
         budget = max(self.max_num_batched_tokens - decode_tokens, self.cache.block_size)
         groups, sizes = [], []
         for group in self.prefilling:
-            if budget <= 0:
-                break
-            n = min(len(group[0].tokens) - group[0].n_cached, budget)
+            n = min(len(group[0].tokens) - group[0].n_cached, budget, sizes[0] if sizes else budget)
+            if sizes and 2 * n < sizes[0]:
+                break  # padded to the first chunk's length, this row would be mostly padding: next step
             groups.append(group)
             sizes.append(n)
             budget -= n
+            if budget <= 0:
+                break
         return self._prefill_forward(groups, sizes) if groups else events
 
     def _prefill_forward(self, groups: list[list], sizes: list[int]) -> list:

@@ -33,7 +33,7 @@ class ServerConfig:
     weights: str = "fp32"  # in memory, as the Engine's `weights` (the engine checks it); the checkpoint is unchanged
     compile: bool | None = None  # torch.compile the decode step; None: where it is faster (the engine decides)
     prefix_caching: bool = True  # share the latent-cache blocks of common prompt prefixes between requests
-    max_num_batched_tokens: int | None = 256  # prefill chunk budget per engine step; None: whole prompts at once
+    max_num_batched_tokens: int | None = 1024  # prefill chunk budget per engine step; None: whole prompts at once
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_n", "max_request_bytes", "max_sequences", "max_request_tokens"):
