@@ -4,6 +4,7 @@ a token every step while a long prompt is prefilled."""
 
 import pytest
 
+from nanoseek.cli import main
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 
@@ -54,3 +55,31 @@ def test_unchunked_prefills_every_admitted_prompt_before_decoding():
 def test_budget_must_be_positive():
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Engine(random_model(CONFIGS["v3"]).eval(), max_num_batched_tokens=0)
+
+
+def test_a_chunk_mostly_padding_waits_for_the_next_step():
+    """A ragged chunk pads every row to the first one's length: a prompt whose chunk would be under half of it
+    waits a step rather than cost the forward its padding."""
+    engine = Engine(random_model(CONFIGS["v3"]).eval(), block_size=8, max_num_batched_tokens=64)
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    for rid, n in (("long", 200), ("short", 20), ("tiny", 10)):
+        engine.add_request(list(range(3, 3 + n)), params, rid)
+    engine.step()
+    done = {g[0].request_id: g[0].n_cached for g in engine.prefilling}
+    assert done == {"long": 64, "short": 0, "tiny": 0}
+    engine.step()
+    engine.step()
+    engine.step()  # long's last 8 tokens; beside them 8 of short's and of tiny's (rows are capped at the first's)
+    assert {g[0].request_id: g[0].n_cached for g in engine.prefilling} == {"short": 8, "tiny": 8}
+    engine.step()  # short's last 12 (63 budget left beside long's decode); tiny's last 2 would be mostly padding
+    assert {g[0].request_id: g[0].n_cached for g in engine.prefilling} == {"tiny": 8}
+
+
+def test_bench_prefill_reports_each_budget(capsys):
+    argv = ["bench", "prefill", "--preset", "tiny", "--running", "2", "--arrivals", "2", "--prompt-len", "96"]
+    assert main([*argv, "--budgets", "0", "32", "--rounds", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 streams running, 2 prompts of 96 tokens arrive" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["whole"], ["32"])]
+    assert [r[0] for r in rows] == ["whole", "32"] and all(float(x) > 0 for r in rows for x in r[1:6])
+    assert main(["bench", "prefill", "--preset", "tiny", "--budgets", "-1"]) == 2

@@ -9,6 +9,7 @@ nanoseek bench decode --preset long-v32 --context 1024 4096 16384 --compare-dens
 nanoseek bench quality --model runs/zero/model --heldout runs/zero/data          # loss, top-1 agreement, pass@1
 nanoseek bench profile --preset small --weights fp32 int8 --compile --no-compile  # where a decode step's time goes
 nanoseek bench constrained --preset tiny --batch 16   # grammar-constrained (JSON schema) vs free decoding
+nanoseek bench prefill --preset tiny                  # chunked prefill: running streams' gaps, new prompts' TTFT
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from nanoseek.bench.constrained import ConstrainedBenchConfig
 from nanoseek.bench.constrained import run as run_constrained
 from nanoseek.bench.decode import DecodeBenchConfig, run
+from nanoseek.bench.prefill import PrefillBenchConfig
+from nanoseek.bench.prefill import run as run_prefill
 from nanoseek.bench.profile import ProfileConfig
 from nanoseek.bench.profile import run as run_profile
 from nanoseek.bench.quality import QualityBenchConfig
@@ -110,6 +113,10 @@ def cmd_bench_profile(args: argparse.Namespace) -> None:
 def cmd_bench_constrained(args: argparse.Namespace) -> None:
     fields = ConstrainedBenchConfig.__dataclass_fields__
     run_constrained(ConstrainedBenchConfig(**{k: getattr(args, k) for k in fields if hasattr(args, k)}))
+
+
+def cmd_bench_prefill(args: argparse.Namespace) -> None:
+    run_prefill(PrefillBenchConfig(**{k: getattr(args, k) for k in PrefillBenchConfig.__dataclass_fields__}))
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> None:
@@ -232,3 +239,17 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     c.add_argument("--mtp", action="store_true", help="MTP self-speculative decoding (checkpoints with MTP modules)")
     c.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     c.set_defaults(func=cmd_bench_constrained)
+
+    f = bench.add_parser("prefill", help="running streams' inter-token gaps and new prompts' TTFT per prefill budget")
+    f.add_argument("--model", help="checkpoint directory")
+    f.add_argument("--preset", help="or a preset with random weights (its context stretched to fit the prompts)")
+    f.add_argument("--seed", type=int, default=0, help="weights of --preset and the random prompts")
+    f.add_argument("--running", type=int, default=16, help="requests decoding when the prompts arrive")
+    f.add_argument("--arrivals", type=int, default=8, help="prompts arriving at once")
+    f.add_argument("--prompt-len", type=int, default=1000, help="tokens per arriving prompt")
+    f.add_argument(
+        "--budgets", type=int, nargs="+", default=[0, 256, 1024, 2048], help="max_num_batched_tokens (0: whole)"
+    )
+    f.add_argument("--rounds", type=int, default=3)
+    f.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    f.set_defaults(func=cmd_bench_prefill)
