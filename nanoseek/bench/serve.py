@@ -11,7 +11,8 @@ e.g. part of a UTF-8 character) at p50 and p99, and the cost of a million output
 With --system-prompt-tokens N every request starts with the same system message of about N tokens and its
 user message ends with the request's number (what prefix caching serves: a shared prefix, distinct tails);
 the prompt tokens the server found cached (`usage.prompt_tokens_details.cached_tokens`) are reported.
---server-flags passes flags to the server started with --model (e.g. `--no-prefix-caching`).
+--server-flags passes flags to the server started with --model (written with `=`, since its value starts with
+a dash: `--server-flags=--no-prefix-caching`).
 
 With --model the benchmark starts the server itself (on a free loopback port) and, interleaved with the
 server rounds, runs the same requests on the engine in-process (`Engine.generate`, no HTTP): the ratio of

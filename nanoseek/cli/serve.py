@@ -251,6 +251,6 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     b.add_argument(
         "--server-flags",
         default="",
-        help="with --model: more `nanoseek serve` flags, e.g. '--no-prefix-caching --max-num-batched-tokens 0'",
+        help="with --model: more `nanoseek serve` flags, given with '=': --server-flags='--no-prefix-caching'",
     )
     b.set_defaults(func=cmd_bench_serve)
