@@ -173,7 +173,7 @@ def test_prefix_cache_never_serves_latents_of_old_weights():
         assert trainer.train_step()["logprob_gap"] < 1e-5
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "gspo"])
 def test_micro_batching_does_not_change_the_update(loss_type):
     """One group per forward (sorted by length, padding trimmed each time) accumulates the gradient of one
     forward over the whole batch (compared before Adam, which amplifies 1e-9 differences of tiny gradients)."""
@@ -219,6 +219,26 @@ def test_old_logprobs_from_the_engine_match_a_forward():
     assert metrics["engine"]["logprob_gap"] < 1e-4
     for key in ("loss", "clip_ratio/total", "entropy", "grad_norm", "reward/total"):
         assert metrics["engine"][key] == pytest.approx(metrics["forward"][key], rel=1e-3, abs=1e-5), key
+
+
+def test_gspo_clip_ratio_counts_sequences():
+    """GSPO with μ = 2 (the second pass is off-policy): whole sequences are clipped at the paper's 3e-4 / 4e-4,
+    and clip_ratio is a share of the 2 x 8 sequence ratios, not of tokens."""
+    cfg = GRPOConfig(
+        num_generations=4,
+        prompts_per_step=2,
+        max_completion_length=6,
+        num_iterations=2,
+        learning_rate=1e-2,
+        loss_type="gspo",
+    )
+    trainer = GRPOTrainer(
+        tiny_model(std=0.1), TOKENIZER, SayDigits(), cfg, reward_fn=digit_reward, prompt_fn=short_prompt
+    )
+    m = trainer.train_step()
+    clipped = m["clip_ratio/total"] * 16
+    assert 0 < clipped <= 8  # only second-pass ratios move, and only sequences with A != 0 count
+    assert clipped == pytest.approx(round(clipped), abs=1e-9)
 
 
 @pytest.mark.slow
@@ -274,7 +294,8 @@ def test_dynamic_sampling_drops_flat_groups_and_refills():
     trainer = GRPOTrainer(
         tiny_model(std=0.1), TOKENIZER, SayDigits(), cfg, reward_fn=flat_first_round, prompt_fn=short_prompt
     )
-    sampled, kept, _ = trainer.collect(1)
+    step = trainer.collect(1)
+    sampled, kept = step.sampled, step.kept
     assert calls[0] == 12 and calls[1] == 8  # the second round samples only the two missing prompts
     assert len(kept) % 4 == 0 and len(kept) // 4 <= 3
     groups = [kept[i : i + 4] for i in range(0, len(kept), 4)]

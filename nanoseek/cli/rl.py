@@ -1,6 +1,7 @@
 """`nanoseek grpo`, `nanoseek eval` and `nanoseek bench grpo`: RL from verifiable rewards on the command line.
 
     nanoseek grpo --model ckpt/ --task arithmetic --out runs/grpo [--max-steps 200 --loss-type dr_grpo ...] [--resume]
+    torchrun --nproc-per-node 2 -m nanoseek.cli grpo ...   (each rank rolls out prompts_per_step / 2 prompts)
     nanoseek eval --model runs/grpo/final --task arithmetic [--n 200 --k 8 --temperature 0.6] [--json out.json]
     nanoseek bench grpo [--steps 4 --rounds 3 --prompts 4 --num-generations 8 --length 64]
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -29,6 +31,7 @@ from nanoseek.rl.config import GRPOConfig
 from nanoseek.rl.evaluate import evaluate
 from nanoseek.rl.grpo import train_grpo
 from nanoseek.tasks import get_task
+from nanoseek.train import parallel
 from nanoseek.train.metrics import plot_run
 
 HELP = {
@@ -38,10 +41,10 @@ HELP = {
     "temperature": "rollout sampling temperature",
     "top_p": "rollout nucleus sampling",
     "ignore_eos": "every completion runs to max_completion_length (benchmarks)",
-    "loss_type": "grpo (per-sequence mean) | dr_grpo (constant normalizer) | dapo (token mean)",
+    "loss_type": "grpo (per-sequence mean) | dr_grpo (constant normalizer) | dapo (token mean) | gspo (sequence ratio)",
     "scale_rewards": "advantage scaling: group | batch | none | auto (none for dr_grpo, else group)",
-    "epsilon": "ratio clip ε (lower side)",
-    "epsilon_high": "upper ratio clip (DAPO clip-higher: 0.28); default = epsilon",
+    "epsilon": "ratio clip ε (lower side); default 0.2, or 3e-4 for gspo (GSPO §5.1)",
+    "epsilon_high": "upper ratio clip (DAPO clip-higher: 0.28); default = epsilon, or 4e-4 for gspo",
     "beta": "weight of the k3 KL to the reference; 0 loads no reference",
     "ref_model_sync_steps": "replace the reference by the policy every N steps (0 = never)",
     "mask_truncated_completions": "truncated completions get no loss (DAPO overlong filtering)",
@@ -163,11 +166,28 @@ def _task(args: argparse.Namespace):
 
 
 # ---- commands -------------------------------------------------------------------------------------------
+def _grpo_device(args: argparse.Namespace) -> str:
+    """cpu, or under torchrun with --device cuda this rank's GPU (cuda:LOCAL_RANK)."""
+    if args.device == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise NanoseekError(f"--device {args.device}: no CUDA device is available")
+    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" else args.device
+
+
 def cmd_grpo(args: argparse.Namespace) -> None:
     cfg = config_from_args(GRPOConfig, args)
     _set_threads(args)
     task = _task(args)
+    device = _grpo_device(args)
+    parallel.init_distributed(device)  # under torchrun: gloo on CPU, NCCL on CUDA; else nothing
+    _run_grpo(args, cfg, task, device)
+    parallel.shutdown_distributed()  # not after an error: a rank that failed alone would hang in its barrier
+
+
+def _run_grpo(args: argparse.Namespace, cfg: GRPOConfig, task, device: str) -> None:
     model, tokenizer = _load(args)
+    model.to(device)
 
     def report(m: dict) -> None:
         print(
@@ -187,6 +207,8 @@ def cmd_grpo(args: argparse.Namespace) -> None:
         progress=args.progress,
         on_step=None if args.progress else report,
     )
+    if parallel.rank() != 0:
+        return
     if args.plot and result.history:
         plot_run(args.out)
     f = result.final
@@ -251,6 +273,9 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     add_progress(g, "progress bar (default when a terminal); without it, one line per step")
     g.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    g.add_argument(
+        "--device", default="cpu", help="cpu, cuda (under torchrun: each rank's cuda:LOCAL_RANK, NCCL) or cuda:N"
+    )
     g.add_argument(
         "--plot",
         action=argparse.BooleanOptionalAction,

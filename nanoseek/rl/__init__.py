@@ -1,10 +1,11 @@
 """Reinforcement learning from verifiable rewards, and the R1-Zero recipe built on it.
 
 rl owns GRPO (config.py: GRPOConfig; rollout.py: rollouts and their packed batch; loss.py: advantages, the
-clipped loss, the training forward; trainer.py: GRPOTrainer, one step; grpo.py: train_grpo, checkpoints and
-resume), held-out evaluation (evaluate.py: pass@1 / pass@k), `nanoseek zero` (zero_config.py: presets and
-configs; zero.py: the stages; stages.py: the resumable, timed stage runner and model publishing shared with
-distill; report.py: report.md and its curves) and `nanoseek distill` (distill.py).
+clipped loss, the training forward; trainer.py: GRPOTrainer, one step; distributed.py: a step shared over
+torchrun's ranks; grpo.py: train_grpo, checkpoints and resume), held-out evaluation (evaluate.py: pass@1 /
+pass@k), `nanoseek zero` (zero_config.py: presets and configs; zero.py: the stages; stages.py: the resumable,
+timed stage runner and model publishing shared with distill; report.py: report.md and its curves) and
+`nanoseek distill` (distill.py).
 
 Imports: nanoseek.errors, fileio, model, checkpoint, engine, tasks, train.
 

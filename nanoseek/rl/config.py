@@ -9,9 +9,13 @@ from typing import Any
 
 from nanoseek.errors import NanoseekError
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "gspo")
 SCALE_REWARDS = ("auto", "group", "batch", "none")
 OLD_LOGPROBS = ("auto", "forward", "engine")
+# (ε, ε_high) when --epsilon is not given. GSPO clips a length-normalized sequence ratio, which stays much
+# closer to 1 than a token's: the GSPO paper (Zheng et al. 2025, §5.1) clips it to [1 - 3e-4, 1 + 4e-4].
+DEFAULT_CLIP = {"gspo": (3e-4, 4e-4)}
+TOKEN_CLIP = (0.2, None)  # PPO's ε for every token-level loss; ε_high None = ε
 
 
 class GRPOError(NanoseekError):
@@ -30,10 +34,10 @@ class GRPOConfig:
     top_p: float = 1.0
     ignore_eos: bool = False  # every completion runs to max_completion_length (benchmarks)
     # ---- objective ----
-    loss_type: str = "dapo"  # grpo | dr_grpo | dapo (see the module docstring)
+    loss_type: str = "dapo"  # grpo | dr_grpo | dapo | gspo (see grpo.py's docstring)
     scale_rewards: str = "auto"  # group | batch | none | auto (none for dr_grpo, else group)
-    epsilon: float = 0.2  # ε: ratio clipped to [1 - ε, 1 + ε_high]
-    epsilon_high: float | None = None  # ε_high (DAPO's clip-higher, 0.28); None = ε
+    epsilon: float | None = None  # ε: ratio clipped to [1 - ε, 1 + ε_high]; None = 0.2, or 3e-4 for gspo
+    epsilon_high: float | None = None  # ε_high (DAPO's clip-higher, 0.28); None = ε, or 4e-4 for gspo
     beta: float = 0.0  # β: weight of the k3 KL to the reference; 0 loads no reference
     ref_model_sync_steps: int = 0  # replace the reference by the policy every this many steps; 0 = never
     mask_truncated_completions: bool = False  # DAPO overlong filtering: truncated completions get no loss
@@ -59,6 +63,10 @@ class GRPOConfig:
     eval_problems: int = 64
 
     def __post_init__(self) -> None:
+        if self.epsilon is None:  # the loss type's own clip range; stored resolved, so checkpoints compare
+            self.epsilon, high = DEFAULT_CLIP.get(self.loss_type, TOKEN_CLIP)
+            if self.epsilon_high is None:
+                self.epsilon_high = high
         self.validate()
 
     @property

@@ -15,6 +15,8 @@ aggregated over tokens by `loss_type`:
     grpo     (1/N) Σ_i (1/|o_i|) Σ_t ℓ_it      per-sequence length-normalized mean (DeepSeekMath eq. 3)
     dr_grpo  (1/(N·L)) Σ_i Σ_t ℓ_it            constant normalizer, L = max_completion_length (Dr. GRPO)
     dapo     (1/Σ_i |o_i|) Σ_i Σ_t ℓ_it        token-level mean over the minibatch (DAPO eq. 8)
+    gspo     as grpo, ρ_t replaced by s_i = exp((1/|o_i|) Σ_t log ρ_t), one ratio per sequence, clipped per
+             sequence at ε = 3e-4, ε_high = 4e-4 by default (GSPO, Zheng et al. 2025, in its GSPO-token form)
 
 Where this departs from the papers (each also how TRL's GRPOTrainer behaves, unless noted):
 - std is the unbiased one plus 1e-4, as TRL; the papers do not say. A group whose rewards are all equal
@@ -38,9 +40,11 @@ Where this departs from the papers (each also how TRL's GRPOTrainer behaves, unl
   `router_bias_update_speed` > 0 (default 0: routing is frozen during RL).
 - Optimizer: AdamW (β2 = 0.99, no weight decay), gradient norm clipped to `max_grad_norm`, linear warmup.
 
-The pieces: config.py (GRPOConfig, GRPOError), rollout.py (Rollout, RolloutBatch, rollout metrics), loss.py
-(advantages, the loss, the shared-prompt training forward), trainer.py (GRPOTrainer: one step), and this
-module: the run (`train_grpo`) with its checkpoints, resume and the synced reference policy on disk.
+Under torchrun each rank rolls out its share of every step's prompts and the update runs under DDP, equal
+to one process's (distributed.py). The pieces: config.py (GRPOConfig, GRPOError), rollout.py (Rollout,
+RolloutBatch, rollout metrics), loss.py (advantages, the loss, the shared-prompt training forward), trainer.py
+(GRPOTrainer: one step), distributed.py (how the ranks share a step), and this module: the run (`train_grpo`)
+with its checkpoints, resume and the synced reference policy on disk.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from nanoseek.rl.config import GRPOConfig, GRPOError
 from nanoseek.rl.evaluate import evaluate
 from nanoseek.rl.trainer import GRPOTrainer
 from nanoseek.tasks.rewards import RewardFn
+from nanoseek.train import parallel
 from nanoseek.train.metrics import MetricsLogger
 from nanoseek.train.state import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
@@ -90,7 +95,8 @@ def reference_path(run_dir: Path, step: int) -> Path:
 def save_trainer(trainer: GRPOTrainer, run_dir: Path) -> Path:
     """A training checkpoint (train_state) of the policy, optimizer and schedule; with β > 0 and a synced
     reference, that reference's weights too (written first, so a checkpoint never names a missing one)."""
-    if trainer.ref_model is not None and trainer.ref_step > 0:
+    lead = parallel.rank() == 0  # under torchrun rank 0 writes; save_checkpoint is collective
+    if lead and trainer.ref_model is not None and trainer.ref_step > 0:
         ref_dir = reference_path(run_dir, trainer.ref_step)
         if not ref_dir.exists():
             with atomic_directory(ref_dir) as tmp:
@@ -106,6 +112,8 @@ def save_trainer(trainer: GRPOTrainer, run_dir: Path) -> Path:
         state=state,
         keep_last=trainer.cfg.save_total_limit,
     )
+    if not lead:
+        return path
     needed = {_checkpoint_ref_step(c) for c in list_checkpoints(run_dir)}
     for old in (run_dir / REF_POLICY_DIR).glob("*") if (run_dir / REF_POLICY_DIR).is_dir() else []:
         if old.name.startswith(".tmp-") or int(old.name.removeprefix("step_")) not in needed:
@@ -172,16 +180,23 @@ def train_grpo(
         resume_trainer(trainer, last)
     elif run is not None and latest_checkpoint(run) is not None:
         raise GRPOError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
-    logger = MetricsLogger(run, resume_step=trainer.step) if run is not None else None
+    parallel.barrier()  # every rank has looked for a run before rank 0 writes into one
+    lead = parallel.rank() == 0  # under torchrun: rank 0 logs, evaluates and writes
+    logger = MetricsLogger(run, resume_step=trainer.step) if run is not None and lead else None
     history: list[dict[str, float]] = []
     checkpoint = None
     bar = tqdm(
-        total=cfg.max_steps, initial=trainer.step, disable=not progress, desc="grpo", unit="step", dynamic_ncols=True
+        total=cfg.max_steps,
+        initial=trainer.step,
+        disable=not (progress and lead),
+        desc="grpo",
+        unit="step",
+        dynamic_ncols=True,
     )
     try:
         while trainer.step < cfg.max_steps:
             metrics = trainer.train_step()
-            if cfg.eval_steps and trainer.step % cfg.eval_steps == 0:
+            if lead and cfg.eval_steps and trainer.step % cfg.eval_steps == 0:
                 metrics.update(_eval_metrics(trainer))
             history.append(metrics)
             if logger is not None:
@@ -195,13 +210,14 @@ def train_grpo(
             )
             if run is not None and cfg.save_steps and trainer.step % cfg.save_steps == 0:
                 checkpoint = save_trainer(trainer, run)
-            if on_step is not None:
+            if on_step is not None and lead:
                 on_step(metrics)
         final_dir = None
         if run is not None:
             if checkpoint is None or not checkpoint.name.endswith(f"{trainer.step:08d}"):
                 checkpoint = save_trainer(trainer, run)
-            final_dir = _save_final(trainer, run / "final")
+            final_dir = _save_final(trainer, run / "final") if lead else run / "final"
+            parallel.barrier()
     finally:
         bar.close()
         if logger is not None:

@@ -1,6 +1,7 @@
-"""GRPO's objective: group-relative advantages, the clipped surrogate with the k3 KL aggregated per loss type,
-and the training forward that gives every completion token its log-probability (each prompt run once per
-group, its G completions attending to its latents). The formulas are in grpo.py's docstring."""
+"""GRPO's objective: group-relative advantages, the clipped surrogate (token ratios, or GSPO's sequence ratio)
+with the k3 KL aggregated per loss type, and the training forward that gives every completion token its
+log-probability (each prompt run once per group, its G completions attending to its latents). The formulas
+are in grpo.py's docstring."""
 
 from __future__ import annotations
 
@@ -37,8 +38,19 @@ class LossOutput:
     loss: torch.Tensor  # scalar to backpropagate (already divided by the minibatch normalizer)
     n_tokens: float  # tokens in the loss (this micro-batch)
     kl_sum: float  # Σ KL_t over those tokens (0 when β = 0)
-    clip_low: float  # tokens with ρ < 1-ε and A < 0 (the clipped branch is active)
-    clip_high: float  # tokens with ρ > 1+ε_high and A > 0
+    clip_low: float  # ratios with ρ < 1-ε and A < 0 (the clipped branch is active)
+    clip_high: float  # ratios with ρ > 1+ε_high and A > 0
+    n_ratios: float = 0.0  # importance ratios those counts are out of: tokens, or sequences for gspo
+
+
+def gspo_token_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO-token's ratio (Zheng et al. 2025, arXiv 2507.18071), (N, T): every token carries the value of its
+    sequence's length-normalized ratio s_i = exp((1/|y_i|) Σ_t log(π_θ/π_old)) and the gradient of its own
+    log-prob, s_i,t = sg[s_i] · π_θ(y_i,t) / sg[π_θ(y_i,t)]. Averaged over the sequence's tokens this has
+    exactly the gradient of GSPO's sequence-level objective (one advantage per sequence), and clipping s_i,t
+    clips the whole sequence at once."""
+    log_s = ((logps - old_logps) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # (N, 1)
+    return torch.exp(log_s.detach() + logps - logps.detach())
 
 
 def grpo_loss(
@@ -56,7 +68,8 @@ def grpo_loss(
     num_sequences: int | None = None,
     num_tokens: float | None = None,
 ) -> LossOutput:
-    """The clipped surrogate plus k3 KL, aggregated per `loss_type` (module docstring).
+    """The clipped surrogate plus k3 KL, aggregated per `loss_type` (grpo.py's docstring); gspo is grpo's
+    per-sequence aggregation over GSPO-token's sequence ratio.
 
     logps, old_logps, ref_logps, mask: (N, T); advantages: (N,). `num_sequences` / `num_tokens` are the
     minibatch's counts when this call sees only a micro-batch of it, so that summed micro-batch losses
@@ -64,7 +77,7 @@ def grpo_loss(
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.to(logps.dtype)
     A = advantages[:, None].to(logps.dtype)  # (N, 1): one advantage for every token of a completion
-    ratio = torch.exp(logps - old_logps)
+    ratio = gspo_token_ratio(logps, old_logps, mask) if loss_type == "gspo" else torch.exp(logps - old_logps)
     per_token = -torch.min(ratio * A, ratio.clamp(1 - epsilon, 1 + eps_high) * A)
     kl = None
     if beta != 0.0:
@@ -74,7 +87,7 @@ def grpo_loss(
         kl = torch.exp(log_r) - log_r - 1  # k3: unbiased, always >= 0
         per_token = per_token + beta * kl
     total = (per_token * mask).sum(-1)  # (N,)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "gspo"):
         loss = (total / mask.sum(-1).clamp(min=1)).sum() / (num_sequences or logps.shape[0])
     elif loss_type == "dr_grpo":
         if max_completion_length is None:
@@ -86,10 +99,12 @@ def grpo_loss(
         raise GRPOError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     with torch.no_grad():
         on = mask > 0
+        if loss_type == "gspo":  # one ratio per sequence in the loss: count sequences, not tokens
+            ratio, on = ratio[:, :1], on.any(-1, keepdim=True)
         low = ((ratio < 1 - epsilon) & (A < 0) & on).sum()
         high = ((ratio > 1 + eps_high) & (A > 0) & on).sum()
         kl_sum = float((kl * mask).sum()) if kl is not None else 0.0
-    return LossOutput(loss, float(mask.sum()), kl_sum, float(low), float(high))
+    return LossOutput(loss, float(mask.sum()), kl_sum, float(low), float(high), float(on.sum()))
 
 
 # ---- the training forward: each prompt once per group -----------------------------------------------

@@ -11,8 +11,6 @@ from typing import Any
 
 import torch
 
-from nanoseek.rl.config import GRPOConfig
-
 
 # ---- rollouts and the packed batch ------------------------------------------------------------------
 @dataclass
@@ -134,24 +132,43 @@ class RolloutBatch:
         )
 
 
-def rollout_metrics(sampled: list[Rollout], kept: list[Rollout], cfg: GRPOConfig) -> dict[str, float]:
-    """What the rollouts say: reward, accuracy, format rate, lengths, zero-variance groups."""
-    G = cfg.num_generations
-    n = max(len(sampled), 1)
-    rewards = torch.tensor([r.reward for r in sampled])
-    lengths = [len(r.completion_ids) for r in sampled]
-    groups = [sampled[i : i + G] for i in range(0, len(sampled), G)]
+# What the metrics and advantages need of each rollout: small enough to gather from every rank each step.
+STATS = ("reward", "accuracy", "format", "length", "truncated", "loss_tokens")
+
+
+def rollout_stats(rollouts: list[Rollout], mask_truncated: bool = False) -> torch.Tensor:
+    """(n, len(STATS)) float64: each rollout's rewards, length, truncation and tokens in the loss."""
+    rows = [
+        (
+            r.reward,
+            r.accuracy,
+            r.format,
+            len(r.completion_ids),
+            float(r.truncated),
+            0.0 if mask_truncated and r.truncated else len(r.completion_ids),
+        )
+        for r in rollouts
+    ]
+    return torch.tensor(rows, dtype=torch.float64).view(-1, len(STATS))
+
+
+def rollout_metrics(stats: torch.Tensor, kept_groups: int, G: int) -> dict[str, float]:
+    """What a step's rollouts say (all of them, every rank's: `stats` from `rollout_stats`): reward, accuracy,
+    format rate, lengths, zero-variance groups."""
+    n = max(len(stats), 1)
+    col = dict(zip(STATS, stats.T))
+    rewards = col["reward"].view(-1, G) if len(stats) else torch.zeros(0, G, dtype=torch.float64)
     return {
-        "reward/total": sum(r.reward for r in sampled) / n,
-        "reward/accuracy": sum(r.accuracy for r in sampled) / n,
-        "reward/format": sum(r.format for r in sampled) / n,
-        "reward_std": float(rewards.std()) if len(sampled) > 1 else 0.0,
-        "completion_length/mean": sum(lengths) / n,
-        "completion_length/max": float(max(lengths, default=0)),
-        "truncated_ratio": sum(r.truncated for r in sampled) / n,
-        "groups/zero_std_frac": sum(len({r.reward for r in g}) == 1 for g in groups) / max(len(groups), 1),
-        "groups/sampled": float(len(groups)),
-        "groups/kept": float(len(kept) // G),
+        "reward/total": float(col["reward"].sum()) / n,
+        "reward/accuracy": float(col["accuracy"].sum()) / n,
+        "reward/format": float(col["format"].sum()) / n,
+        "reward_std": float(col["reward"].std()) if len(stats) > 1 else 0.0,
+        "completion_length/mean": float(col["length"].sum()) / n,
+        "completion_length/max": float(col["length"].max()) if len(stats) else 0.0,
+        "truncated_ratio": float(col["truncated"].sum()) / n,
+        "groups/zero_std_frac": float((rewards == rewards[:, :1]).all(dim=1).sum()) / max(len(rewards), 1),
+        "groups/sampled": float(len(rewards)),
+        "groups/kept": float(kept_groups),
     }
 
 

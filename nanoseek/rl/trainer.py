@@ -4,10 +4,12 @@ algorithm and where it departs from the papers: grpo.py's docstring; `train_grpo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,11 +18,48 @@ from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model.moe import update_bias
 from nanoseek.rl.config import GRPOConfig, GRPOError
+from nanoseek.rl.distributed import (
+    StepShard,
+    check_world,
+    gather_rows,
+    policy_forward,
+    share,
+    sum_over_ranks,
+    uncounted,
+)
 from nanoseek.rl.loss import group_advantages, grpo_loss, sequence_logprobs
-from nanoseek.rl.rollout import Rollout, RolloutBatch, hash_seed, rollout_metrics
+from nanoseek.rl.rollout import STATS, Rollout, RolloutBatch, hash_seed, rollout_metrics, rollout_stats
 from nanoseek.tasks.rewards import RewardFn, RewardWeights, task_reward_fn
 from nanoseek.tasks.template import prompt_text
+from nanoseek.train import parallel
 from nanoseek.train.optim import adamw
+
+
+@dataclass
+class StepRollouts:
+    """One step's rollouts as this rank sees them (under torchrun each rank samples a share of the prompts)."""
+
+    sampled: list[Rollout]  # this rank's rollouts
+    kept: list[Rollout]  # those of them in the groups kept for the update, in the kept order
+    stats: torch.Tensor  # rollout_stats of every rank's rollouts, in group order
+    kept_groups: list[int]  # the kept groups (all ranks'), in order
+    times: dict[str, float]
+
+
+# What a step's update adds up over its micro-batches (and, under torchrun, over the ranks).
+SUMS = (
+    "loss",
+    "tokens",
+    "kl",
+    "clip_low",
+    "clip_high",
+    "ratios",
+    "entropy",
+    "ent_tokens",
+    "grad_norm",
+    "gap",
+    "gap_tokens",
+)
 
 
 class GRPOTrainer:
@@ -38,6 +77,8 @@ class GRPOTrainer:
         engine: Engine | None = None,
     ):
         self.model, self.tokenizer, self.task, self.cfg = model, tokenizer, task, cfg
+        self.rank, self.world = parallel.rank(), parallel.world_size()
+        check_world(cfg, self.world)
         # DeepSeek-V3.2 (DSA): the policy trains on the sparse attention the engine samples with; the indexer
         # is left as pretraining made it (no KL here, and its top-k selection passes no gradient).
         model.set_dsa_stage(dense_attention=False, indexer_kl=False)
@@ -52,6 +93,7 @@ class GRPOTrainer:
         # β = 0: no reference model at all (no memory, no forward).
         self.ref_model = self._frozen_copy(model) if cfg.beta > 0 else None
         self.ref_step = 0  # the step whose policy the reference is
+        self.policy = policy_forward(model)  # the training forward, under DDP when several processes run
         self.optimizer = adamw(model, cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
@@ -71,10 +113,12 @@ class GRPOTrainer:
             self.ref_step = self.step
 
     # ---- 1. rollouts -----------------------------------------------------------------------------
-    def generate(self, problems: list[Any], rng: random.Random, first_group: int = 0) -> list[Rollout]:
-        """G completions of each problem through the engine, all prompts in one engine batch; the rollouts
-        of problems[j] get group index first_group + j."""
+    def generate(self, problems: list[Any], seeds: list[int], first_group: int = 0) -> list[Rollout]:
+        """G completions of each problem through the engine (problems[j] sampled with seeds[j]), all prompts
+        in one engine batch; the rollouts of problems[j] get group index first_group + j."""
         cfg = self.cfg
+        if not problems:  # a rank whose share of a refill round is empty
+            return []
         prompts = [self.tokenizer.encode(self.prompt_fn(p)) for p in problems]
         params = [
             SamplingParams(
@@ -84,9 +128,9 @@ class GRPOTrainer:
                 max_tokens=cfg.max_completion_length,
                 ignore_eos=cfg.ignore_eos,
                 logprobs=True,
-                seed=rng.getrandbits(62),
+                seed=seed,
             )
-            for _ in problems
+            for seed in seeds
         ]
         self.model.eval()
         outs = self.engine.generate(prompts, params)
@@ -114,36 +158,48 @@ class GRPOTrainer:
         for r, s in zip(rollouts, scores, strict=True):
             r.reward, r.accuracy, r.format = float(s.total), float(s.accuracy), float(s.format)
 
-    def collect(self, step: int) -> tuple[list[Rollout], list[Rollout], dict[str, float]]:
-        """Rollouts and rewards for one step: (all sampled, the groups kept for the update, timings)."""
+    def collect(self, step: int) -> StepRollouts:
+        """Rollouts and rewards for one step. Every rank draws the same prompts and seeds and samples its share;
+        the statistics of all ranks' rollouts decide, identically everywhere, which groups are kept and their
+        advantages, so W processes keep what one process would."""
         cfg, G = self.cfg, self.cfg.num_generations
         rng = random.Random(f"grpo-{cfg.seed}-{step}")  # per step, so a resumed run draws the same
         sampled: list[Rollout] = []
-        kept: list[list[Rollout]] = []
+        stats: list[torch.Tensor] = []
+        kept_groups: list[int] = []
         t_gen = t_rew = 0.0
         rounds = 1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)
         for _ in range(rounds):
-            want = cfg.prompts_per_step - len(kept)
+            want = cfg.prompts_per_step - len(kept_groups)
             if want <= 0:
                 break
             problems = [self.task.sample(rng, "train") for _ in range(want)]
+            seeds = [rng.getrandbits(62) for _ in problems]
+            first, mine = sum(map(len, stats)) // G, share(want, self.rank, self.world)
             t0 = time.perf_counter()
-            rollouts = self.generate(problems, rng, first_group=len(sampled) // G)
+            rollouts = self.generate(problems[mine], seeds[mine], first_group=first + mine.start)
             t1 = time.perf_counter()
-            self.score(rollouts)
+            if rollouts:
+                self.score(rollouts)
             t_gen, t_rew = t_gen + t1 - t0, t_rew + time.perf_counter() - t1
             sampled += rollouts
-            groups = [rollouts[i : i + G] for i in range(0, len(rollouts), G)]
-            if cfg.dynamic_sampling:
-                groups = [g for g in groups if len({r.reward for r in g}) > 1]
-            kept += groups
-        kept = kept[: cfg.prompts_per_step]
-        flat = [r for g in kept for r in g]
-        if flat:
-            rewards = torch.tensor([r.reward for r in flat]).view(len(kept), G)
-            for r, a in zip(flat, group_advantages(rewards, cfg.reward_scaling).flatten().tolist()):
-                r.advantage = a
-        return sampled, flat, {"time/rollout_s": t_gen, "time/reward_s": t_rew}
+            stats.append(gather_rows(rollout_stats(rollouts, cfg.mask_truncated_completions)))
+            rewards = stats[-1][:, STATS.index("reward")].view(want, G)
+            informative = ~(rewards == rewards[:, :1]).all(dim=1)
+            kept_groups += [first + g for g in range(want) if informative[g] or not cfg.dynamic_sampling]
+        kept_groups = kept_groups[: cfg.prompts_per_step]
+        all_stats = torch.cat(stats)
+        kept = []
+        if kept_groups:
+            rewards = all_stats[:, STATS.index("reward")].view(-1, G)[kept_groups]  # (K, G), every rank's
+            advantages = group_advantages(rewards, cfg.reward_scaling)
+            position = {g: i for i, g in enumerate(kept_groups)}
+            for i, r in enumerate(sampled):  # this rank's groups, G rollouts each, contiguous
+                if r.group in position:
+                    r.advantage = float(advantages[position[r.group], i % G])
+                    kept.append(r)
+        times = {"time/rollout_s": t_gen, "time/reward_s": t_rew}
+        return StepRollouts(sampled, kept, all_stats, kept_groups, times)
 
     # ---- 3. the policy update -------------------------------------------------------------------
     def _micro_groups(self, batch: RolloutBatch, groups: Sequence[int]) -> list[list[int]]:
@@ -163,9 +219,11 @@ class GRPOTrainer:
             out[batch.rows(groups), : lp.shape[1]] = lp
         return out
 
-    def update(self, batch: RolloutBatch, step: int) -> dict[str, float]:
-        """μ passes over the batch, each split into minibatches of whole groups, one optimizer step each."""
+    def update(self, batch: RolloutBatch, step: int, shard: StepShard | None = None) -> dict[str, float]:
+        """μ passes over the step's kept groups, each split into minibatches of whole groups, one optimizer step
+        each. `shard`: which of the step's groups `batch` holds (default: all of them, one process)."""
         cfg = self.cfg
+        shard = shard or StepShard.whole(batch)
         batch = batch.to(next(self.model.parameters()).device)
         n_updates = cfg.num_iterations * cfg.num_minibatches
         if cfg.beta > 0:
@@ -179,71 +237,34 @@ class GRPOTrainer:
                 self.model.eval()
                 batch.old_logps = self._fill_logps(self.model, batch)
         gen = torch.Generator().manual_seed(hash_seed(cfg.seed, step))
-        sums = dict(
-            loss=0.0,
-            tokens=0.0,
-            kl=0.0,
-            clip_low=0.0,
-            clip_high=0.0,
-            entropy=0.0,
-            ent_tokens=0.0,
-            grad_norm=0.0,
-            gap=0.0,
-            gap_tokens=0.0,
-        )
+        local = {p: g for g, p in enumerate(shard.positions) if p >= 0}  # kept position -> group of `batch`
+        sums = dict.fromkeys(SUMS, 0.0)
         self.model.train()
         for it in range(cfg.num_iterations):
             order = (
-                torch.randperm(batch.n_groups, generator=gen).tolist()
+                torch.randperm(shard.n_groups, generator=gen).tolist()
                 if cfg.num_minibatches > 1
-                else list(range(batch.n_groups))
+                else list(range(shard.n_groups))
             )
-            for mb, groups in enumerate(_split(order, cfg.num_minibatches)):
-                rows = batch.rows(groups)
-                n_seqs, n_tokens = len(rows), float(batch.mask[rows].sum())
+            for mb, positions in enumerate(_split(order, cfg.num_minibatches)):
+                # the whole minibatch's counts (every rank's groups), so that W ranks sum to one process's loss
+                n_seqs, n_tokens = len(positions) * batch.group_size, float(shard.group_tokens[positions].sum())
+                groups = [local[p] for p in positions if p in local]
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro in map(batch.select, self._micro_groups(batch, groups)):
-                    logps, entropy = sequence_logprobs(self.model, micro, cfg.temperature, with_entropy=True)
-                    old = micro.old_logps if micro.old_logps is not None else logps.detach()
-                    out = grpo_loss(
-                        logps,
-                        old,
-                        micro.advantages,
-                        micro.mask,
-                        loss_type=cfg.loss_type,
-                        epsilon=cfg.epsilon,
-                        epsilon_high=cfg.clip_high,
-                        beta=cfg.beta,
-                        ref_logps=micro.ref_logps,
-                        max_completion_length=cfg.max_completion_length,
-                        num_sequences=n_seqs,
-                        num_tokens=n_tokens,
-                    )
-                    out.loss.backward()
-                    real = micro.token_mask
-                    sums["loss"] += float(out.loss.detach())
-                    sums["tokens"] += out.n_tokens
-                    sums["kl"] += out.kl_sum
-                    sums["clip_low"] += out.clip_low
-                    sums["clip_high"] += out.clip_high
-                    sums["entropy"] += float(entropy[real].sum())
-                    sums["ent_tokens"] += float(real.sum())
-                    if it == 0 and mb == 0 and micro.sample_logps is not None and cfg.temperature == 1.0:
-                        # rollout/training mismatch: the engine's log-probs vs this forward, same weights
-                        sums["gap"] += float((logps.detach() - micro.sample_logps).abs()[real].sum())
-                        sums["gap_tokens"] += float(real.sum())
+                self._accumulate(batch, groups, n_seqs, n_tokens, sums, gap=it == 0 and mb == 0)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                sums["grad_norm"] += float(grad_norm)
+                sums["grad_norm"] += float(grad_norm)  # the same on every rank: DDP averaged the gradients
                 self.optimizer.step()
                 self._after_optimizer_step()
         self.model.eval()
-        tokens = max(sums["tokens"], 1.0)
+        sums = {**sum_over_ranks({k: v for k, v in sums.items() if k != "grad_norm"}), "grad_norm": sums["grad_norm"]}
+        tokens, ratios = max(sums["tokens"], 1.0), max(sums["ratios"], 1.0)  # ratios: sequences for gspo
         metrics = {
             "loss": sums["loss"] / n_updates,
             "kl": sums["kl"] / tokens,
-            "clip_ratio/low": sums["clip_low"] / tokens,
-            "clip_ratio/high": sums["clip_high"] / tokens,
-            "clip_ratio/total": (sums["clip_low"] + sums["clip_high"]) / tokens,
+            "clip_ratio/low": sums["clip_low"] / ratios,
+            "clip_ratio/high": sums["clip_high"] / ratios,
+            "clip_ratio/total": (sums["clip_low"] + sums["clip_high"]) / ratios,
             "entropy": sums["entropy"] / max(sums["ent_tokens"], 1.0),
             "grad_norm": sums["grad_norm"] / n_updates,
         }
@@ -251,38 +272,94 @@ class GRPOTrainer:
             metrics["logprob_gap"] = sums["gap"] / sums["gap_tokens"]
         return metrics
 
+    def _accumulate(
+        self, batch: RolloutBatch, groups: list[int], n_seqs: int, n_tokens: float, sums: dict, gap: bool
+    ) -> None:
+        """Forward and backward of this rank's `groups` of a minibatch, micro-batch by micro-batch, adding the
+        loss's statistics to `sums`. DDP all-reduces the gradients after the last micro-batch only. A rank
+        holding none of the minibatch's groups still takes part in DDP's all-reduce, with a zero loss."""
+        cfg = self.cfg
+        micros = self._micro_groups(batch, groups) if groups else [[0]]
+        for i, micro_groups in enumerate(micros):
+            micro = batch.select(micro_groups)
+            sync = i == len(micros) - 1
+            no_sync = contextlib.nullcontext() if sync else parallel.no_gradient_sync(self.policy)
+            with no_sync, contextlib.nullcontext() if groups else uncounted(self.model):
+                logps, entropy = self.policy(micro, cfg.temperature, with_entropy=True)
+                old = micro.old_logps if micro.old_logps is not None else logps.detach()
+                out = grpo_loss(
+                    logps,
+                    old,
+                    micro.advantages,
+                    micro.mask,
+                    loss_type=cfg.loss_type,
+                    epsilon=cfg.epsilon,
+                    epsilon_high=cfg.clip_high,
+                    beta=cfg.beta,
+                    ref_logps=micro.ref_logps,
+                    max_completion_length=cfg.max_completion_length,
+                    num_sequences=n_seqs,
+                    num_tokens=n_tokens,
+                )
+                # DDP averages the W ranks' gradients; the loss is already divided by the global counts
+                (out.loss * (self.world if groups else 0.0)).backward()
+            if not groups:
+                continue
+            real = micro.token_mask
+            sums["loss"] += float(out.loss.detach())
+            sums["tokens"] += out.n_tokens
+            sums["kl"] += out.kl_sum
+            sums["clip_low"] += out.clip_low
+            sums["clip_high"] += out.clip_high
+            sums["ratios"] += out.n_ratios
+            sums["entropy"] += float(entropy[real].sum())
+            sums["ent_tokens"] += float(real.sum())
+            if gap and micro.sample_logps is not None and cfg.temperature == 1.0:
+                # rollout/training mismatch: the engine's log-probs vs this forward, same weights
+                sums["gap"] += float((logps.detach() - micro.sample_logps).abs()[real].sum())
+                sums["gap_tokens"] += float(real.sum())
+
     def _after_optimizer_step(self) -> None:
         """Count routed tokens into the router bias (if γ > 0) and make the engine decode with the new weights."""
         update_bias(self.model, self.cfg.router_bias_update_speed)
         self.engine.reset_prefix_cache()  # prompt latents cached with the old weights are stale
+
+    def _local_batch(self, rollouts: StepRollouts) -> tuple[RolloutBatch, StepShard]:
+        """This rank's kept groups packed, and where they sit among the step's. A rank left with none (dynamic
+        sampling dropped them all) packs its first sampled group as a stand-in that is never trained on."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        kept = rollouts.kept or rollouts.sampled[:G]
+        batch = RolloutBatch.from_rollouts(
+            kept, G, cfg.mask_truncated_completions, pad_id=self.tokenizer.pad_id if self.tokenizer is not None else 0
+        )
+        position = {g: i for i, g in enumerate(rollouts.kept_groups)}
+        positions = [position[r.group] if rollouts.kept else -1 for r in kept[::G]]
+        tokens = rollouts.stats[:, STATS.index("loss_tokens")].view(-1, G).sum(-1)[rollouts.kept_groups]
+        return batch, StepShard(positions, tokens)
 
     # ---- one step ----------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         step = self.step + 1
         t0 = time.perf_counter()
-        sampled, kept, times = self.collect(step)
+        rollouts = self.collect(step)
         t1 = time.perf_counter()
         metrics: dict[str, float] = {"step": step, "lr": self.optimizer.param_groups[0]["lr"]}
-        if kept:
-            batch = RolloutBatch.from_rollouts(
-                kept,
-                cfg.num_generations,
-                cfg.mask_truncated_completions,
-                pad_id=self.tokenizer.pad_id if self.tokenizer is not None else 0,
-            )
-            metrics.update(self.update(batch, step))
+        if rollouts.kept_groups:  # on every rank or none: the kept groups are the same everywhere
+            batch, shard = self._local_batch(rollouts)
+            metrics.update(self.update(batch, step, shard))
         self.scheduler.step()
         self.step = step
         if cfg.beta > 0 and cfg.ref_model_sync_steps and step % cfg.ref_model_sync_steps == 0:
             self.sync_reference()
         t2 = time.perf_counter()
-        metrics.update(rollout_metrics(sampled, kept, cfg))
-        gen_tokens = sum(len(r.completion_ids) for r in sampled)
+        metrics.update(rollout_metrics(rollouts.stats, len(rollouts.kept_groups), cfg.num_generations))
+        gen_tokens = sum(len(r.completion_ids) for r in rollouts.sampled)  # this rank's: its own throughput
+        times = rollouts.times
         metrics.update(times)
         metrics.update(
             {
-                "skipped": float(not kept),
+                "skipped": float(not rollouts.kept_groups),
                 "time/update_s": t2 - t1,
                 "time/step_s": t2 - t0,
                 "throughput/tokens_per_s": gen_tokens / (t2 - t0),

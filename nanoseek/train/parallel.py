@@ -193,17 +193,20 @@ def is_sharded(model: nn.Module) -> bool:
     return bool(expert_parallel_params(model)) or any(isinstance(p, DTensor) for p in unwrap(model).parameters())
 
 
-def wrap_ddp(model: nn.Module, device: str = "cpu") -> nn.Module:
+def wrap_ddp(model: nn.Module, device: str = "cpu", find_unused_parameters: bool = False) -> nn.Module:
     """DistributedDataParallel over everything but expert-parallel slices (which differ per rank).
 
     forward_sync_buffers=False: the MoE token counters are per-rank until `update_bias` sums them, and the
     correction bias is updated identically on every rank, so there is nothing to broadcast.
+    find_unused_parameters: for a forward that leaves some parameters out (GRPO's, which skips MTP).
     """
     sliced = list(expert_parallel_params(model))
     if sliced:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sliced)
     device_ids = [torch.device(device).index or 0] if device.startswith("cuda") else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, forward_sync_buffers=False, find_unused_parameters=find_unused_parameters
+    )
 
 
 def apply_fsdp(root: nn.Module, blocks: list[nn.Module], reshard_after_forward: bool = True) -> nn.Module:
