@@ -42,7 +42,7 @@ from nanoseek.checkpoint.trust import (
 )
 from nanoseek.fileio import atomic_write, atomic_write_json
 from nanoseek.model.config import ConfigError, ModelConfig
-from nanoseek.model.transformer import Transformer
+from nanoseek.model.transformer import Transformer, build_model
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 SINGLE_NAME = "model.safetensors"
@@ -59,8 +59,53 @@ def _hf_layer_prefix(cfg: ModelConfig, native: str) -> str:
     return f"model.layers.{layer}.{rest}"
 
 
+# DeepSeek-V4 checkpoints keep DeepSeek's own names (transformers renames them on load and back on save): our
+# module names are transformers' in-memory ones, renamed part by part.
+_V4_PARTS = {
+    "self_attn": "attn",
+    "mlp": "ffn",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "q_a_proj": "wq_a",
+    "q_a_norm": "q_norm",
+    "q_b_proj": "wq_b",
+    "kv_proj": "wkv",
+    "kv_norm": "norm",
+    "gate_proj": "wgate",
+    "o_a_proj": "wo_a",
+    "o_b_proj": "wo_b",
+    "sinks": "attn_sink",
+    "position_bias": "ape",
+    "e_score_correction_bias": "bias",
+}
+_V4_FFN = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
+def v4_hf_names(native: str, n_experts: int) -> list[str]:
+    """DeepSeek-V4's on-disk name(s) of one native entry: `layers.0.self_attn.q_a_proj.weight` ->
+    `model.layers.0.attn.wq_a.weight`, `layers.0.attn_hc.fn` -> `model.layers.0.hc_attn_fn`, stacked experts
+    -> `model.layers.0.ffn.experts.J.w1.weight`, `lm_head.weight` -> `head.weight`. MTP modules keep DeepSeek's
+    `mtp.K.` prefix (`mtp.0.e_proj.weight`, `mtp.0.hc_head_fn`), which transformers skips on load."""
+    parts = native.split(".")
+    if native == "lm_head.weight":
+        return ["head.weight"]
+    root = "" if parts[0] == "mtp" else "model."
+    if parts[0] in ("layers", "mtp") and parts[2] in ("attn_hc", "ffn_hc"):
+        return [f"{root}{parts[0]}.{parts[1]}.hc_{parts[2].removesuffix('_hc')}_{parts[3]}"]
+    if parts[0] == "mtp" and parts[2] == "hc_head":
+        return [f"mtp.{parts[1]}.hc_head_{parts[3].removeprefix('hc_')}"]
+    table = {**_V4_PARTS, **_V4_FFN} if "experts" in native else _V4_PARTS
+    name = root + ".".join(table.get(p, p) for p in parts)
+    if _EXPERT.match(native):
+        prefix, leaf = name.rsplit(".", 1)
+        return [f"{prefix}.{j}.{leaf}.weight" for j in range(n_experts)]
+    return [name]
+
+
 def hf_names(cfg: ModelConfig, native: str, n_experts: int) -> list[str]:
     """The on-disk tensor name(s) behind one native state-dict entry (several for stacked experts)."""
+    if cfg.model_type == "deepseek_v4":
+        return v4_hf_names(native, n_experts)
     m = _EXPERT.match(native)
     if m:
         prefix = _hf_layer_prefix(cfg, f"{m[1]}.{m[2]}.mlp.experts")
@@ -91,7 +136,7 @@ def to_hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
             yield from zip(names, t.unbind(0))
     # Released V3 checkpoints store the (shared) embedding and head again inside each MTP layer;
     # vLLM and SGLang read them from there.
-    for k in range(cfg.num_nextn_predict_layers):
+    for k in range(0 if cfg.model_type == "deepseek_v4" else len(model.mtp)):  # V4's MTP holds no copies
         prefix = f"model.layers.{cfg.num_hidden_layers + k}"
         yield f"{prefix}.embed_tokens.weight", model.embed_tokens.weight.clone()
         yield f"{prefix}.shared_head.head.weight", model.lm_head.weight.clone()
@@ -231,7 +276,7 @@ def from_pretrained(
     files = SafetensorsDir(root)
     cfg = _without_absent_mtp(cfg, files, root)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     model.to_empty(device=device)
     model.tie_weights()
     model.to(dtype)
@@ -269,10 +314,10 @@ def from_pretrained(
 
 
 def _without_absent_mtp(cfg: ModelConfig, files: SafetensorsDir, root: Path) -> ModelConfig:
-    """transformers builds no MTP module, so a DeepSeek-V3 checkpoint it writes keeps the config's
+    """transformers builds no MTP module, so a DeepSeek-V3 (or V4) checkpoint it writes keeps the config's
     `num_nextn_predict_layers` but has no MTP layer at all: such a checkpoint loads without MTP, with one
     warning (speculative decoding is then unavailable). An MTP layer present in part is still an error."""
-    first = f"model.layers.{cfg.num_hidden_layers}."
+    first = "mtp.0." if cfg.model_type == "deepseek_v4" else f"model.layers.{cfg.num_hidden_layers}."
     if cfg.num_nextn_predict_layers == 0 or any(n.startswith(first) for n in files.where):
         return cfg
     warnings.warn(
@@ -325,7 +370,7 @@ def save_pretrained(
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in to_hf_state_dict(model):
-        if name.endswith("e_score_correction_bias"):
+        if name.endswith(("e_score_correction_bias", ".gate.bias")):  # .gate.bias: V4's name for it
             t = t.float()  # must stay fp32 (HF keeps it in _keep_in_fp32_modules_strict)
         elif dtype is not None and t.is_floating_point():
             t = t.to(dtype)

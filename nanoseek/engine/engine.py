@@ -107,6 +107,10 @@ class Engine(PrefillScheduler):
                 tokenizer = Tokenizer.from_pretrained(path)
         elif weights != "fp32":
             model = copy.deepcopy(model)  # the caller's model (a policy in training) keeps its own weights
+        if model.config.model_type == "deepseek_v4":
+            # V4's caches (a sliding-window ring, compressed entries every `ratio` tokens) are not paged yet: a
+            # latent cache would be meaningless, and low-precision weights would drop the experts' SwiGLU clamp.
+            raise ValueError("the engine does not run DeepSeek-V4 (model_type deepseek_v4) yet: its caches are unpaged")
         if weights != "fp32":
             quantize_model(model, weights)
         self.weights = weights

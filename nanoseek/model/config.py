@@ -2,8 +2,9 @@
 
 `ModelConfig.from_hf_dict(json.load(...))` reads a `config.json` of `model_type` deepseek_v3, deepseek_v32
 (V3 plus DeepSeek Sparse Attention's lightning indexer) or deepseek_v2 (rope scaling in either the older
-`rope_scaling` + `rope_theta` spelling or the newer `rope_parameters` one); `to_hf_dict()` writes one that
-transformers loads with no remote code. Named shapes live in presets.py.
+`rope_scaling` + `rope_theta` spelling or the newer `rope_parameters` one), or deepseek_v4 (whose own fields
+sit in `ModelConfig.v4`, v4_config.py); `to_hf_dict()` writes one that transformers loads with no remote code.
+Named shapes live in presets.py.
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.errors import NanoseekError
+from nanoseek.model.v4_config import V3_ONLY, V4Config, check_v4, read_v4, write_v4
 
-MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "deepseek_v2")
+MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "deepseek_v4")
 ARCHITECTURES = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "deepseek_v32": "DeepseekV32ForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v4": "DeepseekV4ForCausalLM",
 }
 INDEXER_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")  # DeepSeek-V3.2 only
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-SCORING_FUNCS = ("softmax", "sigmoid")
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")  # sqrtsoftplus: DeepSeek-V4 only
 
 # Inclusive bounds on every integer field. A config.json may come from anyone: these stop a
 # nonsensical or hostile shape (a million layers, a billion-wide hidden size) before anything is
@@ -137,6 +140,8 @@ class ModelConfig:
     eos_token_id: int | None = 1
     pad_token_id: int | None = None
     torch_dtype: str = "float32"  # storage dtype written to config.json
+    # DeepSeek-V4's own fields (model_type deepseek_v4 only; filled with V4's defaults when None): v4_config.py.
+    v4: V4Config | None = None
     # Keys of a loaded config.json that nanoseek does not use, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -213,6 +218,18 @@ class ModelConfig:
                 )
         if self.dsa:
             _check_indexer(self)
+        need(
+            self.scoring_func != "sqrtsoftplus" or self.model_type == "deepseek_v4",
+            "scoring_func 'sqrtsoftplus' is DeepSeek-V4's (model_type deepseek_v4)",
+        )
+        need(
+            self.v4 is None or self.model_type == "deepseek_v4", "v4 holds DeepSeek-V4's fields: model_type deepseek_v4"
+        )
+        if self.model_type == "deepseek_v4":
+            try:
+                self.v4 = check_v4(self)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.rope_scaling is not None:
             need(isinstance(self.rope_scaling, dict), f"rope_scaling must be an object, got {self.rope_scaling!r}")
             need(
@@ -228,17 +245,24 @@ class ModelConfig:
         model_type = d.pop("model_type", None)
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"unknown model_type {model_type!r} in config.json; nanoseek reads {MODEL_TYPES}")
-        v3 = model_type in ("deepseek_v3", "deepseek_v32")
+        v3 = model_type in ("deepseek_v3", "deepseek_v32", "deepseek_v4")
         kw: dict[str, Any] = {"model_type": model_type}
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "model_type", "rope_scaling", "torch_dtype"}
+        v4 = model_type == "deepseek_v4"
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "model_type", "rope_scaling", "torch_dtype", "v4"}
+        names -= set(V3_ONLY) if v4 else set()  # V3's keys in a V4 config.json mean nothing: kept in extra
         for name in names:
             if name in d:
                 kw[name] = d.pop(name)
         # Defaults where the HF class defaults differ by model type.
         kw.setdefault("topk_method", "noaux_tc" if v3 else "greedy")
-        kw.setdefault("scoring_func", "sigmoid" if v3 else "softmax")
+        kw.setdefault("scoring_func", "sqrtsoftplus" if v4 else "sigmoid" if v3 else "softmax")
         kw.setdefault("norm_topk_prob", v3)
-        kw.setdefault("first_k_dense_replace", 3 if v3 else 0)
+        kw.setdefault("first_k_dense_replace", 3 if v3 and not v4 else 0)
+        if v4:
+            try:
+                read_v4(d, kw)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if "num_mtp_layers" in d:  # transformers' alias
             kw.setdefault("num_nextn_predict_layers", d.pop("num_mtp_layers"))
         # HF writes null for "absent": no query compression, one group.
@@ -257,7 +281,8 @@ class ModelConfig:
         d.pop("rope_parameters", None)
         d.pop("rope_scaling", None)
         d.pop("quantization_config", None)  # weights are dequantized on load
-        _check_layer_types(d, kw, model_type)
+        if not v4:
+            _check_layer_types(d, kw, model_type)
         for derived in (
             "qk_head_dim",
             "head_dim",
@@ -275,7 +300,7 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         d = dict(self.extra)
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "rope_scaling") or (f.name in INDEXER_FIELDS and not self.dsa):
+            if f.name in ("extra", "rope_scaling", "v4") or (f.name in INDEXER_FIELDS and not (self.dsa or self.v4)):
                 continue
             d[f.name] = getattr(self, f.name)
         d["architectures"] = [ARCHITECTURES[self.model_type]]
@@ -291,6 +316,9 @@ class ModelConfig:
             rp.update({k: v for k, v in self.rope_scaling.items() if k != "type"})
             rp["rope_type"] = "yarn"
         d["rope_parameters"] = rp
+        if self.model_type == "deepseek_v4":
+            d.pop("rope_scaling")
+            d = write_v4(self, d)
         return dict(sorted(d.items()))
 
     @classmethod

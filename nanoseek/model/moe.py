@@ -208,9 +208,14 @@ class MoE(FP32Buffers):
             self.gate.e_score_correction_bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (N, D)
-        weights, indices, scores = self.gate(x)  # (N, k), (N, k), (N, E)
+        flat = x.reshape(-1, x.shape[-1])  # (N, D)
+        return self.combine(flat, *self.gate(flat), x.shape)
+
+    def combine(
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor, shape: torch.Size
+    ) -> torch.Tensor:
+        """Routed experts weighted by the router's choice plus the shared experts. x: (N, D); weights, indices:
+        (N, k); scores: (N, E); returns the layer's output in `shape`."""
         few = x.shape[0] * self.top_k <= self.n_experts
         if few and not (self.training or torch.is_grad_enabled()):
             if x.device.type != "cpu" and isinstance(self.experts, Experts):

@@ -1,5 +1,6 @@
 """Named model shapes: `tiny`, `tiny-v32`, `small` (sized for a laptop-class CPU), `long-v32` (long-context
-decode benchmarks) and the published `deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`, `deepseek-v3.2` configs
+decode benchmarks) and the published `deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`, `deepseek-v3.2`,
+`deepseek-v4-flash`, `deepseek-v4-pro` configs
 (built on the meta device by `nanoseek info`, they take no memory)."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from nanoseek.model.config import ConfigError, ModelConfig
+from nanoseek.model.v4_config import CSA, HCA, SLIDING, V4Config
 
 _DEEPSEEK_YARN = {
     "type": "yarn",
@@ -190,6 +192,79 @@ PRESETS["long-v32"] = dict(
     index_n_heads=8,
     index_head_dim=64,
     index_topk=1024,
+)
+
+
+# DeepSeek-V4 (April 2026), as its config.json files on the Hub give them. What both share: one shared K=V head of
+# 512 with 64 rotated dims, a 128-token window, CSA at 1/4 and HCA at 1/128, mHC with 4 streams, 3 hash-routed
+# layers, sqrtsoftplus top-6 of the routed experts plus one shared, SwiGLU clamped at 10, YaRN x16 from 64K on the
+# compressed branches (base 160,000), 1M positions, one MTP module. Their configs spell the schedules in the legacy
+# form (`compress_ratios`, with a last 0 for the MTP layer, and `num_hash_layers`); transformers reads that as the
+# layer_types below.
+_V4 = dict(
+    model_type="deepseek_v4",
+    vocab_size=129280,
+    num_attention_heads=64,
+    qk_rope_head_dim=64,
+    n_shared_experts=1,
+    num_experts_per_tok=6,
+    scoring_func="sqrtsoftplus",
+    first_k_dense_replace=0,
+    index_n_heads=64,
+    index_head_dim=128,
+    max_position_embeddings=1048576,
+    rope_theta=10000.0,
+    rope_scaling={
+        "type": "yarn",
+        "factor": 16,
+        "original_max_position_embeddings": 65536,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
+    num_nextn_predict_layers=1,
+    bos_token_id=0,
+    eos_token_id=1,
+    torch_dtype="bfloat16",
+)
+_V4_RATES = {CSA: 4, HCA: 128}
+# V4-Flash, 284B total / 13B active: 43 layers, two sliding-window-only layers, then CSA and HCA alternating
+# (compress_ratios 0, 0, 4, 128, 4, ...).
+PRESETS["deepseek-v4-flash"] = dict(
+    _V4,
+    hidden_size=4096,
+    moe_intermediate_size=2048,
+    num_hidden_layers=43,
+    q_lora_rank=1024,
+    n_routed_experts=256,
+    routed_scaling_factor=1.5,
+    index_topk=512,
+    v4=V4Config(
+        layer_types=(SLIDING, SLIDING) + (CSA, HCA) * 20 + (CSA,),
+        mlp_layer_types=V4Config.default_mlp_layer_types(43),
+        compress_rates=_V4_RATES,
+        o_groups=8,
+        o_lora_rank=1024,
+    ),
+)
+# V4-Pro, 1.6T total / 49B active: 61 layers, two HCA layers, then CSA and HCA alternating (compress_ratios 128, 128,
+# 4, 128, 4, ..., 4; not transformers' default schedule, which starts the alternation with HCA).
+PRESETS["deepseek-v4-pro"] = dict(
+    _V4,
+    hidden_size=7168,
+    moe_intermediate_size=3072,
+    num_hidden_layers=61,
+    num_attention_heads=128,
+    q_lora_rank=1536,
+    n_routed_experts=384,
+    routed_scaling_factor=2.5,
+    index_topk=1024,
+    v4=V4Config(
+        layer_types=(HCA, HCA) + (CSA, HCA) * 29 + (CSA,),
+        mlp_layer_types=V4Config.default_mlp_layer_types(61),
+        compress_rates=_V4_RATES,
+        o_groups=16,
+        o_lora_rank=1024,
+    ),
 )
 
 

@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from nanoseek.model.block import Block
-from nanoseek.model.config import ModelConfig
+from nanoseek.model.config import ConfigError, ModelConfig
 from nanoseek.model.dsa import DSA
 from nanoseek.model.layers import RMSNorm, RotaryEmbedding
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import MoE
 from nanoseek.model.mtp import MTPBlock
+from nanoseek.model.v4 import DeepseekV4
 
 
 class Transformer(nn.Module):
@@ -28,6 +29,8 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.model_type == "deepseek_v4":
+            raise ConfigError("a deepseek_v4 config builds nanoseek.model.v4.DeepseekV4 (build_model), not Transformer")
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
@@ -136,3 +139,8 @@ class Transformer(nn.Module):
     def indexer_loss(self) -> torch.Tensor | float:
         """Sum over layers of the indexer KL losses of the last training forward (0 when not asked for)."""
         return sum((m.indexer_loss for m in self.dsa_layers() if m.indexer_loss is not None), 0.0)
+
+
+def build_model(cfg: ModelConfig) -> Transformer | DeepseekV4:
+    """The causal LM of a config: `Transformer` for DeepSeek-V2/V3/V3.2, `DeepseekV4` for V4."""
+    return DeepseekV4(cfg) if cfg.model_type == "deepseek_v4" else Transformer(cfg)

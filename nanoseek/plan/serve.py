@@ -76,6 +76,8 @@ class ServePlan:
 
 
 def cache_sizes(cfg: ModelConfig, cache_bytes: float = 2, gqa_groups: int = 8) -> CacheSizes:
+    if cfg.model_type == "deepseek_v4":  # windowed + compressed caches: `nanoseek info` gives their bytes per token
+        raise PlanError("plan serve does not model DeepSeek-V4's caches yet; `nanoseek info` gives its cache bytes")
     L, H, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.v_head_dim
     index = cfg.index_head_dim * L * cache_bytes if cfg.dsa else 0.0
     return CacheSizes(

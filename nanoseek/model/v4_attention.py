@@ -1,0 +1,94 @@
+"""DeepSeek-V4's hybrid attention (DeepSeek-V4 tech report §2.3): one layer of it.
+
+- Queries: a low-rank path as in MLA (`q_a_proj`, RMSNorm, `q_b_proj`) to `num_attention_heads` heads of
+  `head_dim`, each RMS-normalized (no weight).
+- Keys and values: ONE shared head, K = V (`kv_proj`, RMSNorm): multi-query attention whose cache holds a
+  single `head_dim` vector per token. The trailing `qk_rope_head_dim` dims of queries and keys are rotated.
+- What a query sees: the last `sliding_window` tokens (itself included), plus in CSA / HCA layers the
+  compressed entries of csa.py (CSA: the indexer's top-k of them; HCA: all visible ones). Compressed
+  layers rotate with the compressed branch's RoPE base, sliding-only layers with the main one.
+- Attention sinks: a learned logit per head joins the softmax and takes probability mass without a value, so
+  a head can attend to nothing.
+- Because V = K carries RoPE, the output's rope dims are rotated back by the query's own position (-θ·t).
+- Grouped output projection: heads in `o_groups` groups, each group's concatenated outputs projected to
+  `o_lora_rank` (`o_a_proj`, block-diagonal), then all groups mixed to the hidden size (`o_b_proj`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.model.config import ModelConfig
+from nanoseek.model.csa import Compressor, Indexer, rope_tail, visible
+from nanoseek.model.layers import RMSNorm, RotaryEmbedding
+from nanoseek.model.v4_config import CSA, SLIDING
+
+
+def sliding_window_mask(positions: torch.Tensor, window: int) -> torch.Tensor:
+    """(B or 1, T) -> (B or 1, T, T) bool: key s is visible to query t when t - window < s <= t."""
+    diff = positions[..., :, None] - positions[..., None, :]
+    return (diff >= 0) & (diff < window)
+
+
+class HybridAttention(nn.Module):
+    """Shared-KV attention over a sliding window plus this layer's compressed branch (none, CSA or HCA)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        v4 = cfg.v4
+        self.layer_type = v4.attention_type(layer_idx)
+        self.n_heads, self.head_dim, self.window = cfg.num_attention_heads, v4.head_dim, v4.sliding_window
+        self.o_groups, self.eps = v4.o_groups, cfg.rms_norm_eps
+        D, H, hd = cfg.hidden_size, self.n_heads, self.head_dim
+        self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+        self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * hd, bias=False)
+        self.kv_proj = nn.Linear(D, hd, bias=False)
+        self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        # Block-diagonal: group g's (H/G)·hd outputs -> its o_lora_rank rows, stored as one (G·R, H·hd/G) matrix.
+        self.o_a_proj = nn.Linear(H * hd // self.o_groups, self.o_groups * v4.o_lora_rank, bias=False)
+        self.o_b_proj = nn.Linear(self.o_groups * v4.o_lora_rank, D, bias=False)
+        self.sinks = nn.Parameter(torch.empty(H))
+        self.compressor: Compressor | None = None
+        self.indexer: Indexer | None = None
+        if self.layer_type != SLIDING:
+            rate = v4.rate(self.layer_type)
+            self.compressor = Compressor(D, hd, rate, overlap=self.layer_type == CSA, eps=cfg.rms_norm_eps)
+            if self.layer_type == CSA:
+                self.indexer = Indexer(cfg, rate)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+        """x (B, T, D), positions (B or 1, T), rotary: this layer's RoPE (main or compressed) -> (B, T, D)."""
+        cos, sin = rotary(positions)
+        q_latent = self.q_a_norm(self.q_a_proj(x))
+        q = self.q_b_proj(q_latent).unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, H, hd)
+        q = rope_tail(F.rms_norm(q, (self.head_dim,), eps=self.eps), cos, sin)
+        kv = rope_tail(self.kv_norm(self.kv_proj(x))[:, :, None], cos, sin)[:, :, 0]  # (B, T, hd): K = V
+        keys, allowed = kv, sliding_window_mask(positions, self.window)
+        if self.compressor is not None:
+            compressed = self.compressor(x, rotary)  # (B, N, hd)
+            if self.indexer is not None:
+                seen = self.indexer(x, q_latent, positions, rotary)
+            else:
+                seen = visible(positions, compressed.shape[1], self.compressor.rate)
+            keys = torch.cat((kv, compressed), dim=1)
+            allowed = torch.cat((allowed.expand(seen.shape[0], -1, -1), seen), dim=-1)
+        out = self._attend(q, keys, allowed)  # (B, T, H, hd)
+        out = rope_tail(out, cos, -sin)  # undo the rotation V carried (K = V)
+        return self._project(out)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Softmax over the allowed keys and the head's sink; the sink's share of mass is dropped."""
+        logits = torch.einsum("bthd,bsd->bhts", q, keys) * self.head_dim**-0.5
+        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        sink = self.sinks.to(logits.dtype)[None, :, None, None].expand(*logits.shape[:-1], 1)
+        probs = torch.cat((logits, sink), dim=-1).softmax(dim=-1)[..., :-1]
+        return torch.einsum("bhts,bsd->bthd", probs.to(keys.dtype), keys)
+
+    def _project(self, out: torch.Tensor) -> torch.Tensor:
+        B, T = out.shape[:2]
+        groups = out.reshape(B, T, self.o_groups, -1)  # (B, T, G, H·hd/G)
+        w = self.o_a_proj.weight.view(self.o_groups, -1, groups.shape[-1])  # (G, R, H·hd/G)
+        return self.o_b_proj(torch.einsum("btgi,gri->btgr", groups, w).flatten(2))
