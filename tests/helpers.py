@@ -16,7 +16,7 @@ from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.presets import get_preset
-from nanoseek.model.transformer import Transformer
+from nanoseek.model.transformer import Transformer, build_model
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.train.data import IGNORE_INDEX
 
@@ -138,15 +138,15 @@ CONFIGS = {
 }
 
 
-def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """A model with every weight random, norms and the correction bias off their defaults, so a
-    mapping mistake anywhere shows in the logits. Routers get a larger scale so top-k choices are
-    far from ties."""
+def random_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
+    """A model with every weight random, norms and the correction bias off their defaults (for DeepSeek-V4 also
+    the mHC biases and scales, the sinks and the compressors' position biases), so a mapping mistake anywhere
+    shows in the logits. Routers get a larger scale so top-k choices are far from ties."""
     torch.manual_seed(seed)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 1:
+            if p.dim() == 1 or name.endswith("position_bias"):
                 p.add_(torch.randn_like(p) * 0.1)
             elif name.endswith("gate.weight"):
                 p.normal_(0, 0.5)

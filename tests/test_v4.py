@@ -31,6 +31,8 @@ from nanoseek.model.v4 import DeepseekV4
 from nanoseek.model.v4_config import CSA, HCA, SLIDING, V4Config
 from nanoseek.model.v4_moe import ClampedExperts, HashGate
 
+from helpers import random_model
+
 ATOL = 1e-4
 
 V4_BASE = dict(
@@ -96,25 +98,6 @@ CONFIGS = {
 }
 
 
-def random_v4(cfg: ModelConfig, seed: int = 0) -> DeepseekV4:
-    """Every weight random and off its default (norms, mHC biases and scales, sinks, position biases), the
-    routers at a larger scale so top-k choices are far from ties, a random hash table and correction bias."""
-    torch.manual_seed(seed)
-    model = DeepseekV4(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 or name.endswith("position_bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-            elif name.endswith("gate.weight"):
-                p.normal_(0, 0.5)
-            else:
-                p.normal_(0, 0.08)
-        for moe in model.moe_layers():
-            if moe.gate.e_score_correction_bias is not None:
-                moe.gate.e_score_correction_bias.normal_(0, 0.05)
-    return model
-
-
 def load_hf(path):
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
@@ -137,7 +120,7 @@ def v4_name(request):
 
 def test_logits_nanoseek_to_transformers(v4_name, tmp_path):
     cfg = CONFIGS[v4_name]
-    ours = random_v4(cfg).eval()
+    ours = random_model(cfg).eval()
     save_pretrained(ours, tmp_path)
     hf = load_hf(tmp_path)
     assert type(hf).__name__ == "DeepseekV4ForCausalLM"
@@ -151,7 +134,7 @@ def test_logits_nanoseek_to_transformers(v4_name, tmp_path):
 
 def test_logits_transformers_to_nanoseek(v4_name, tmp_path):
     cfg = CONFIGS[v4_name]
-    save_pretrained(random_v4(cfg), tmp_path / "seed")
+    save_pretrained(random_model(cfg), tmp_path / "seed")
     hf = load_hf(tmp_path / "seed")
     torch.manual_seed(3)
     with torch.no_grad():
@@ -170,7 +153,7 @@ def test_legacy_spelling_reads_the_same_model(tmp_path):
     """config.json with `compress_ratios` / `num_hash_layers` (DeepSeek's release) instead of `layer_types` /
     `mlp_layer_types`: the same model for nanoseek and for transformers."""
     cfg = CONFIGS["v4_yarn_dense"]
-    save_pretrained(random_v4(cfg), tmp_path)
+    save_pretrained(random_model(cfg), tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
     rates = {SLIDING: 0, **raw.pop("compress_rates")}
     raw["compress_ratios"] = [rates[t] for t in raw.pop("layer_types")]
@@ -192,7 +175,7 @@ def test_legacy_spelling_reads_the_same_model(tmp_path):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_training_step_loss_and_gradients(name, tmp_path):
     cfg = CONFIGS[name]
-    ours = random_v4(cfg)
+    ours = random_model(cfg)
     save_pretrained(ours, tmp_path)
     hf = load_hf(tmp_path)
     ours.train(), hf.train()
@@ -241,7 +224,7 @@ def test_sinkhorn_mixing_matrices_are_doubly_stochastic():
     assert (sinkhorn(spread, iters=20, eps=1e-6).sum(dim=-1) - 1).abs().max() > 1e-2
     assert (sinkhorn(spread, iters=200, eps=1e-6).sum(dim=-1) - 1).abs().max() < 5e-3
     cfg = CONFIGS["v4_sparse"]
-    model = random_v4(cfg).eval()
+    model = random_model(cfg).eval()
     seen = []
     for layer in model.layers:
         for hc in (layer.attn_hc, layer.ffn_hc):
@@ -256,7 +239,7 @@ def test_sinkhorn_mixing_matrices_are_doubly_stochastic():
 
 def test_hash_routing_follows_the_table():
     cfg = CONFIGS["v4_sparse"]
-    model = random_v4(cfg).eval()
+    model = random_model(cfg).eval()
     moe = model.layers[0].mlp
     assert isinstance(moe.gate, HashGate) and moe.gate.e_score_correction_bias is None
     ids = tokens(cfg)
@@ -292,7 +275,7 @@ def test_clamped_experts_grouped_loop_and_per_token_paths_agree():
 
 def test_training_forward_and_backward_on_a_tiny_config():
     cfg = CONFIGS["v4_sparse"]
-    model = random_v4(cfg).train()
+    model = random_model(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = tokens(cfg, shape=(2, 33))
     losses = []
@@ -365,7 +348,7 @@ def test_a_v4_config_is_never_built_as_a_v3_model():
 
 def test_the_engine_and_plan_serve_refuse_v4_until_they_model_its_caches(capsys):
     with pytest.raises(ValueError, match="DeepSeek-V4"):
-        Engine(random_v4(CONFIGS["v4_sparse"]))
+        Engine(random_model(CONFIGS["v4_sparse"]))
     assert main(["plan", "serve", "--model", "deepseek-v4-flash"]) == 2
     assert "DeepSeek-V4" in capsys.readouterr().err
 
@@ -450,7 +433,7 @@ def test_mtp_modules_round_trip_under_deepseeks_names_and_transformers_skips_the
     """V4's MTP modules follow DeepSeek's inference code (transformers builds none, so there is no reference to
     compare their numbers with): saved under DeepSeek's `mtp.K.` names, read back to the same logits of every
     depth; transformers loads the same checkpoint, skips them, and agrees on the main logits."""
-    ours = random_v4(MTP_CFG).eval()
+    ours = random_model(MTP_CFG).eval()
     save_pretrained(ours, tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         names = set(f.keys())
@@ -478,7 +461,7 @@ def test_mtp_modules_round_trip_under_deepseeks_names_and_transformers_skips_the
 
 
 def test_a_v4_checkpoint_transformers_wrote_loads_without_its_absent_mtp(tmp_path):
-    save_pretrained(random_v4(MTP_CFG), tmp_path / "seed")
+    save_pretrained(random_model(MTP_CFG), tmp_path / "seed")
     load_hf(tmp_path / "seed").save_pretrained(tmp_path / "hf")
     with pytest.warns(UserWarning, match="no MTP layer"):
         ours = nanoseek.from_pretrained(tmp_path / "hf")
@@ -486,7 +469,7 @@ def test_a_v4_checkpoint_transformers_wrote_loads_without_its_absent_mtp(tmp_pat
 
 
 def test_mtp_trains_with_the_main_model():
-    model = random_v4(MTP_CFG).train()
+    model = random_model(MTP_CFG).train()
     x = tokens(MTP_CFG, shape=(2, 33))
     streams = model.streams(x)
     logits = model.lm_head(model.norm(model.hc_head(streams)))
