@@ -24,6 +24,9 @@
   and yields one or two tokens. Greedy output is identical to plain decoding; sampled requests use exact
   speculative sampling (their output distribution is unchanged, their seeded tokens differ from plain
   decoding's). `stats.acceptance_rate` reports the share of drafts kept.
+- DeepSeek-V4 checkpoints run too, over their own caches (v4_cache.py): a sliding-window ring per sequence and
+  compressed entries paged by block; continuous batching, chunked prefill, preemption, n samples and MTP as
+  above (no prefix caching, low-precision weights or compiled step for V4).
 - `weights="bf16" | "int8" | "int4"` stores the weights in low precision (nanoseek/model/quant.py) in the
   engine's own copy; `compile` runs decode steps through compiled blocks (compiled.py), by default for
   low-precision weights and on CUDA, where it was measured to win.
@@ -38,7 +41,7 @@ import copy
 import itertools
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,9 +52,11 @@ from nanoseek.engine.compiled import CompiledDecode
 from nanoseek.engine.constrain import Matcher
 from nanoseek.engine.kv_cache import CacheFull, PagedLatentCache
 from nanoseek.engine.requests import Completion, EngineStats, RequestOutput, TokenEvent
-from nanoseek.engine.sampling import RowParams, SamplingParams, make_generator, row_logprobs, sample_rows, verify_rows
+from nanoseek.engine.sampling import RowParams, SamplingParams, make_generator, row_logprobs
 from nanoseek.engine.scheduler import PrefillScheduler
+from nanoseek.engine.speculate import Speculator
 from nanoseek.engine.text import SampleText
+from nanoseek.engine.v4_cache import PagedV4Cache, v4_block_size
 from nanoseek.model.quant import WEIGHT_FORMATS, quantize_model
 from nanoseek.model.transformer import Transformer
 
@@ -81,7 +86,7 @@ class _Sequence:
         return self.tokens[self.n_prompt :]
 
 
-class Engine(PrefillScheduler):
+class Engine(PrefillScheduler, Speculator):
     def __init__(
         self,
         model: Transformer | str | Path,
@@ -107,10 +112,10 @@ class Engine(PrefillScheduler):
                 tokenizer = Tokenizer.from_pretrained(path)
         elif weights != "fp32":
             model = copy.deepcopy(model)  # the caller's model (a policy in training) keeps its own weights
-        if model.config.model_type == "deepseek_v4":
-            # V4's caches (a sliding-window ring, compressed entries every `ratio` tokens) are not paged yet: a
-            # latent cache would be meaningless, and low-precision weights would drop the experts' SwiGLU clamp.
-            raise ValueError("the engine does not run DeepSeek-V4 (model_type deepseek_v4) yet: its caches are unpaged")
+        self._v4 = v4 = model.config.model_type == "deepseek_v4"
+        if v4 and (weights != "fp32" or compile):
+            # quant.py's expert kernels have no SwiGLU clamp, and the compiled step is built for V3's blocks.
+            raise ValueError("DeepSeek-V4 runs with fp32 weights and without compile (weights='fp32', compile=False)")
         if weights != "fp32":
             quantize_model(model, weights)
         self.weights = weights
@@ -123,17 +128,24 @@ class Engine(PrefillScheduler):
         self.use_mtp = use_mtp and len(model.mtp) > 0
         cache_tokens = cache_tokens or min(max_batch_size * self.max_len, 1 << 16)
         p = next(model.parameters())
-        self.cache = PagedLatentCache(
-            n_layers=cfg.num_hidden_layers + len(model.mtp),
-            n_blocks=-(-cache_tokens // block_size),
-            block_size=block_size,
-            kv_lora_rank=cfg.kv_lora_rank,
-            rope_dim=cfg.qk_rope_head_dim,
-            dtype=p.dtype,
-            device=p.device,
-            index_dim=cfg.index_head_dim if cfg.dsa else 0,
-            prefix_caching=prefix_caching,
-        )
+        n_layers = cfg.num_hidden_layers + len(model.mtp)
+        if v4:  # its window and compressors' pending tokens are per sequence: no prefix caching (v4_cache.py)
+            block_size = v4_block_size(cfg, block_size)
+            self.cache = PagedV4Cache(
+                cfg, n_layers, max_batch_size, -(-cache_tokens // block_size), block_size, p.dtype, p.device
+            )
+        else:
+            self.cache = PagedLatentCache(
+                n_layers=n_layers,
+                n_blocks=-(-cache_tokens // block_size),
+                block_size=block_size,
+                kv_lora_rank=cfg.kv_lora_rank,
+                rope_dim=cfg.qk_rope_head_dim,
+                dtype=p.dtype,
+                device=p.device,
+                index_dim=cfg.index_head_dim if cfg.dsa else 0,
+                prefix_caching=prefix_caching,
+            )
         if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be positive (or None: whole prompts)")
         self.max_num_batched_tokens = max_num_batched_tokens  # None: every admitted prompt prefilled whole
@@ -287,12 +299,12 @@ class Engine(PrefillScheduler):
         return events
 
     def _prefill_done(self, group: list[_Sequence], h_last: torch.Tensor) -> list[TokenEvent]:
-        """group[0]'s prompt is all cached and h_last (1, D) is its last position's hidden state: the other
+        """group[0]'s prompt is all cached and h_last (1, D) (V4: (1, n, D)) its last position's `_states`: the other
         samples share its blocks (scheduler.py), each samples its first token; with MTP, each runs the MTP
         module at the prompt's last position and drafts its second token."""
         group = self._share_prompt(group)
         dev, T = self.device, len(group[0].tokens)
-        logits = self._logits(h_last).expand(len(group), -1)  # (n, V)
+        logits = self._head(h_last).expand(len(group), -1)  # (n, V)
         rows = RowParams.of([s.params for s in group], dev, [s.matcher for s in group])
         tokens = rows.sample(logits, [s.generator for s in group])
         events = []
@@ -307,7 +319,8 @@ class Engine(PrefillScheduler):
                 seqs = [group[i] for i in alive]
                 self.cache.prepare([s.blocks for s in seqs], [T - 1] * len(seqs), 1, absorb=True)
                 pos = torch.full((len(seqs), 1), T - 1, device=dev)
-                x = self._mtp_hidden(h_last[:, None].expand(len(seqs), -1, -1), tokens[alive, None], pos)
+                h = h_last[:, None].expand(len(seqs), *[-1] * h_last.dim())  # (A, 1, D) (V4: (A, 1, n, D))
+                x = self._mtp_hidden(h, tokens[alive, None], pos)
                 self._draft(
                     seqs, x[:, 0], rows if len(seqs) == len(group) else RowParams.of([s.params for s in seqs], dev)
                 )
@@ -322,7 +335,7 @@ class Engine(PrefillScheduler):
         self.cache.prepare([s.blocks for s in seqs], starts, 1, absorb=True)
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         pos = torch.tensor(starts, device=self.device)[:, None]
-        logits = self._logits(self._decode_forward(ids, pos)[:, -1])  # (B, V)
+        logits = self._head(self._decode_forward(ids, pos)[:, -1])  # (B, V)
         rows = RowParams.of([s.params for s in seqs], self.device, [s.matcher for s in seqs])
         tokens = rows.sample(logits, [s.generator for s in seqs])
         self.stats.decode_steps += 1
@@ -337,6 +350,8 @@ class Engine(PrefillScheduler):
         whose fast kernels leave the step bound by per-operator overhead. An fp32 step on a CPU is bound by
         the matrix products themselves: compiled it gained 4-12%, too little to pay for compiling in every
         process by default (docs/engine.md)."""
+        if isinstance(self.cache, PagedV4Cache):
+            return False
         return self.device.type == "cuda" or self.weights != "fp32"
 
     @property
@@ -344,88 +359,27 @@ class Engine(PrefillScheduler):
         """Seconds this engine's decode steps spent compiling so far (0 when not compiled)."""
         return self._compiled_decode.compile_seconds if self._compiled_decode else 0.0
 
+    def _states(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The final states of a step over the prepared layout, what the output head and MTP read: the
+        normalized hidden states (B, T, D), or DeepSeek-V4's uncollapsed mHC streams (B, T, n, D)."""
+        if self._v4:
+            return self.model.streams(ids, pos, self.cache)
+        return self.model.hidden_states(ids, pos, self.cache)
+
     def _decode_forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self._compiled_decode is None:
-            return self.model.hidden_states(ids, pos, self.cache)
+            return self._states(ids, pos)
         return self._compiled_decode.forward(ids, pos)
+
+    def _head(self, states: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of `_states`' output (V4's streams are collapsed and normalized first)."""
+        return self._logits(self.model.norm(self.model.hc_head(states)) if self._v4 else states)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """The output head over hidden states (..., D) -> fp32 logits (..., V). Through the module, so
         hooks on `lm_head` see every call. (Computing W @ h^T instead of h @ W^T reads the weight about
         twice as fast for 2-16 rows on this CPU's MKL, but saves only ~3% of a decode step.)"""
         return self.model.lm_head(h).float()
-
-    # ---- MTP self-speculative decoding (DeepSeek-V3 §2.2, §5.4.3) ------------------------------
-    def _speculate(self, seqs: list[_Sequence]) -> list[TokenEvent]:
-        """Verify every sequence's draft with one main-model forward over [last token, draft].
-
-        Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): with p the target distribution at
-        the last token and q the draft's, the draft d is kept with probability min(1, p(d)/q(d)), else a
-        token is drawn from max(p - q, 0) renormalized; after a kept draft the forward's second position
-        gives one more token from its own p for free. The output distribution is exactly that of plain
-        sampling. Greedy rows have one-hot p and q, which makes this "keep d iff d == argmax p", so greedy
-        output equals plain greedy decoding token for token. Then the MTP module drafts the next token.
-        """
-        seqs = self._reserve(seqs, lambda s: len(s.tokens) + 1)
-        if not seqs:
-            return []
-        dev, B = self.device, len(seqs)
-        starts = [s.n_cached for s in seqs]  # = position of each sequence's last token
-        self.cache.prepare([s.blocks for s in seqs], starts, 2, absorb=True)
-        drafts = torch.tensor([s.draft for s in seqs], device=dev)
-        ids = torch.stack((torch.tensor([s.tokens[-1] for s in seqs], device=dev), drafts), dim=1)  # (B, 2)
-        pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(2, device=dev)  # (B, 2)
-        h = self._decode_forward(ids, pos)  # (B, 2, D)
-        logits = self._logits(h)  # (B, 2, V)
-        rows = RowParams.of([s.params for s in seqs], dev, [s.matcher for s in seqs])
-        first, keep, second = verify_rows(
-            rows, logits, drafts, [s.draft_probs for s in seqs], [s.generator for s in seqs]
-        )
-        self.stats.decode_steps += 1
-        self.stats.draft_tokens += B
-        self.stats.accepted_tokens += int(keep.sum())
-        params = [s.params for s in seqs]
-        lp_first, lp_second = row_logprobs(params, logits[:, 0], first), row_logprobs(params, logits[:, 1], second)
-        events = []
-        for i, (s, kept, t1, t2) in enumerate(zip(seqs, keep.tolist(), first.tolist(), second.tolist())):
-            s.n_cached += 1
-            events.append(self._append(s, t1, lp_first[i]))
-            if kept and not s.finish_reason:
-                s.n_cached += 1
-                events.append(self._append(s, t2, lp_second[i]))
-        # MTP over the same two positions (the layout is unchanged): entry n-1 pairs h_{n-1} with the
-        # verified token, entry n pairs h_n with the bonus token (a placeholder when the draft was
-        # rejected; it is overwritten next step). The row that ends the sequence drafts the next token.
-        x = self._mtp_hidden(h, torch.stack((first, torch.where(keep, second, first)), dim=1), pos)
-        alive = [i for i, s in enumerate(seqs) if not s.finish_reason]
-        if alive:
-            idx = torch.tensor(alive, device=dev)
-            last = x[idx, keep[idx].long()]  # (A, D)
-            sub = rows if len(alive) == B else RowParams.of([seqs[i].params for i in alive], dev)
-            self._draft([seqs[i] for i in alive], last, sub)
-        return events
-
-    def _mtp_hidden(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """MTP depth 1 over the prepared cache layout: h (B, T, D) main hidden states at `positions`,
-        next_ids (B, T) the token after each. Returns the module's hidden states (B, T, D)."""
-        cos, sin = self.model.rotary(positions)
-        emb = self.model.embed_tokens(next_ids)
-        if self._compiled_decode is not None and self.cache.absorb:  # decode steps, not the prompt's
-            return self._compiled_decode.mtp(h, emb, cos, sin)
-        return self.model.mtp[0](h, emb, cos, sin, cache=self.cache)
-
-    def _draft(self, seqs: list[_Sequence], x: torch.Tensor, rows: RowParams) -> None:
-        """Draft each sequence's next token from the MTP hidden state x (B, D); keep q for verification."""
-        logits = self._logits(self.model.mtp[0].shared_head.norm(x))  # (B, V)
-        rows = replace(rows, matchers=[s.matcher for s in seqs]).refreshed()  # grammars: their masks after the step
-        if rows.all_greedy:  # q is one-hot on the argmax: keep only the token (draft_probs None)
-            for s, d in zip(seqs, rows.masked(logits).argmax(dim=-1).tolist()):
-                s.draft, s.draft_probs = d, None
-            return
-        q = rows.probs(logits)
-        drafts = sample_rows(q, rows.uniform([s.generator for s in seqs]))
-        for s, d, q_row in zip(seqs, drafts.tolist(), q):
-            s.draft, s.draft_probs = d, q_row
 
     def _reserve(self, seqs: list[_Sequence], need_tokens) -> list[_Sequence]:
         """Give each sequence the blocks its next step writes to, preempting the youngest when full."""

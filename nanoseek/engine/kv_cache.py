@@ -42,6 +42,8 @@ class StepLayout:
 class PagedLatentCache:
     """Pool of `n_blocks` blocks of `block_size` tokens for `n_layers` layers (MTP layers included)."""
 
+    shares_blocks = True  # a request's n samples reference its prompt's full blocks (scheduler.py)
+
     def __init__(
         self,
         n_layers: int,

@@ -108,7 +108,7 @@ class PrefillScheduler:
         self.cache.prepare([s.blocks for s in leads], starts, T, absorb=False, lengths=lengths)
         ids = torch.tensor([s.tokens[a : a + n] + [0] * (T - n) for s, a, n in zip(leads, starts, sizes)], device=dev)
         positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # (B, T)
-        h = self.model.hidden_states(ids, positions, self.cache)  # (B, T, D)
+        h = self._states(ids, positions)  # (B, T, D) (V4: its streams, (B, T, n, D))
         if self.use_mtp:
             # MTP entries of these positions pair h_p with token p+1 (the same for every sample). A prompt's
             # last entry has no next token yet: written here with padding, rewritten per sample in _prefill_done.
@@ -128,7 +128,8 @@ class PrefillScheduler:
         cache has no room for wait again (and will find the prompt cached). Returns the samples that run."""
         lead, bs = group[0], self.cache.block_size
         T = len(lead.tokens)
-        n_share = (T - int(self.use_mtp)) // bs  # with MTP, the entry at T-1 is each sample's own
+        # With MTP, the entry at T-1 is each sample's own. V4's per-sequence state is copied whole.
+        n_share = (T - int(self.use_mtp)) // bs if self.cache.shares_blocks else 0
         self._register(lead)
         ready = [lead]
         for s in group[1:]:

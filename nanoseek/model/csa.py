@@ -46,25 +46,37 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.empty(rate, width))
         self.kv_norm = RMSNorm(head_dim, eps)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
-        """x (B, T, D) -> compressed entries (B, T // rate, head_dim), rotated at positions w·rate."""
-        B, T, _ = x.shape
-        n = T // self.rate
-        kv = self.kv_proj(x[:, : n * self.rate]).unflatten(1, (n, self.rate))  # (B, n, rate, width)
-        gate = self.gate_proj(x[:, : n * self.rate]).unflatten(1, (n, self.rate)) + self.position_bias
+    @property
+    def window(self) -> int:
+        """Tokens one entry pools: 2·rate with overlapping windows, else rate."""
+        return 2 * self.rate if self.overlap else self.rate
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) at positions (B or 1, T) -> the values C and gate logits Z + B (B, T, width) of each token
+        (B: the bias of the token's slot in its window, position mod rate)."""
+        return self.kv_proj(x), self.gate_proj(x) + self.position_bias[positions % self.rate]
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, starts: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+        """Windows of projected tokens (B, n, `window`, width), oldest first, -> their entries (B, n, head_dim),
+        rotated at `starts` (B or 1, n), each window's own first position w·rate. With overlap a window's first
+        `rate` tokens are window w-1's (their Ca half counts) and its last `rate` its own (their Cb half)."""
         if self.overlap:
-            kv, gate = self._overlapping(kv, gate)
+            d, m = self.head_dim, self.rate
+            kv = torch.cat((kv[:, :, :m, :d], kv[:, :, m:, d:]), dim=2)
+            gate = torch.cat((gate[:, :, :m, :d], gate[:, :, m:, d:]), dim=2)
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)  # (B, n, head_dim)
-        cos, sin = rotary(torch.arange(n, device=x.device)[None] * self.rate)
+        cos, sin = rotary(starts)
         return rope_tail(self.kv_norm(pooled)[:, :, None], cos, sin)[:, :, 0]
 
-    def _overlapping(self, kv: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, n, m, 2d) -> (B, n, 2m, d): window w's slots are window w-1's Ca, then its own Cb. Window 0 has
-        no predecessor: zero values under -inf gates (softmax weight 0)."""
-        d = self.head_dim
-        prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))
-        prev_gate = F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))
-        return torch.cat((prev_kv, kv[..., d:]), dim=2), torch.cat((prev_gate, gate[..., d:]), dim=2)
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+        """x (B, T, D) of a whole sequence from position 0 -> its entries (B, T // rate, head_dim)."""
+        n, m = x.shape[1] // self.rate, self.rate
+        kv, gate = self.project(x[:, : n * m], torch.arange(n * m, device=x.device))
+        kv, gate = kv.unflatten(1, (n, m)), gate.unflatten(1, (n, m))  # (B, n, rate, width)
+        if self.overlap:  # window 0 has no predecessor: zero values under -inf gates (softmax weight 0)
+            kv = torch.cat((F.pad(kv, (0, 0, 0, 0, 1, 0))[:, :n], kv), dim=2)
+            gate = torch.cat((F.pad(gate, (0, 0, 0, 0, 1, 0), value=float("-inf"))[:, :n], gate), dim=2)
+        return self.pool(kv, gate, torch.arange(n, device=x.device)[None] * m, rotary)
 
 
 class Indexer(nn.Module):
@@ -79,10 +91,17 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
 
     def forward(
-        self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """-> keep (B, T, N) bool: the compressed entries each query attends to (its top-k of the visible)."""
-        keys = self.compressor(x, rotary)  # (B, N, d)
+        """-> keep (B, T, N) bool: the compressed entries each query attends to (its top-k of the visible).
+        keys: the indexer's compressed keys (B, N, d), from the engine's cache; None: computed here from x, a
+        whole sequence from position 0."""
+        keys = self.compressor(x, rotary) if keys is None else keys
         q = self.q_b_proj(q_latent).unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, H, d)
         cos, sin = rotary(positions)
         q = rope_tail(q, cos, sin)

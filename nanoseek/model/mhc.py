@@ -33,8 +33,8 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
 
 def _flat_norm(streams: torch.Tensor, eps: float) -> torch.Tensor:
-    """(B, T, n, D) -> (B, T, n·D), RMS-normalized without a weight, in fp32."""
-    flat = streams.flatten(2).float()
+    """(..., n, D) -> (..., n·D), RMS-normalized without a weight, in fp32."""
+    flat = streams.flatten(-2).float()
     return F.rms_norm(flat, (flat.shape[-1],), eps=eps)
 
 
@@ -82,4 +82,4 @@ class HyperHead(nn.Module):
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         mixes = F.linear(_flat_norm(streams, self.norm_eps), self.hc_fn.float())
         pre = torch.sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.hc_eps
-        return (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+        return (pre.unsqueeze(-1) * streams).sum(dim=-2).to(streams.dtype)

@@ -9,7 +9,7 @@ streams collapsed by `HyperHead` -> RMSNorm -> head. Module names follow transfo
 (`self_attn.q_a_proj`, `attn_hc.fn`, ...); nanoseek.checkpoint.hf maps them to DeepSeek's names on disk.
 Multi-Token Prediction modules (`V4MTPBlock`) follow DeepSeek's own inference code; transformers builds none.
 
-What this model does not do: decode with a KV cache (it runs whole sequences: training, scoring, parity).
+With the engine's cache (nanoseek/engine/v4_cache.py) it also runs the next tokens of running sequences.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from nanoseek.model.config import ModelConfig
 from nanoseek.model.layers import RMSNorm, RotaryEmbedding
 from nanoseek.model.mhc import HyperConnection, HyperHead
 from nanoseek.model.moe import MoE
-from nanoseek.model.v4_attention import HybridAttention
+from nanoseek.model.v4_attention import HybridAttention, V4Cache
 from nanoseek.model.v4_config import SLIDING
 from nanoseek.model.v4_moe import V4MoE
 
@@ -56,10 +56,11 @@ class V4Block(nn.Module):
         positions: torch.Tensor,
         rotaries: tuple[RotaryEmbedding, RotaryEmbedding],
         input_ids: torch.Tensor,
+        cache: V4Cache | None = None,
     ) -> torch.Tensor:
         """streams (B, T, n, D) -> (B, T, n, D)."""
         x, post, comb = self.attn_hc(streams)
-        out = self.self_attn(self.input_layernorm(x), positions, rotaries[self.compressed])
+        out = self.self_attn(self.input_layernorm(x), positions, rotaries[self.compressed], cache)
         streams = HyperConnection.expand(out, streams, post, comb)
         x, post, comb = self.ffn_hc(streams)
         out = self.mlp(self.post_attention_layernorm(x), input_ids)
@@ -90,10 +91,11 @@ class V4MTPBlock(V4Block):
         positions: torch.Tensor,
         rotaries: tuple[RotaryEmbedding, RotaryEmbedding],
         input_ids: torch.Tensor,
+        cache: V4Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (this depth's streams (B, T, n, D) for the next depth, its normalized hidden states (B, T, D))."""
         x = self.e_proj(self.enorm(emb))[:, :, None] + self.h_proj(self.hnorm(streams))
-        x = super().forward(x, positions, rotaries, input_ids)
+        x = super().forward(x, positions, rotaries, input_ids, cache)
         return x, self.norm(self.hc_head(x))
 
 
@@ -143,26 +145,33 @@ class DeepseekV4(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: object | None = None,
+        cache: V4Cache | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final normalized hidden states (B, T, D) of whole sequences starting at position 0 (positions, cache
-        and mask exist for the interface of transformer.Transformer and must be None)."""
-        if cache is not None or mask is not None or positions is not None:
-            raise ValueError(
-                "DeepSeek-V4 runs whole sequences from position 0 here: no KV cache (the engine cannot decode it "
-                "yet), no positions and no custom attention mask (its compressed branches pool fixed windows)"
-            )
-        return self.norm(self.hc_head(self.streams(input_ids)))
+        """Final normalized hidden states (B, T, D): of whole sequences from position 0, or with the engine's
+        cache of each row's next tokens at `positions` (B, T). No custom attention mask: the compressed branches
+        pool fixed windows of positions, so right padding is the only padding V4 takes."""
+        return self.norm(self.hc_head(self.streams(input_ids, positions, cache, mask)))
 
-    def streams(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The last block's mHC streams (B, T, n, D) of whole sequences: the input of the final collapse and of
-        MTP depth 1."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    def streams(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: V4Cache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The last block's mHC streams (B, T, n, D): the input of the final collapse and of MTP depth 1."""
+        if mask is not None or (positions is None) != (cache is None):
+            raise ValueError(
+                "DeepSeek-V4 runs whole sequences from position 0, or the engine's cache with the new tokens' "
+                "positions: no custom attention mask (its compressed branches pool fixed windows of positions)"
+            )
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         h = self.embed_tokens(input_ids)
         streams = h[:, :, None].expand(-1, -1, self.config.v4.hc_mult, -1).contiguous()  # (B, T, n, D)
         for layer in self.layers:
-            streams = layer(streams, positions, self.rotaries, input_ids)
+            streams = layer(streams, positions, self.rotaries, input_ids, cache)
         return streams
 
     def forward(

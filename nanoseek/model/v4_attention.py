@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,18 @@ from nanoseek.model.config import ModelConfig
 from nanoseek.model.csa import Compressor, Indexer, rope_tail, visible
 from nanoseek.model.layers import RMSNorm, RotaryEmbedding
 from nanoseek.model.v4_config import CSA, SLIDING
+
+
+class V4Cache(Protocol):
+    """What V4 attention asks of the engine's cache (nanoseek/engine/v4_cache.py), per step of new tokens."""
+
+    def window(self, layer_idx: int, kv: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys (B, T, hd); return the keys the window may show (B, S, hd) and allowed (B, T, S)."""
+
+    def compress(
+        self, key: tuple[int, str], compressor: Compressor, x: torch.Tensor, positions: torch.Tensor, rotary
+    ) -> torch.Tensor:
+        """Feed the new tokens x (B, T, D) to `compressor`; return every entry each row has so far (B, N, d)."""
 
 
 def sliding_window_mask(positions: torch.Tensor, window: int) -> torch.Tensor:
@@ -38,7 +52,7 @@ class HybridAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         v4 = cfg.v4
-        self.layer_type = v4.attention_type(layer_idx)
+        self.layer_idx, self.layer_type = layer_idx, v4.attention_type(layer_idx)
         self.n_heads, self.head_dim, self.window = cfg.num_attention_heads, v4.head_dim, v4.sliding_window
         self.o_groups, self.eps = v4.o_groups, cfg.rms_norm_eps
         D, H, hd = cfg.hidden_size, self.n_heads, self.head_dim
@@ -59,25 +73,47 @@ class HybridAttention(nn.Module):
             if self.layer_type == CSA:
                 self.indexer = Indexer(cfg, rate)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
-        """x (B, T, D), positions (B or 1, T), rotary: this layer's RoPE (main or compressed) -> (B, T, D)."""
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, cache: V4Cache | None = None
+    ) -> torch.Tensor:
+        """x (B, T, D), positions (B or 1, T), rotary: this layer's RoPE (main or compressed) -> (B, T, D).
+        Without a cache, x is a whole sequence from position 0; with one (the engine's, nanoseek/engine/v4_cache.py)
+        it is each row's next tokens, and the window and the compressed entries before them come from the cache."""
         cos, sin = rotary(positions)
         q_latent = self.q_a_norm(self.q_a_proj(x))
         q = self.q_b_proj(q_latent).unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, H, hd)
         q = rope_tail(F.rms_norm(q, (self.head_dim,), eps=self.eps), cos, sin)
         kv = rope_tail(self.kv_norm(self.kv_proj(x))[:, :, None], cos, sin)[:, :, 0]  # (B, T, hd): K = V
-        keys, allowed = kv, sliding_window_mask(positions, self.window)
+        if cache is None:
+            keys, allowed = kv, sliding_window_mask(positions, self.window)
+        else:
+            keys, allowed = cache.window(self.layer_idx, kv, positions)
         if self.compressor is not None:
-            compressed = self.compressor(x, rotary)  # (B, N, hd)
+            compressed = self._compressed(self.compressor, "kv", x, positions, rotary, cache)  # (B, N, hd)
             if self.indexer is not None:
-                seen = self.indexer(x, q_latent, positions, rotary)
+                index_keys = self._compressed(self.indexer.compressor, "index", x, positions, rotary, cache)
+                seen = self.indexer(x, q_latent, positions, rotary, index_keys)
             else:
                 seen = visible(positions, compressed.shape[1], self.compressor.rate)
-            keys = torch.cat((kv, compressed), dim=1)
+            keys = torch.cat((keys, compressed), dim=1)
             allowed = torch.cat((allowed.expand(seen.shape[0], -1, -1), seen), dim=-1)
         out = self._attend(q, keys, allowed)  # (B, T, H, hd)
         out = rope_tail(out, cos, -sin)  # undo the rotation V carried (K = V)
         return self._project(out)
+
+    def _compressed(
+        self,
+        compressor: Compressor,
+        kind: str,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        cache: V4Cache | None,
+    ) -> torch.Tensor:
+        """Every compressed entry of `compressor` (attention's or the indexer's) each row has so far (B, N, d)."""
+        if cache is None:
+            return compressor(x, rotary)
+        return cache.compress((self.layer_idx, kind), compressor, x, positions, rotary)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Softmax over the allowed keys and the head's sink; the sink's share of mass is dropped."""
