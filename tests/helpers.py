@@ -17,6 +17,7 @@ from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.presets import get_preset
 from nanoseek.model.transformer import Transformer, build_model
+from nanoseek.model.v4_config import CSA, HCA, V4Config
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.train.data import IGNORE_INDEX
 
@@ -208,11 +209,46 @@ def chat_model_config(tok: Tokenizer, vocab_size: int, max_position_embeddings: 
     )
 
 
+def chat_v4_config(tok: Tokenizer, vocab_size: int) -> ModelConfig:
+    """A DeepSeek-V4 of the same size: a CSA and an HCA layer (rates 4 and 8, window 8), one hash-routed layer."""
+    return ModelConfig(
+        model_type="deepseek_v4",
+        vocab_size=vocab_size,
+        hidden_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        scoring_func="sqrtsoftplus",
+        first_k_dense_replace=0,
+        index_n_heads=4,
+        index_head_dim=16,
+        index_topk=4,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+        v4=V4Config(
+            head_dim=32,
+            layer_types=(CSA, HCA),
+            mlp_layer_types=("hash_moe", "moe"),
+            compress_rates={CSA: 4, HCA: 8},
+            sliding_window=8,
+            o_groups=2,
+            o_lora_rank=16,
+            hc_mult=2,
+        ),
+    )
+
+
 def memorize(tok: Tokenizer, cfg: ModelConfig, pairs: list[tuple[str, str]], max_new_tokens: int = 40) -> Transformer:
     """A model trained from seed 0 to reply to each prompt of `pairs` with its reply (loss on the replies only,
     full-batch AdamW, at most 400 steps), checked by greedy decoding."""
     torch.manual_seed(0)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     seqs = [(tok.encode(p), tok.encode(r) + [tok.eos_id]) for p, r in pairs]
     T = max(len(p) + len(r) for p, r in seqs)
     ids = torch.full((len(seqs), T), tok.pad_id)
@@ -254,6 +290,18 @@ def think_checkpoint(root: Path) -> Path:
         [p + r for p, r in pairs] * 10 + ["The quick brown fox jumps over the lazy dog."] * 5, vocab_size=512
     )
     model = memorize(tok, chat_model_config(tok, 512), pairs)
+    save_pretrained(model, out)
+    tok.save_pretrained(out)
+    return out
+
+
+def think_checkpoint_v4(root: Path) -> Path:
+    """think_checkpoint's tokenizer and conversations (deepseek template), memorized by a DeepSeek-V4 model."""
+    out = root / "think-v4"
+    if (out / "tokenizer_config.json").exists():
+        return out
+    tok = Tokenizer.from_pretrained(think_checkpoint(root))
+    model = memorize(tok, chat_v4_config(tok, 512), _conversations("deepseek"))
     save_pretrained(model, out)
     tok.save_pretrained(out)
     return out

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from test_v4 import CONFIGS as V4_CONFIGS
 
 from nanoseek.checkpoint.hf import from_pretrained
 from nanoseek.cli import main
@@ -18,7 +19,16 @@ from nanoseek.rl.rollout import Rollout, RolloutBatch, is_timing_metric
 from nanoseek.rl.trainer import GRPOTrainer
 from nanoseek.train.state import latest_checkpoint
 
-from helpers import TOKENIZER, SayDigits, Score, arithmetic_checkpoint, digit_reward, short_prompt, tiny_model
+from helpers import (
+    TOKENIZER,
+    SayDigits,
+    Score,
+    arithmetic_checkpoint,
+    digit_reward,
+    random_model,
+    short_prompt,
+    tiny_model,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
@@ -75,6 +85,28 @@ def test_shared_prompt_forward_equals_full_forward_and_engine_logprobs():
         hot, _ = sequence_logprobs(model, batch, temperature=0.5)
         full = (model(torch.tensor([r.prompt_ids + r.completion_ids])) / 0.5).log_softmax(-1)[0]
     assert float(hot[0, 0]) == pytest.approx(float(full[len(r.prompt_ids) - 1, r.completion_ids[0]]), abs=1e-5)
+
+
+def test_v4_policy_forward_equals_full_forward_and_engine_logprobs():
+    """DeepSeek-V4 runs each row's whole prompt + completion (its compressed branches pool fixed windows of
+    positions, so no shared prompt prefix): the same log-probs as a forward of each sequence alone, and as the
+    engine's, which decoded it over the V4 caches. Prompts and completions long enough to cross the window (6)
+    and several compression windows (4 and 8)."""
+    model = random_model(V4_CONFIGS["v4_sparse"].replace(vocab_size=TOKENIZER.vocab_size)).eval()
+    prompts = [list(range(5, 14)), [10, 11, 12], list(range(13, 30))]
+    rs = rollouts_of(model, prompts, G=2, max_tokens=20)
+    for i, r in enumerate(rs):  # ragged completions
+        cut = 20 - (i % 3) * 5
+        r.completion_ids, r.sample_logprobs = r.completion_ids[:cut], r.sample_logprobs[:cut]
+    batch = RolloutBatch.from_rollouts(rs, 2)
+    with torch.no_grad():
+        logps, _ = sequence_logprobs(model, batch)
+        for i, r in enumerate(rs):
+            full = model(torch.tensor([r.prompt_ids + r.completion_ids])).log_softmax(-1)[0]
+            tp = len(r.prompt_ids)
+            want = torch.stack([full[tp + t - 1, tok] for t, tok in enumerate(r.completion_ids)])
+            torch.testing.assert_close(logps[i, : len(want)], want, atol=1e-5, rtol=0)
+    assert float((logps - batch.sample_logps)[batch.token_mask].abs().max()) < 1e-4
 
 
 def test_zero_variance_group_contributes_no_gradient():
@@ -242,6 +274,23 @@ def test_gspo_clip_ratio_counts_sequences():
 
 
 @pytest.mark.slow
+def test_short_run_raises_the_reward_of_a_v4_policy():
+    """GRPO on a random DeepSeek-V4 (rollouts decoded over its caches, its own training forward): the reward
+    rises as it does for V3's model."""
+    cfg = GRPOConfig(
+        num_generations=8,
+        prompts_per_step=4,
+        max_completion_length=8,
+        learning_rate=1e-2,
+        max_steps=12,
+        loss_type="dapo",
+    )
+    model = random_model(V4_CONFIGS["v4_sparse"].replace(vocab_size=TOKENIZER.vocab_size))
+    rewards = [h["reward/total"] for h in run(cfg, model=model).history]
+    start, end = sum(rewards[:3]) / 3, sum(rewards[-2:]) / 2
+    assert end >= 0.25 and end >= 3 * start, rewards
+
+
 def test_short_run_raises_the_reward():
     """A random 2-layer MoE learns to write digits: the mean reward (fraction of digit characters,
     about 0.03 at random) must reach at least 0.25 and 5x its start within 15 steps (it reaches ~0.8)."""

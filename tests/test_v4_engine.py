@@ -7,24 +7,28 @@ entries (CSA, HCA, the indexer's keys) paged by block, and the compressors' pend
   around the window and the compression boundaries, in ragged batches of rows at different positions.
 - Chunked prefill, preemption under a full cache, n samples of one prompt: the plain greedy tokens.
 - The cache's bytes: the ring does not grow with the context, the entries do, at the rate derived by hand.
+- MTP speculation gives the plain greedy tokens; `nanoseek chat` and `nanoseek serve` run a V4 checkpoint.
 
 Configs are test_v4.py's: `v4_sparse` (window 6, CSA 4 with an indexer keeping 3 entries, HCA 8) and
 `v4_yarn_dense` (window 8, CSA 4 with a dense indexer, HCA 16, two mHC streams). fp32 throughout.
 """
 
+import openai
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 from test_v4 import CONFIGS
 
+from nanoseek.bench.serve import ServerProcess
 from nanoseek.checkpoint.hf import save_pretrained
+from nanoseek.cli.chat import ChatSession
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.engine.v4_cache import PagedV4Cache, v4_block_size
 from nanoseek.model.v4_config import CSA, HCA
 
-from helpers import random_model, token_ids
+from helpers import QA, random_model, think_checkpoint_v4, token_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -202,3 +206,39 @@ def test_what_the_engine_does_not_run_for_v4_is_refused(model):
     for kwargs, what in [(dict(weights="int8"), "fp32"), (dict(compile=True), "compile")]:
         with pytest.raises(ValueError, match=what):
             Engine(model, **kwargs)
+
+
+# ---- a V4 checkpoint through `nanoseek chat` and `nanoseek serve` ------------------------------------------
+@pytest.fixture(scope="module")
+def v4_dir(tmp_path_factory):
+    return think_checkpoint_v4(tmp_path_factory.getbasetemp())
+
+
+def test_chat_runs_a_v4_checkpoint(v4_dir):
+    """The memorized conversations of think_checkpoint, learned by a V4 model: reasoning apart from the answer."""
+    session = ChatSession(Engine(str(v4_dir), max_batch_size=1), SamplingParams(max_tokens=64, temperature=0))
+    for q, reasoning, answer in QA:
+        pieces = list(session.reply(q))
+        assert "".join(t for k, t in pieces if k == "reasoning") == reasoning
+        assert "".join(t for k, t in pieces if k == "content") == answer
+        session.messages.clear()
+
+
+def test_serve_runs_a_v4_checkpoint(v4_dir, tmp_path):
+    """`nanoseek serve` on the V4 checkpoint: the official client's chat completion, plain and streamed, with
+    n = 2 samples (each gets a copy of the prompt's window ring and pending tokens)."""
+    server = ServerProcess(v4_dir, "--threads", "1", log=tmp_path / "serve.log").wait_ready()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        q, reasoning, answer = QA[0]
+        out = client.chat.completions.create(
+            model="think-v4", messages=[{"role": "user", "content": q}], temperature=0, max_tokens=64, n=2
+        )
+        assert [c.message.content for c in out.choices] == [answer] * 2
+        assert out.choices[0].message.reasoning_content == reasoning
+        chunks = client.chat.completions.create(
+            model="think-v4", messages=[{"role": "user", "content": q}], temperature=0, max_tokens=64, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
+    finally:
+        server.stop()

@@ -204,6 +204,17 @@ class DeepseekV4(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
+    # V3.2's sparse-attention training hooks, which trainers call on any model: V4 has no DSA layers (its CSA
+    # indexer is not trained through them).
+    def dsa_layers(self) -> list:
+        return []
+
+    def set_dsa_stage(self, dense_attention: bool, indexer_kl: bool) -> None:
+        pass
+
+    def indexer_loss(self) -> float:
+        return 0.0
+
     def aux_loss(self) -> torch.Tensor | float:
         """Sum of the sequence-wise balance losses of the last training forward (0 when α = 0)."""
         return sum((m.aux_loss for m in self.moe_layers() if m.aux_loss is not None), 0.0)

@@ -156,15 +156,7 @@ def sequence_logprobs(
     """log π(o_t | q, o_<t) of every completion token (N, Tc) under `model` at `temperature`, and the
     entropy of π at each of those positions if asked (no gradient). Padding positions hold garbage:
     use batch.mask."""
-    group_of = batch.group_of.to(batch.completion_ids.device)
-    tp, tc = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
-    cache = SharedPromptCache(batch.prompt_lens, group_of, tp, tc)
-    h_prompt = model.hidden_states(batch.prompt_ids, None, cache)  # (P, Tp, D)
-    cache.completing = True
-    positions = batch.prompt_lens[group_of][:, None] + torch.arange(tc, device=group_of.device)  # (N, Tc)
-    h_comp = model.hidden_states(batch.completion_ids, positions, cache)  # (N, Tc, D)
-    last_prompt = h_prompt[group_of, batch.prompt_lens[group_of] - 1]  # (N, D): predicts the first token
-    h = torch.cat((last_prompt[:, None], h_comp[:, :-1]), dim=1)  # (N, Tc, D): state predicting token t
+    h = _v4_states(model, batch) if model.config.model_type == "deepseek_v4" else _shared_prompt_states(model, batch)
     logits = model.lm_head(h).float()  # (N, Tc, V)
     if temperature != 1.0:
         logits = logits / temperature
@@ -175,3 +167,31 @@ def sequence_logprobs(
         with torch.no_grad():  # H = lse - Σ p·logit: one more pass over the vocabulary, not three
             entropy = lse - (logits.softmax(-1) * logits).sum(-1)
     return logps, entropy
+
+
+def _shared_prompt_states(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """(N, Tc, D): the hidden state predicting each completion token, each prompt run once for its group."""
+    group_of = batch.group_of.to(batch.completion_ids.device)
+    tp, tc = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    cache = SharedPromptCache(batch.prompt_lens, group_of, tp, tc)
+    h_prompt = model.hidden_states(batch.prompt_ids, None, cache)  # (P, Tp, D)
+    cache.completing = True
+    positions = batch.prompt_lens[group_of][:, None] + torch.arange(tc, device=group_of.device)  # (N, Tc)
+    h_comp = model.hidden_states(batch.completion_ids, positions, cache)  # (N, Tc, D)
+    last_prompt = h_prompt[group_of, batch.prompt_lens[group_of] - 1]  # (N, D): predicts the first token
+    return torch.cat((last_prompt[:, None], h_comp[:, :-1]), dim=1)  # (N, Tc, D): state predicting token t
+
+
+def _v4_states(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """`_shared_prompt_states` for DeepSeek-V4, whose compressed branches pool fixed windows of positions, so a
+    prompt's keys cannot be shared as a prefix: each row runs its whole prompt + completion (right-padded)."""
+    ids, dev = batch.completion_ids, batch.completion_ids.device
+    group_of = batch.group_of.to(dev)
+    tp, tc = batch.prompt_ids.shape[1], ids.shape[1]
+    lens = batch.prompt_lens.to(dev)[group_of][:, None]  # (N, 1)
+    j = torch.arange(tp + tc, device=dev)[None]  # (1, Tp+Tc)
+    prompt = batch.prompt_ids[group_of].gather(1, j.clamp(max=tp - 1).expand(len(ids), -1))
+    completion = ids.gather(1, (j - lens).clamp(0, tc - 1))
+    h = model.hidden_states(torch.where(j < lens, prompt, completion))  # (N, Tp+Tc, D)
+    at = lens - 1 + torch.arange(tc, device=dev)  # (N, Tc): the position before each completion token
+    return h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
