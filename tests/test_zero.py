@@ -254,3 +254,42 @@ def test_worked_documents_are_question_and_solution_without_template():
         CorpusPart("arithmetic", knobs, format="chat")
     with pytest.raises(Exception, match="per_document"):
         CorpusPart("arithmetic", knobs, per_document=2)  # r1_zero documents hold one problem each
+
+
+# ---- --nproc: pretraining and GRPO as several processes ----------------------------------------------------
+def test_nproc_2_runs_pretraining_and_grpo_as_two_processes(tmp_path, capsys):
+    """The smoke run with --nproc 2: both training stages under torchrun (gloo), each process with half the
+    pretraining batch and half of GRPO's groups; the run's artifacts are those of a one-process run, and its
+    model reproduces its own evaluation."""
+    out = tmp_path / "run"
+    assert main(["zero", "--preset", "smoke", "--out", str(out), "--nproc", "2", "--no-progress"]) == 0
+    assert "run as 2 processes" in capsys.readouterr().out
+    cfg = load_run_config(out)
+    grpo = [json.loads(line) for line in (out / "grpo/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in grpo] == list(range(1, cfg.grpo.max_steps + 1))
+    pre = [json.loads(line) for line in (out / "pretrain/metrics.jsonl").read_text().splitlines()]
+    assert pre[-1]["step"] == cfg.train.max_steps
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["pretrain"]["steps"] == cfg.train.max_steps and stages["grpo"]["steps"] == cfg.grpo.max_steps
+    assert not list(out.glob("*.result.json"))  # the workers' summaries were taken in
+    label = task_label(cfg.demo_task())
+    saved = json.loads((out / "eval_rl.json").read_text())[label]
+    again = evaluate_model(out / MODEL_DIR, [cfg.demo_task()], cfg.eval, progress=False)[label]
+    for key in ("pass_at_1", "pass_at_k", "format_rate", "mean_response_length", "examples"):
+        assert again[key] == saved[key], key
+
+
+@pytest.mark.parametrize(
+    "nproc, cores, why",
+    [
+        (3, 2, "needs at least 3 CPU cores"),
+        (3, 8, "prompts_per_step \\(4\\) must be divisible"),  # smoke: 4 prompts a step, 3 processes
+        (0, 8, "at least 1"),
+    ],
+)
+def test_nproc_the_machine_or_the_batches_cannot_split_is_refused(nproc, cores, why, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    out = tmp_path / "run"
+    assert main(["zero", "--preset", "smoke", "--out", str(out), "--nproc", str(nproc), "--no-progress"]) == 2
+    assert re.search(why, capsys.readouterr().err)
+    assert not (out / "pretrain").exists()  # refused before any stage ran

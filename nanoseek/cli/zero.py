@@ -2,7 +2,7 @@
 smaller student (see docs/zero.md).
 
     nanoseek zero [--preset smoke|default] [--model-preset tiny|tiny-v32] [--out RUN_DIR] [--seed N]
-                  [--threads N] [--resume]
+                  [--threads N] [--nproc N] [--resume]
     nanoseek distill --run RUN_DIR [--preset smoke|default] [--out DIR] [--resume]
 """
 
@@ -32,7 +32,7 @@ def _zero_config(args: argparse.Namespace):
 
 def cmd_zero(args: argparse.Namespace) -> None:
     cfg = _zero_config(args)
-    result = run_zero(cfg, args.out, resume=args.resume, progress=args.progress)
+    result = run_zero(cfg, args.out, resume=args.resume, progress=args.progress, nproc=args.nproc)
     t = result.targets
     print(
         f"zero: {t['task']}: held-out pass@1 {t['base_pass@1']:.1%} (base) -> {t['rl_pass@1']:.1%} (after GRPO), "
@@ -89,6 +89,13 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         type=int,
         default=None,
         help="torch threads (default: torch's choice; on a busy machine 1 can be much faster)",
+    )
+    z.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes for pretraining and GRPO (torchrun, one CPU core each at least; evaluation stays in one). "
+        "GRPO's prompts per step and pretraining's batch must divide by it. Default 1",
     )
     z.add_argument(
         "--resume",

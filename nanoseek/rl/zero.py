@@ -3,6 +3,7 @@
     nanoseek zero --preset default --out runs/zero          # 20-25 minutes on 2 CPU cores
     nanoseek zero --preset smoke --out /tmp/zero            # about a minute: the test suite runs it
     nanoseek zero --out runs/zero --resume                  # continue a run that was stopped or killed
+    nanoseek zero --nproc 2 --out runs/zero                 # pretraining and GRPO as 2 processes (torchrun)
 
     result = run_zero(preset("default"), "runs/zero")      # ZeroResult: evals, stage times, paths
 
@@ -42,6 +43,8 @@ import json
 import os
 import platform
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -72,6 +75,7 @@ from nanoseek.rl.zero_config import (
 )
 from nanoseek.tasks import get_task, parse_completion
 from nanoseek.tasks.rewards import task_reward_fn
+from nanoseek.train import parallel
 from nanoseek.train.data import build_dataset, load_dataset
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.state import latest_checkpoint
@@ -98,10 +102,13 @@ def run_zero(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    nproc: int = 1,
 ) -> ZeroResult:
     """Run every stage of `cfg` into `out_dir` (see the module docstring); with resume, skip the stages
-    already done and continue pretraining / GRPO from their last checkpoints."""
+    already done and continue pretraining / GRPO from their last checkpoints. With nproc > 1, pretraining and
+    GRPO run as that many processes under torchrun (zero_worker.py), each with threads / nproc threads."""
     run = Path(out_dir)
+    check_nproc(cfg, nproc)
     _prepare_run_dir(run, cfg, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -113,9 +120,14 @@ def run_zero(
 
     stage("corpus", lambda: _stage_corpus(cfg, run, progress))
     stage("tokenizer", lambda: _stage_tokenizer(cfg, run))
-    stage("pretrain", lambda: _stage_pretrain(cfg, run, progress, log))
+    if nproc > 1:
+        log(f"zero: pretraining and GRPO run as {nproc} processes (torchrun, gloo)")
+    if nproc == 1:
+        stage("pretrain", lambda: stage_pretrain(cfg, run, progress, log))
+    else:
+        stage("pretrain", lambda: _launch("pretrain", run, nproc, progress))
     stage("eval_base", lambda: _stage_eval(cfg, run / BASE_DIR, run / "eval_base.json", "base", progress))
-    stage("grpo", lambda: _stage_grpo(cfg, run, progress))
+    stage("grpo", lambda: stage_grpo(cfg, run, progress) if nproc == 1 else _launch("grpo", run, nproc, progress))
     stage("eval_rl", lambda: _stage_eval(cfg, run / MODEL_DIR, run / "eval_rl.json", "rl", progress))
     stages.data["machine"]["load_at_end"] = _load()
 
@@ -255,12 +267,13 @@ def _stage_tokenizer(cfg: ZeroConfig, run: Path) -> dict[str, Any]:
 
 
 # ---- 3. pretrain ------------------------------------------------------------------------------------
-def _stage_pretrain(cfg: ZeroConfig, run: Path, progress: bool, log) -> dict[str, Any]:
+def stage_pretrain(cfg: ZeroConfig, run: Path, progress: bool, log) -> dict[str, Any]:
     ds = load_dataset(run / "data")
     resume = latest_checkpoint(run / "pretrain") is not None
     model_cfg = cfg.model.replace(vocab_size=max(cfg.model.vocab_size, ds.tokenizer.vocab_size))
     result = pretrain(model_cfg, cfg.train, ds, run / "pretrain", resume=resume, progress=progress, log=log)
-    publish_model(result.checkpoint, run / BASE_DIR)
+    if parallel.rank() == 0:
+        publish_model(result.checkpoint, run / BASE_DIR)
     return {
         "train_loss": result.train_loss,
         "heldout_loss": result.heldout_loss,
@@ -355,11 +368,12 @@ def _stage_eval(cfg: ZeroConfig, model_dir: Path, out: Path, desc: str, progress
 
 
 # ---- 5. GRPO ----------------------------------------------------------------------------------------
-def _stage_grpo(cfg: ZeroConfig, run: Path, progress: bool) -> dict[str, Any]:
+def stage_grpo(cfg: ZeroConfig, run: Path, progress: bool) -> dict[str, Any]:
     model, tokenizer = from_pretrained(run / BASE_DIR), Tokenizer.from_pretrained(run / BASE_DIR)
     resume = latest_checkpoint(run / "grpo") is not None
     result = train_grpo(model, tokenizer, cfg.demo_task(), cfg.grpo, run / "grpo", resume=resume, progress=progress)
-    publish_model(result.final_model_dir, run / MODEL_DIR)
+    if parallel.rank() == 0:
+        publish_model(result.final_model_dir, run / MODEL_DIR)
     f = result.final
     return {
         "steps": result.steps,
@@ -367,3 +381,45 @@ def _stage_grpo(cfg: ZeroConfig, run: Path, progress: bool) -> dict[str, Any]:
         "final_accuracy": f.get("reward/accuracy"),
         "final_length": f.get("completion_length/mean"),
     }
+
+
+# ---- several processes (--nproc) ---------------------------------------------------------------------
+def check_nproc(cfg: ZeroConfig, nproc: int) -> None:
+    """Refuse a process count the machine or the run's batches cannot be split over, naming why."""
+    cores = os.cpu_count() or 1
+    if nproc < 1:
+        raise ZeroError(f"--nproc must be at least 1, not {nproc}")
+    if nproc > cores:
+        raise ZeroError(f"--nproc {nproc} needs at least {nproc} CPU cores (a process each); this machine has {cores}")
+    if cfg.grpo.prompts_per_step % nproc:
+        raise ZeroError(
+            f"--nproc {nproc}: GRPO's prompts_per_step ({cfg.grpo.prompts_per_step}) must be divisible by it: each "
+            f"process rolls out whole groups of num_generations ({cfg.grpo.num_generations}), and a group never "
+            "spans processes"
+        )
+    if cfg.train.batch_size % nproc:
+        raise ZeroError(
+            f"--nproc {nproc}: pretraining's batch_size ({cfg.train.batch_size}) must be divisible by it (each "
+            "process takes batch_size / nproc sequences a step)"
+        )
+
+
+def result_file(stage: str) -> str:
+    return f"{stage}.result.json"
+
+
+def _launch(stage: str, run: Path, nproc: int, progress: bool) -> dict[str, Any]:
+    """Run a stage as nproc processes under torchrun (zero_worker.py) and return rank 0's summary of it."""
+    threads = max(1, (torch.get_num_threads() or 1) // nproc)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "nanoseek.rl.zero_worker", stage, str(run)] + ([] if progress else ["--no-progress"])
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=False)
+    if done.returncode != 0:
+        raise ZeroError(
+            f"the {stage} stage failed under torchrun (exit {done.returncode}; each process's error is above); "
+            "--resume continues from its last checkpoint"
+        )
+    path = run / result_file(stage)
+    info = json.loads(path.read_text())
+    path.unlink()
+    return info
