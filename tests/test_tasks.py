@@ -11,6 +11,7 @@ from nanoseek.errors import NanoseekError
 from nanoseek.sandbox.runner import SandboxConfig
 from nanoseek.tasks import (
     TASKS,
+    Problem,
     TaskError,
     format_response,
     get_task,
@@ -20,6 +21,7 @@ from nanoseek.tasks import (
     split_of,
 )
 from nanoseek.tasks.arithmetic import ArithmeticTask, trace
+from nanoseek.tasks.countdown import CountdownTask
 
 # How many generated problems each task's generic tests check (the program task runs a sandbox per check).
 N_CHECK = {"arithmetic": 400, "countdown": 200, "program": 40}
@@ -453,3 +455,36 @@ def test_program_verify_batch_runs_each_distinct_answer_once(monkeypatch):
         True,
     ]
     assert calls == [2]
+
+
+# ---- trace statistics (what RL changes in the traces; the report states the rules) --------------------------
+def test_countdown_trace_stats_count_tries_dead_ends_backtracks_and_checks():
+    task = CountdownTask(min_count=3, max_count=3)
+    p = Problem("countdown", "", "", "k", {"numbers": [11, 17, 16], "target": 12})
+    trace = task.solution(p)  # 6 tries: a first branch of 3 dead ends, then the answer
+    assert task.trace_stats(p, trace) == {
+        "tries": 6.0,
+        "right_steps": 1.0,
+        "dead_ends": 3.0,
+        "backtracks": 3.0,  # twice back to "16 6" after a dead end, once back to the start
+        "checked_answer": 1.0,
+    }
+    wrong = "11 17 16: 17-11=5 -> 16 5\n16 5: 16-5=11 -> 11 x\nso 16-(17-11)=12"  # a wrong step, a wrong answer
+    assert task.trace_stats(p, wrong) == {
+        "tries": 2.0,
+        "right_steps": 0.5,
+        "dead_ends": 1.0,
+        "backtracks": 0.0,
+        "checked_answer": 0.0,
+    }
+    assert task.trace_stats(p, "no search at all")["tries"] == 0.0
+    assert set(task.trace_stats(p, "")) == set(CountdownTask.trace_rules)
+
+
+def test_arithmetic_trace_stats_say_whether_the_trace_restates_the_question():
+    task = ArithmeticTask(min_digits=2, max_digits=2, ops="+")
+    p = Problem("arithmetic", "What is 38 + 85?", "123", "38+85", {"a": 38, "op": "+", "b": 85})
+    assert task.trace_stats(p, task.solution(p)) == {"restates_question": 1.0, "states_answer": 1.0}
+    # right columns under a header that restates other operands (an unfaithful trace)
+    unfaithful = "58 + 85\n8+5+0=13 c1 | 3\n3+8+1=12 c1 | 23\n0+0+1=1 c0 | 123\n48+85=123"
+    assert task.trace_stats(p, unfaithful) == {"restates_question": 0.0, "states_answer": 0.0}

@@ -293,3 +293,18 @@ def test_nproc_the_machine_or_the_batches_cannot_split_is_refused(nproc, cores, 
     assert main(["zero", "--preset", "smoke", "--out", str(out), "--nproc", str(nproc), "--no-progress"]) == 2
     assert re.search(why, capsys.readouterr().err)
     assert not (out / "pretrain").exists()  # refused before any stage ran
+
+
+def test_countdown_smoke_runs_every_stage_and_reports_the_traces(tmp_path):
+    """`--preset countdown-smoke`: TinyZero's task end to end; the evaluations carry each task's trace counts,
+    and the report shows them beside the rules it counted by (when a model reasons at all)."""
+    out = tmp_path / "run"
+    assert main(["zero", "--preset", "countdown-smoke", "--out", str(out), "--no-progress"]) == 0
+    cfg = load_run_config(out)
+    assert cfg.task == "countdown" and cfg.preset == "countdown-smoke"
+    label = task_label(cfg.demo_task())
+    for f in ("eval_base.json", "eval_rl.json"):
+        ev = json.loads((out / f).read_text())[label]
+        assert set(ev["trace_stats"]) in (set(), set(cfg.demo_task().trace_rules))
+        assert (ev["trace_stats"] == {}) == (ev["reasoning_rate"] == 0)
+    assert f"| {label} | base |" in (out / "report.md").read_text()

@@ -168,6 +168,26 @@ def distill_table(evals: dict[str, dict[str, Any]], k: int) -> list[str]:
     return lines
 
 
+def _trace_table(cfg, base: dict[str, Any], rl: dict[str, Any]) -> list[str]:
+    """What the reasoning traces hold before and after RL, counted by each task's stated rules."""
+    L = []
+    for task in cfg.eval_tasks():
+        label = task_label(task)
+        before, after = (ev.get(label, {}).get("trace_stats") for ev in (base, rl))
+        if not task.trace_rules or not (before or after):
+            continue
+        L += [f"## Reasoning traces: {label}", "", "Means over the completions that reason (a non-empty think).", ""]
+        L += ["| count | base | after GRPO | rule |", "|---|---|---|---|"]
+        for name, rule in task.trace_rules.items():
+            L.append(f"| {name} | {_stat((before or {}).get(name))} | {_stat((after or {}).get(name))} | {rule} |")
+        L.append("")
+    return L
+
+
+def _stat(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
 def write_report(run: str | os.PathLike, cfg, stages: dict[str, Any]) -> Path:
     run = Path(run)
     base = json.loads((run / "eval_base.json").read_text())
@@ -234,6 +254,7 @@ def write_report(run: str | os.PathLike, cfg, stages: dict[str, Any]) -> Path:
         "accuracy among those that reason / answer with an empty think.",
         "",
     ]
+    L += _trace_table(cfg, base, rl)
     L += ["## Curves", ""] + [f"![{name}](plots/{p.name})" for name, p in plots.items()] + [""]
     L += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     L += [f"| {s} | {v:.1f} |" for s, v in seconds.items()] + [f"| **total** | **{sum(seconds.values()):.1f}** |", ""]

@@ -293,10 +293,14 @@ def evaluate_model(
     out = {}
     for task in tasks:
         seen: list[tuple[str, Any]] = []
+        traces: list[dict[str, float]] = []  # trace_stats of each completion that reasons
 
         def reward_fn(problems, completions, score=task_reward_fn(task)):
             scores = score(problems, completions)
             seen.extend(zip(completions, scores))
+            for p, c in zip(problems, completions):
+                if think := parse_completion(c).think:
+                    traces.append(task.trace_stats(p, think))
             return scores
 
         drafted, accepted = engine.stats.draft_tokens, engine.stats.accepted_tokens  # this task's share below
@@ -326,6 +330,7 @@ def evaluate_model(
             label=task_label(task),
             knobs=task.knobs(),
             reasoning_rate=sum(thinks) / max(len(thinks), 1),
+            trace_stats={k: sum(t[k] for t in traces) / len(traces) for k in task.trace_rules} if traces else {},
             accuracy_when_reasoning=sum(reasoned) / len(reasoned) if reasoned else None,
             accuracy_when_direct=sum(direct) / len(direct) if direct else None,
             acceptance_rate=(engine.stats.accepted_tokens - accepted) / (engine.stats.draft_tokens - drafted)

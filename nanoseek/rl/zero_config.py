@@ -283,10 +283,33 @@ def _preset(name: str, seed: int, model: str) -> ZeroConfig:
             ),
             eval=EvalConfig(n_problems=8, samples=4, k=4, max_tokens=48, n_examples=2),
         )
-    raise ZeroError(f"unknown zero preset {name!r}; presets: default, smoke")
+    if name in ("countdown", "countdown-smoke"):
+        return _countdown(name, seed, model)
+    raise ZeroError(f"unknown zero preset {name!r}; presets: {', '.join(ZERO_PRESETS)}")
 
 
-ZERO_PRESETS = ("default", "smoke")
+def _countdown(name: str, seed: int, model: str) -> ZeroConfig:
+    """TinyZero's Countdown: make the target from 3 given numbers (1-25) with + - * /, each at most once.
+    The worked solution is the depth-first search that finds the answer (tasks/countdown.py), at most 8
+    tries, a quarter of the R1-Zero documents carrying it; worksheets of searches as plain text. `countdown`
+    is sized for about an hour on 2 CPU cores; `countdown-smoke` runs every stage in about a minute (tests)."""
+    knobs = {"min_count": 3, "max_count": 3, "max_number": 25, "max_target": 100, "max_search_steps": 8}
+    smoke = name == "countdown-smoke"
+    base = _preset("smoke" if smoke else "default", seed, model)
+    base.preset, base.task, base.task_knobs = name, "countdown", knobs
+    base.corpus.parts = [
+        CorpusPart("countdown", knobs, documents=400 if smoke else 6_000, reasoning_fraction=0.25),
+        CorpusPart("countdown", knobs, documents=100 if smoke else 5_000, format="worked", per_document=3),
+    ]
+    base.train.seq_len = 384  # an R1-Zero document with its search: ~110 prompt + ~120 trace tokens
+    if not smoke:
+        base.train.max_steps = 1000
+        base.grpo.max_completion_length = 160
+        base.eval = EvalConfig(n_problems=100, samples=8, k=8, max_tokens=160)
+    return base
+
+
+ZERO_PRESETS = ("default", "smoke", "countdown", "countdown-smoke")
 
 
 def load_run_config(run: str | os.PathLike) -> ZeroConfig:

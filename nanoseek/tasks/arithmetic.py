@@ -33,6 +33,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from nanoseek.tasks.base import Problem, Task, TaskError
 
@@ -176,6 +177,21 @@ class ArithmeticTask(Task):
             key=f"{a}{op}{b}",
             data={"a": a, "op": op, "b": b},
         )
+
+    trace_rules: ClassVar[dict[str, str]] = {
+        "restates_question": "the trace's first line, spaces removed, is the question's operation as asked "
+        "(`a+b` for `What is a + b?`): the operands the columns below should be read from",
+        "states_answer": "some line of the trace is `a<op>b=N` with the question's operands and N the true result",
+    }
+
+    def trace_stats(self, problem: Problem, think: str) -> dict[str, float]:
+        d = problem.data
+        asked = f"{d['a']}{d['op']}{d['b']}"
+        lines = [line.replace(" ", "") for line in think.strip().splitlines()]
+        return {
+            "restates_question": float(bool(lines) and lines[0] == asked),
+            "states_answer": float(f"{asked}={compute(d['a'], d['op'], d['b'])}" in lines),
+        }
 
     def verify(self, problem: Problem, answer: str) -> bool:
         try:

@@ -63,6 +63,14 @@ class Task(ABC):
     def solution(self, problem: Problem) -> str:
         """A correct step-by-step reasoning trace (the text inside <think>...</think>) for pretraining."""
 
+    # What `trace_stats` counts, by name: the rule, in words, for reports.
+    trace_rules: ClassVar[dict[str, str]] = {}
+
+    def trace_stats(self, problem: Problem, think: str) -> dict[str, float]:
+        """Counts over one reasoning trace (the text inside <think>...</think>) by the simple rules of
+        `trace_rules`, to see what RL changes in the traces; none for a task that defines no rules."""
+        return {}
+
     def verify_batch(self, problems: Sequence[Problem], answers: Sequence[str]) -> list[bool]:
         """`verify` over many; tasks whose verifier is slow (the program task's sandbox) run them in parallel."""
         return [self.verify(p, a) for p, a in zip(problems, answers, strict=True)]

@@ -46,6 +46,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import ClassVar
 
 from nanoseek.tasks.base import Problem, Task, TaskError
 
@@ -110,6 +111,11 @@ def evaluate_expression(text: str, numbers: list[int]) -> Fraction | None:
     ):
         return None
     return value
+
+
+# One line of a search trace: "23 3 7 19: 23+19=42 -> 3 7 42" (" done" or " x" may end it).
+_TRY = re.compile(r"([0-9 ]+): ([0-9]+)([+\-*/])([0-9]+)=([0-9]+) -> ([0-9 ]*?)( x| done)?")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
 
 
 # ---------------------------------------------------------------- the search behind problems and traces
@@ -217,6 +223,29 @@ class CountdownTask(Task):
                 data={"numbers": numbers, "target": target},
             )
         raise TaskError(f"countdown: no problem found with knobs {self.knobs()}")
+
+    trace_rules: ClassVar[dict[str, str]] = {
+        "tries": "lines of the form `numbers: a<op>b=v -> numbers` (one operation tried)",
+        "right_steps": "share of the tries whose `a<op>b=v` is true arithmetic (intermediate results checked)",
+        "dead_ends": "tries that end in ` x` (one number left, not the target)",
+        "backtracks": "tries that start from other numbers than the previous try left (a step back in the search)",
+        "checked_answer": "the trace ends with `so E=target` and E, over the given numbers, makes the target",
+    }
+
+    def trace_stats(self, problem: Problem, think: str) -> dict[str, float]:
+        lines = think.strip().splitlines()
+        tries = [m for m in map(_TRY.fullmatch, (line.strip() for line in lines)) if m]
+        right = [_OPS[op](int(a), int(b)) == int(v) for _, a, op, b, v, _, _ in (m.groups() for m in tries)]
+        back = sum(cur.group(1).split() != prev.group(6).split() for prev, cur in zip(tries, tries[1:]))
+        last = lines[-1].strip() if lines else ""
+        checked = last.startswith("so ") and self.verify(problem, last[3:])
+        return {
+            "tries": float(len(tries)),
+            "right_steps": sum(right) / len(right) if right else 0.0,
+            "dead_ends": float(sum(m.group(7) == " x" for m in tries)),
+            "backtracks": float(back),
+            "checked_answer": float(checked),
+        }
 
     def verify(self, problem: Problem, answer: str) -> bool:
         try:
