@@ -29,6 +29,7 @@ from nanoseek.model.transformer import Transformer, build_model
 from nanoseek.model.v4 import DeepseekV4
 from nanoseek.model.v4_config import CSA, HCA, SLIDING, V4Config
 from nanoseek.model.v4_moe import ClampedExperts, HashGate
+from nanoseek.plan.serve import cache_read, cache_sizes
 
 from helpers import random_model
 
@@ -347,9 +348,19 @@ def test_a_v4_config_is_never_built_as_a_v3_model():
     assert isinstance(build_model(cfg), DeepseekV4)
 
 
-def test_plan_serve_refuses_v4_until_it_models_its_caches(capsys):
-    assert main(["plan", "serve", "--model", "deepseek-v4-flash"]) == 2
-    assert "DeepSeek-V4" in capsys.readouterr().err
+def test_plan_serve_models_v4s_caches(capsys):
+    """`plan serve` on V4-Flash at 128K: the cache per token is the derived one (docs/models.md), and a decode step
+    reads, per sequence and by hand: the 128-token window in all 43 layers, every indexer key and the top-512
+    entries in the 21 CSA layers, all 1,024 entries in the 20 HCA layers; 2 bytes a value."""
+    cfg, T = get_preset("deepseek-v4-flash"), 131072
+    sizes = cache_sizes(cfg, 2, 8, T)
+    assert sizes.mla == v4_cache_bytes_per_token(cfg, T, 2)
+    window, csa, hca = 43 * 128 * 512, 21 * (T // 4 * 128 + 512 * 512), 20 * (T // 128 * 512)
+    assert cache_read(cfg, sizes, "mla", T) == 2 * (window + csa + hca) == 213_778_432
+    assert cache_read(cfg, sizes, "mha", T) == T * 2 * 64 * 512 * 43 * 2
+    assert main(["plan", "serve", "--model", "deepseek-v4-flash", "--context", str(T)]) == 0
+    out = capsys.readouterr().out
+    assert "V4 window + compressed      6,923 B" in out and "(V4 cache, group of 8)" in out
 
 
 def test_config_round_trip():

@@ -18,6 +18,7 @@ from pathlib import Path
 from nanoseek.checkpoint.hf import load_config
 from nanoseek.model.config import ConfigError, ModelConfig
 from nanoseek.model.presets import PRESETS, get_preset
+from nanoseek.model.v4_config import CSA, HCA
 from nanoseek.plan.hardware import ACCELERATORS, Accelerator, get_accelerator, human, parse_count, this_cpu
 from nanoseek.plan.plot import context_grid, serving_curves, write_plot
 from nanoseek.plan.reference import (
@@ -130,33 +131,37 @@ def cmd_serve(args: argparse.Namespace) -> None:
         overhead_s=args.overhead_ms / 1e3,
         seq_overhead_s=args.seq_overhead_ms / 1e3,
     )
-    sizes = cache_sizes(cfg, args.cache_bytes, args.gqa_groups)
+    sizes = cache_sizes(cfg, args.cache_bytes, args.gqa_groups, args.context)
     print(
         f"plan: serve {args.model} on {args.count} x {dev.name} ({_gb(dev.memory_bytes)}, "
         f"{dev.bandwidth / 1e12:.2f} TB/s), context {args.context}"
     )
     print(f"  cache per token ({args.cache_bytes:g} B a value, {cfg.num_hidden_layers} layers):")
-    if sizes.index:
+    if cfg.model_type == "deepseek_v4":
+        v4 = cfg.v4
+        print(
+            f"    V4 window + compressed {sizes.mla:>10,.0f} B  (at {args.context} tokens: a {v4.sliding_window}-token "
+            f"window, CSA 1/{v4.rate(CSA)} with top-{cfg.index_topk:,} read, HCA 1/{v4.rate(HCA)})"
+        )
+    elif sizes.index:
         print(
             f"    MLA latent + indexer {sizes.mla:>12,.0f} B  "
             f"(indexer key {sizes.index:,.0f} B; top-{cfg.index_topk:,} read)"
         )
     else:
         print(f"    MLA latent           {sizes.mla:>12,.0f} B")
+    own = "V4's cache" if cfg.model_type == "deepseek_v4" else "the latent"
+    kind = "V4" if cfg.model_type == "deepseek_v4" and args.cache == "mla" else args.cache
     if sizes.gqa is not None:
-        print(
-            f"    GQA, {sizes.gqa_groups} groups        {sizes.gqa:>12,.0f} B  "
-            f"({sizes.gqa / sizes.mla:.1f}x the latent)"
-        )
-    print(f"    MHA, same heads      {sizes.mha:>12,.0f} B  ({sizes.mha / sizes.mla:.1f}x the latent)")
+        print(f"    GQA, {sizes.gqa_groups} groups        {sizes.gqa:>12,.0f} B  ({sizes.gqa / sizes.mla:.1f}x {own})")
+    print(f"    MHA, same heads      {sizes.mha:>12,.0f} B  ({sizes.mha / sizes.mla:.1f}x {own})")
     p = plan_serving(cfg, plan_cfg, dev)
     print(
         f"  weights per device     {_gb(p.weights_per_device)} ({args.weight_bytes:g} B a weight); "
         f"free for the cache {_gb(p.free_per_device)}"
     )
     print(
-        f"  concurrent sequences   {p.max_sequences:,} at {args.context} tokens ({args.cache} cache, group of "
-        f"{args.count})"
+        f"  concurrent sequences   {p.max_sequences:,} at {args.context} tokens ({kind} cache, group of {args.count})"
     )
     print(
         f"  decode bound           batch {p.batch:,}: {human(p.step_bytes, 'B')} read per step, "

@@ -28,7 +28,8 @@ import math
 from dataclasses import dataclass
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.stats import ModelStats, model_stats
+from nanoseek.model.stats import ModelStats, model_stats, v4_cache_bytes_per_token
+from nanoseek.model.v4_config import CSA, HCA, SLIDING
 from nanoseek.plan.hardware import Accelerator, PlanError
 
 
@@ -53,6 +54,7 @@ class CacheSizes:
     gqa: float | None  # None when the groups do not divide the heads
     gqa_groups: int
     index: float = 0.0  # V3.2's indexer key (part of `mla`); 0 without DSA
+    value_bytes: float = 2  # bytes per cached value
 
     def of(self, kind: str) -> float:
         if kind not in ("mla", "mha", "gqa"):
@@ -75,14 +77,20 @@ class ServePlan:
     dollars_per_million: float
 
 
-def cache_sizes(cfg: ModelConfig, cache_bytes: float = 2, gqa_groups: int = 8) -> CacheSizes:
-    if cfg.model_type == "deepseek_v4":  # windowed + compressed caches: `nanoseek info` gives their bytes per token
-        raise PlanError("plan serve does not model DeepSeek-V4's caches yet; `nanoseek info` gives its cache bytes")
+def cache_sizes(cfg: ModelConfig, cache_bytes: float = 2, gqa_groups: int = 8, context: int = 4096) -> CacheSizes:
+    """Cache bytes per token. DeepSeek-V4's own cache (in `mla`, the model's native cache) depends on the
+    context: its window is a fixed cost per sequence, its compressed entries grow with 1/rate of the tokens."""
     L, H, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.v_head_dim
-    index = cfg.index_head_dim * L * cache_bytes if cfg.dsa else 0.0
+    if cfg.model_type == "deepseek_v4":
+        d = cfg.v4.head_dim
+        native, index = v4_cache_bytes_per_token(cfg, context, cache_bytes), 0.0
+    else:
+        index = cfg.index_head_dim * L * cache_bytes if cfg.dsa else 0.0
+        native = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * L * cache_bytes + index
     return CacheSizes(
         index=index,
-        mla=(cfg.kv_lora_rank + cfg.qk_rope_head_dim) * L * cache_bytes + index,
+        value_bytes=cache_bytes,
+        mla=native,
         mha=2 * H * d * L * cache_bytes,
         gqa=2 * gqa_groups * d * L * cache_bytes if gqa_groups >= 1 and H % gqa_groups == 0 else None,
         gqa_groups=gqa_groups,
@@ -91,10 +99,27 @@ def cache_sizes(cfg: ModelConfig, cache_bytes: float = 2, gqa_groups: int = 8) -
 
 def cache_read(cfg: ModelConfig, sizes: CacheSizes, kind: str, context: int) -> float:
     """Cache bytes one sequence's decode step reads at `context` tokens: all of it, or for V3.2's MLA every
-    indexer key and the top index_topk latents (DeepSeek-V3.2 §2.1)."""
+    indexer key and the top index_topk latents (DeepSeek-V3.2 §2.1), or V4's (`v4_cache_read`)."""
+    if kind == "mla" and cfg.model_type == "deepseek_v4":
+        return v4_cache_read(cfg, context, sizes.value_bytes)
     if kind == "mla" and cfg.dsa:
         return context * sizes.index + min(context, cfg.index_topk) * (sizes.mla - sizes.index)
     return context * sizes.of(kind)
+
+
+def v4_cache_read(cfg: ModelConfig, context: int, value_bytes: float) -> float:
+    """What a DeepSeek-V4 decode step reads of one sequence's cache (tech report §2.3), per layer: the window's
+    min(T, sliding_window) keys; in a CSA layer every indexer key (T / 4 of index_head_dim) and the top
+    index_topk entries; in an HCA layer all T / 128 entries."""
+    v4, values = cfg.v4, 0
+    for kind in v4.layer_types:
+        values += min(context, v4.sliding_window) * v4.head_dim
+        entries = context // v4.rate(kind) if kind != SLIDING else 0
+        if kind == CSA:
+            values += entries * cfg.index_head_dim + min(entries, cfg.index_topk) * v4.head_dim
+        elif kind == HCA:
+            values += entries * v4.head_dim
+    return values * value_bytes
 
 
 def weights_read(cfg: ModelConfig, batch: int, active: int) -> float:
@@ -116,7 +141,7 @@ def plan_serving(
     if plan.count < 1 or plan.context < 1 or plan.batch < 0:
         raise PlanError("serving needs count >= 1, context >= 1 and batch >= 0")
     stats = stats or model_stats(cfg)
-    sizes = cache_sizes(cfg, plan.cache_bytes, plan.gqa_groups)
+    sizes = cache_sizes(cfg, plan.cache_bytes, plan.gqa_groups, plan.context)
     per_token = sizes.of(plan.cache)
     weights = stats.total * plan.weight_bytes / plan.count
     free = device.memory_bytes * plan.headroom - weights
