@@ -308,6 +308,8 @@ def test_short_run_raises_the_reward():
     start, end = sum(rewards[:3]) / 3, sum(rewards[-2:]) / 2
     assert end >= 0.25 and end >= 5 * start, rewards
     assert res.steps == 15 and len(res.history) == 15
+    # the routing's balance in each update: max/mean tokens per expert, averaged over the MoE layers, and the worst
+    assert all(1.0 <= h["expert_load/mean"] <= h["expert_load/max"] <= 8 for h in res.history)
     for key in (
         "reward/accuracy",
         "reward/format",

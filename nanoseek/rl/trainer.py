@@ -59,6 +59,8 @@ SUMS = (
     "grad_norm",
     "gap",
     "gap_tokens",
+    "expert_load",
+    "expert_load_max",
 )
 
 
@@ -255,9 +257,13 @@ class GRPOTrainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 sums["grad_norm"] += float(grad_norm)  # the same on every rank: DDP averaged the gradients
                 self.optimizer.step()
-                self._after_optimizer_step()
+                load = self._after_optimizer_step()  # max/mean routed tokens per expert, each MoE layer
+                if load:
+                    sums["expert_load"] += sum(load) / len(load)
+                    sums["expert_load_max"] = max(sums["expert_load_max"], max(load))
         self.model.eval()
-        sums = {**sum_over_ranks({k: v for k, v in sums.items() if k != "grad_norm"}), "grad_norm": sums["grad_norm"]}
+        same = ("grad_norm", "expert_load", "expert_load_max")  # equal on every rank already
+        sums = {**sum_over_ranks({k: v for k, v in sums.items() if k not in same}), **{k: sums[k] for k in same}}
         tokens, ratios = max(sums["tokens"], 1.0), max(sums["ratios"], 1.0)  # ratios: sequences for gspo
         metrics = {
             "loss": sums["loss"] / n_updates,
@@ -268,6 +274,9 @@ class GRPOTrainer:
             "entropy": sums["entropy"] / max(sums["ent_tokens"], 1.0),
             "grad_norm": sums["grad_norm"] / n_updates,
         }
+        if sums["expert_load"]:  # routing's balance in the updates: max/mean tokens per expert (1 = even)
+            metrics["expert_load/mean"] = sums["expert_load"] / n_updates
+            metrics["expert_load/max"] = sums["expert_load_max"]
         if sums["gap_tokens"]:
             metrics["logprob_gap"] = sums["gap"] / sums["gap_tokens"]
         return metrics
@@ -319,10 +328,12 @@ class GRPOTrainer:
                 sums["gap"] += float((logps.detach() - micro.sample_logps).abs()[real].sum())
                 sums["gap_tokens"] += float(real.sum())
 
-    def _after_optimizer_step(self) -> None:
-        """Count routed tokens into the router bias (if γ > 0) and make the engine decode with the new weights."""
-        update_bias(self.model, self.cfg.router_bias_update_speed)
+    def _after_optimizer_step(self) -> list[float]:
+        """Count routed tokens into the router bias (if γ > 0) and make the engine decode with the new weights.
+        Returns each MoE layer's load imbalance (max/mean tokens per expert) over the update's forwards."""
+        load = update_bias(self.model, self.cfg.router_bias_update_speed)
         self.engine.reset_prefix_cache()  # prompt latents cached with the old weights are stale
+        return load
 
     def _local_batch(self, rollouts: StepRollouts) -> tuple[RolloutBatch, StepShard]:
         """This rank's kept groups packed, and where they sit among the step's. A rank left with none (dynamic
