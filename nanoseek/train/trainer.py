@@ -25,6 +25,11 @@ One optimizer step (DeepSeek-V3 §2, §3.3 and §4.2 in miniature):
   input is detached, so the KL trains only the indexers and the LM loss only the rest; the two parts are
   clipped apart too, so neither's gradient norm scales the other's step.
 
+- DeepSeek-V4 models (`build_model` picks `DeepseekV4`): the head reads the collapsed mHC streams and MTP the
+  uncollapsed ones; no document mask (doc_mask must be off); the CSA indexers get no gradient (top-k) and no
+  loss of their own, so they stay frozen at initialization; one process or DDP (FSDP2 and expert parallelism
+  are refused).
+
 Logged per step to RUN_DIR/metrics.jsonl: loss/train, loss/mtp, loss/aux, loss/indexer, lr, grad_norm,
 grad_norm/indexer, tokens_per_s, mfu, expert_load/<layer> (max/mean tokens per expert); loss/heldout at
 each evaluation.
