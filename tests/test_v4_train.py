@@ -88,9 +88,10 @@ def test_the_preset_matches_tiny_in_parameters():
 
 
 def test_pretraining_learns_with_mtp_and_balances_score_routed_experts(dataset, tmp_path):
-    """12 steps: the held-out loss falls, MTP's loss is logged and falls, the score-routed layers' correction
-    biases moved (the auxiliary-loss-free update), the hash tables did not (routing is by table), and the CSA
-    indexers are frozen (top-k passes them no gradient) and handed back trainable."""
+    """12 steps: the held-out loss falls, MTP's loss is logged and falls, the checkpoint gives the trained
+    model's logits exactly, the score-routed layers' correction biases moved (the auxiliary-loss-free update),
+    the hash tables did not (routing is by table), and the CSA indexers are frozen (top-k passes them no
+    gradient) and handed back trainable."""
     torch.manual_seed(0)
     init = random_model(V4)
     tables = hash_tables(init)
@@ -103,6 +104,9 @@ def test_pretraining_learns_with_mtp_and_balances_score_routed_experts(dataset, 
     assert column(tmp_path / "run", "loss/train")[12] < column(tmp_path / "run", "loss/train")[1]
     assert any(k.startswith("expert_load/") for k in read_metrics(tmp_path / "run")[0])
     model = from_pretrained(result.checkpoint)
+    x = torch.randint(0, V4.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # the checkpoint is the trained model, to the bit
+        assert torch.equal(model(x), init.eval()(x))
     assert all(torch.equal(a, b) for a, b in zip(hash_tables(model), tables))
     biases = [m.gate.e_score_correction_bias for m in model.moe_layers() if not isinstance(m.gate, HashGate)]
     assert len(biases) == 3 and all(b.abs().sum() > 0 for b in biases)  # 2 main layers and the MTP layer
