@@ -31,7 +31,7 @@ from nanoseek.model.presets import get_preset
 from nanoseek.train import parallel
 from nanoseek.train.data import TaskCorpus, TextCorpus, build_dataset, load_dataset
 from nanoseek.train.metrics import plot_run
-from nanoseek.train.resume import read_saved_state
+from nanoseek.train.resume import check_model_flags, read_saved_state
 from nanoseek.train.trainer import RUN_FILE, TrainConfig, TrainError, check_run_dir, pretrain
 
 TRAIN_FLAGS = {  # flag -> (TrainConfig field, type, help)
@@ -142,6 +142,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         if args.data and (args.vocab_size or args.heldout_percent is not None):
             raise TrainError("--vocab-size and --heldout-percent shape a new dataset; --data names a built one")
         model = get_preset(args.preset) if args.preset else from_pretrained(args.init)
+        check_model_flags(cfg, model if args.preset else model.config)  # V4's limits, before any tokenizing
         tokenizer = None
         if args.init and (Path(args.init) / "tokenizer.json").exists():
             tokenizer = Tokenizer.from_pretrained(args.init)

@@ -1,4 +1,4 @@
-"""Named model shapes: `tiny`, `tiny-v32`, `small` (sized for a laptop-class CPU), `long-v32` (long-context
+"""Named model shapes: `tiny`, `tiny-v32`, `tiny-v4`, `small` (sized for a laptop-class CPU), `long-v32` (long-context
 decode benchmarks) and the published `deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`, `deepseek-v3.2`,
 `deepseek-v4-flash`, `deepseek-v4-pro` configs
 (built on the meta device by `nanoseek info`, they take no memory)."""
@@ -264,6 +264,45 @@ PRESETS["deepseek-v4-pro"] = dict(
         compress_rates=_V4_RATES,
         o_groups=16,
         o_lora_rank=1024,
+    ),
+)
+
+
+# `tiny` as DeepSeek-V4 (~2.5M parameters like tiny): every attention kind V4 has, at rates small enough for
+# 256-token windows and dividing the engine's 16-token cache blocks: sliding-window only, CSA (1/4, an indexer of
+# 4 heads of 32 keeping the top-16 compressed entries) and HCA (1/16), a 64-token window; 4 mHC streams; one
+# hash-routed layer, then score-routed (sqrtsoftplus) ones; a shared K=V head of 48; one MTP module. Trains with
+# `nanoseek pretrain --preset tiny-v4 --no-doc-mask` (V4's compressors pool across document boundaries).
+PRESETS["tiny-v4"] = dict(
+    model_type="deepseek_v4",
+    vocab_size=2048,
+    hidden_size=128,
+    moe_intermediate_size=96,  # every V4 layer is MoE (tiny's first is dense): narrower experts, equal total
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    q_lora_rank=96,
+    qk_rope_head_dim=16,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    scoring_func="sqrtsoftplus",
+    first_k_dense_replace=0,
+    routed_scaling_factor=1.0,
+    index_n_heads=4,
+    index_head_dim=32,
+    index_topk=16,
+    max_position_embeddings=1024,
+    num_nextn_predict_layers=1,
+    v4=V4Config(
+        head_dim=48,  # tiny's query-key head (32 + 16 rotated)
+        layer_types=(SLIDING, CSA, HCA, CSA),
+        mlp_layer_types=("hash_moe", "moe", "moe", "moe"),
+        compress_rates={CSA: 4, HCA: 16},
+        compress_rope_theta=160000.0,
+        sliding_window=64,
+        o_groups=2,
+        o_lora_rank=48,
+        hc_mult=4,
     ),
 )
 

@@ -65,6 +65,7 @@ def check_compatible(cfg: TrainConfig, model_cfg: ModelConfig, ds: Dataset, mtp_
                 f"{flag} trains DeepSeek Sparse Attention's indexer, but the model is {model_cfg.model_type} "
                 "without one: train a deepseek_v32 model (e.g. --preset tiny-v32)"
             )
+    check_model_flags(cfg, model_cfg)
     if cfg.fsdp and world == 1:
         raise TrainError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
     if cfg.fsdp and cfg.expert_parallel:
@@ -75,6 +76,25 @@ def check_compatible(cfg: TrainConfig, model_cfg: ModelConfig, ds: Dataset, mtp_
         raise TrainError(
             f"--expert-parallel: n_routed_experts ({model_cfg.n_routed_experts}) must divide evenly over {world} ranks"
         )
+
+
+def check_model_flags(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """What DeepSeek-V4 cannot train with here (checked before any data is tokenized): a document mask (its
+    compressed branches pool fixed windows of the sequence, across document boundaries), FSDP2 and expert
+    parallelism (their sharding units and expert dispatch follow V3's modules). Single process and DDP work."""
+    if model_cfg.model_type != "deepseek_v4":
+        return
+    if cfg.doc_mask:
+        raise TrainError(
+            "DeepSeek-V4 cannot mask packed documents from each other (its compressed attention pools fixed "
+            "windows across document boundaries): pass --no-doc-mask (TrainConfig(doc_mask=False))"
+        )
+    for flag, on in (("--fsdp", cfg.fsdp), ("--expert-parallel", cfg.expert_parallel)):
+        if on:
+            raise TrainError(
+                f"{flag} is not supported for DeepSeek-V4 models: train them on one process or with DDP "
+                "(torchrun without --fsdp / --expert-parallel)"
+            )
 
 
 def write_run_file(run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, ds: Dataset, world: int) -> None:

@@ -40,7 +40,7 @@ from torch import nn
 
 from nanoseek.checkpoint.hf import CheckpointError, from_pretrained, save_pretrained
 from nanoseek.fileio import atomic_directory
-from nanoseek.model.transformer import Transformer
+from nanoseek.model.transformer import build_model
 from nanoseek.train import parallel
 
 CHECKPOINTS = "checkpoints"
@@ -134,7 +134,7 @@ def _write_model(plain: nn.Module, full_state: dict[str, torch.Tensor], out: Pat
         save_pretrained(plain, out)
         return
     with torch.device("meta"):
-        full = Transformer(plain.config)
+        full = build_model(plain.config)
     full.load_state_dict(full_state, assign=True)
     full.tie_weights()
     save_pretrained(full, out)

@@ -25,6 +25,11 @@ One optimizer step (DeepSeek-V3 §2, §3.3 and §4.2 in miniature):
   input is detached, so the KL trains only the indexers and the LM loss only the rest; the two parts are
   clipped apart too, so neither's gradient norm scales the other's step.
 
+- DeepSeek-V4 models (`build_model` picks `DeepseekV4`): the head reads the collapsed mHC streams and MTP the
+  uncollapsed ones; no document mask (doc_mask must be off); the CSA indexers get no gradient (top-k) and no
+  loss of their own, so they stay frozen at initialization; one process or DDP (FSDP2 and expert parallelism
+  are refused).
+
 Logged per step to RUN_DIR/metrics.jsonl: loss/train, loss/mtp, loss/aux, loss/indexer, lr, grad_norm,
 grad_norm/indexer, tokens_per_s, mfu, expert_load/<layer> (max/mean tokens per expert); loss/heldout at
 each evaluation.
@@ -47,13 +52,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nanoseek.model.config import ModelConfig
+from nanoseek.model.csa import Indexer
 from nanoseek.model.moe import update_bias
-from nanoseek.model.transformer import Transformer
+from nanoseek.model.transformer import Transformer, build_model
+from nanoseek.model.v4 import DeepseekV4
 from nanoseek.train import parallel
 from nanoseek.train.config import TrainConfig, TrainError, TrainResult, dsa_warmup, lr_factor
 from nanoseek.train.data import IGNORE_INDEX, Batch, DataError, Dataset, PackedBatches, load_dataset
 from nanoseek.train.metrics import MetricsLogger
-from nanoseek.train.objective import PretrainObjective, heldout_loss, peak_flops, training_flops_per_token
+from nanoseek.train.objective import (
+    PretrainObjective,
+    dsa_layers,
+    heldout_loss,
+    peak_flops,
+    training_flops_per_token,
+)
 from nanoseek.train.optim import adamw
 from nanoseek.train.resume import (
     RUN_FILE,
@@ -93,7 +106,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def pretrain(
-    model: ModelConfig | Transformer,
+    model: ModelConfig | Transformer | DeepseekV4,
     cfg: TrainConfig,
     data: Dataset | str | os.PathLike,
     run_dir: str | os.PathLike,
@@ -118,7 +131,7 @@ class Trainer:
 
     def __init__(
         self,
-        model: ModelConfig | Transformer,
+        model: ModelConfig | Transformer | DeepseekV4,
         cfg: TrainConfig,
         data: Dataset | str | os.PathLike,
         run_dir: str | os.PathLike,
@@ -146,7 +159,7 @@ class Trainer:
         self.objective, self.forward = self._parallelize(model)
         # DSA: the lightning indexers' parameters and the rest, trained (and clipped) apart. Collected once
         # the parallelism has replaced what it shards or slices.
-        indexers = {id(p) for m in model.dsa_layers() for p in m.indexer.parameters()}
+        indexers = {id(p) for m in dsa_layers(model) for p in m.indexer.parameters()}
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.indexer_params = [p for p in trainable if id(p) in indexers]
         self.main_params = [p for p in trainable if id(p) not in indexers]
@@ -184,12 +197,12 @@ class Trainer:
         moe = set(model.moe_layers())
         self.moe_names = [n for n, m in model.named_modules() if m in moe]
 
-    def _build_model(self, model: ModelConfig | Transformer) -> Transformer:
+    def _build_model(self, model: ModelConfig | Transformer | DeepseekV4) -> Transformer | DeepseekV4:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         if isinstance(model, ModelConfig):
             with torch.device(self.device):
-                model = Transformer(model)
+                model = build_model(model)
         model = model.to(device=self.device, dtype=torch.float32).train()
         if cfg.aux_loss_alpha is not None:
             model.config = model.config.replace(aux_loss_alpha=cfg.aux_loss_alpha, seq_aux=True)
@@ -199,6 +212,11 @@ class Trainer:
         check_compatible(cfg, model.config, self.ds, self.mtp_depth, self.world)
         for block in model.mtp[self.mtp_depth :]:  # untrained MTP modules: frozen, so DDP expects no gradient
             block.requires_grad_(False)
+        # DeepSeek-V4's CSA indexers pick entries by top-k, which passes no gradient, and the model computes no
+        # loss of theirs (V3.2's KL): they keep their initialization, frozen so that DDP expects no gradient.
+        self.v4_indexers = [m for m in model.modules() if isinstance(m, Indexer)]
+        for indexer in self.v4_indexers:
+            indexer.requires_grad_(False)
         return model
 
     def _parallelize(self, model: Transformer) -> tuple[nn.Module, nn.Module]:
@@ -210,7 +228,7 @@ class Trainer:
             # An MTP block's shared_head.norm is called outside the block's forward, so its attention and
             # MoE are the sharded units and its small norms and eh_proj stay with the root.
             units = list(model.layers) + [m for b in model.mtp[: self.mtp_depth] for m in (b.self_attn, b.mlp)]
-            objective = parallel.apply_fsdp(objective, units, reshard_after_forward=not model.dsa_layers())
+            objective = parallel.apply_fsdp(objective, units, reshard_after_forward=not dsa_layers(model))
         elif self.world > 1:
             objective = parallel.wrap_ddp(objective, str(self.device))
         return objective, torch.compile(objective) if self.cfg.compile else objective
@@ -377,6 +395,8 @@ class Trainer:
             self.model.set_dsa_stage(dense_attention=False, indexer_kl=False)
             for p in self.main_params:
                 p.requires_grad_(True)
+        for indexer in self.v4_indexers:
+            indexer.requires_grad_(True)
         median = sorted(throughput)[len(throughput) // 2] if throughput else 0.0
         return TrainResult(
             run_dir=self.run_dir,
