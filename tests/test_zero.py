@@ -308,3 +308,17 @@ def test_countdown_smoke_runs_every_stage_and_reports_the_traces(tmp_path):
         assert set(ev["trace_stats"]) in (set(), set(cfg.demo_task().trace_rules))
         assert (ev["trace_stats"] == {}) == (ev["reasoning_rate"] == 0)
     assert f"| {label} | base |" in (out / "report.md").read_text()
+
+
+def test_smoke_runs_on_deepseek_v4(tmp_path):
+    """`--model-preset tiny-v4`: DeepSeek-V4 pretrained (no document mask: its compressors pool across documents),
+    evaluated and trained by GRPO through the engine's V4 caches (MTP drafting), and reproducing its evaluation."""
+    out = tmp_path / "run"
+    assert main(["zero", "--preset", "smoke", "--model-preset", "tiny-v4", "--out", str(out), "--no-progress"]) == 0
+    cfg = load_run_config(out)
+    assert cfg.model.model_type == "deepseek_v4" and not cfg.train.doc_mask
+    label = task_label(cfg.demo_task())
+    saved = json.loads((out / "eval_rl.json").read_text())[label]
+    assert saved["acceptance_rate"] is not None  # the RL model's MTP module drafted during evaluation
+    again = evaluate_model(out / MODEL_DIR, [cfg.demo_task()], cfg.eval, progress=False)[label]
+    assert again["pass_at_1"] == saved["pass_at_1"] and again["examples"] == saved["examples"]

@@ -68,7 +68,7 @@ from nanoseek.model.moe import MoE
 from nanoseek.model.presets import get_preset
 from nanoseek.model.quant import weight_bytes
 from nanoseek.model.stats import model_stats
-from nanoseek.model.transformer import Transformer
+from nanoseek.model.transformer import Transformer, build_model
 from nanoseek.plan.hardware import copy_bandwidth
 
 
@@ -171,7 +171,7 @@ def checkpoint_dir(model: str | None, preset: str | None, seed: int) -> Iterator
         return
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(seed)
-        save_pretrained(Transformer(get_preset(preset)), tmp)
+        save_pretrained(build_model(get_preset(preset)), tmp)
         yield Path(tmp), f"preset {preset} (random weights, seed {seed})"
 
 

@@ -1,7 +1,7 @@
 """`nanoseek zero` and `nanoseek distill`: R1-Zero from scratch in one command, then distillation into a
 smaller student (see docs/zero.md).
 
-    nanoseek zero [--preset smoke|default] [--model-preset tiny|tiny-v32] [--out RUN_DIR] [--seed N]
+    nanoseek zero [--preset smoke|default] [--model-preset tiny|tiny-v32|tiny-v4] [--out RUN_DIR] [--seed N]
                   [--threads N] [--nproc N] [--resume]
     nanoseek distill --run RUN_DIR [--preset smoke|default] [--out DIR] [--resume]
 """
@@ -74,8 +74,9 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         "--model-preset",
         choices=MODEL_PRESETS,
         default=None,
-        help="the model shape's base: tiny (DeepSeek-V3, the default) or tiny-v32 (DeepSeek-V3.2: sparse attention "
-        "behind a lightning indexer, pretrained with a dense warm-up first)",
+        help="the model shape's base: tiny (DeepSeek-V3, the default), tiny-v32 (DeepSeek-V3.2: sparse attention "
+        "behind a lightning indexer, pretrained with a dense warm-up first) or tiny-v4 (DeepSeek-V4: sliding window, "
+        "compressed attention, hyper-connections)",
     )
     z.add_argument("--out", default="runs/zero", help="run directory (default runs/zero)")
     z.add_argument(

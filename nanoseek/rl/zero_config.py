@@ -20,6 +20,7 @@ from typing import Any
 from nanoseek.errors import NanoseekError
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.presets import get_preset
+from nanoseek.model.v4_config import CSA, HCA
 from nanoseek.rl.config import GRPOConfig
 from nanoseek.tasks import get_task, pretraining_documents
 from nanoseek.train.trainer import TrainConfig
@@ -162,7 +163,7 @@ class ZeroConfig:
         return tasks
 
 
-MODEL_PRESETS = ("tiny", "tiny-v32")
+MODEL_PRESETS = ("tiny", "tiny-v32", "tiny-v4")
 
 
 def preset(name: str = "default", seed: int = 0, model: str = "tiny") -> ZeroConfig:
@@ -171,14 +172,60 @@ def preset(name: str = "default", seed: int = 0, model: str = "tiny") -> ZeroCon
     model: the model preset the run's shape is cut from: "tiny" (DeepSeek-V3: MLA, DeepSeekMoE, MTP) or
     "tiny-v32" (the same plus DeepSeek-V3.2's sparse attention behind a lightning indexer, top-64 keys).
     A V3.2 model is pretrained from scratch with a dense warm-up of every parameter (the indexer fitted to
-    the dense attention by KL) before sparse training; GRPO, evaluation and the engine then run it sparse."""
+    the dense attention by KL) before sparse training; GRPO, evaluation and the engine then run it sparse.
+    "tiny-v4" is DeepSeek-V4 at tiny's size (sliding window, CSA and HCA, mHC, hash routing), pretrained
+    without the document mask (its compressed branches pool fixed windows across documents)."""
     if model not in MODEL_PRESETS:
         raise ZeroError(f"unknown zero model preset {model!r}; presets: {', '.join(MODEL_PRESETS)}")
     cfg = _preset(name, seed, model)
     if cfg.model.dsa:
         cfg.train.dsa_warmup_steps = cfg.train.max_steps // 6
         cfg.train.dsa_warmup_train_all = True
+    if cfg.model.model_type == "deepseek_v4":
+        cfg.train.doc_mask = False
     return cfg
+
+
+def _smoke_model(model: str) -> ModelConfig:
+    """The smoke run's two-layer cut of a model preset."""
+    if model == "tiny-v4":
+        v4 = get_preset(model).v4
+        return get_preset(
+            model,
+            vocab_size=384,
+            hidden_size=64,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            n_routed_experts=4,
+            index_n_heads=2,
+            index_head_dim=16,
+            index_topk=8,
+            max_position_embeddings=512,
+            v4=dataclasses.replace(
+                v4, head_dim=32, layer_types=(CSA, HCA), mlp_layer_types=("hash_moe", "moe"), o_lora_rank=16, hc_mult=2
+            ),
+        )
+    return get_preset(
+        model,
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=4,
+        n_group=1,
+        topk_group=1,
+        max_position_embeddings=512,
+    )
 
 
 def _preset(name: str, seed: int, model: str) -> ZeroConfig:
@@ -234,24 +281,7 @@ def _preset(name: str, seed: int, model: str) -> ZeroConfig:
             task="arithmetic",
             task_knobs=knobs,
             seed=seed,
-            model=get_preset(
-                model,
-                vocab_size=384,
-                hidden_size=64,
-                intermediate_size=128,
-                moe_intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                q_lora_rank=32,
-                kv_lora_rank=32,
-                qk_nope_head_dim=16,
-                qk_rope_head_dim=8,
-                v_head_dim=16,
-                n_routed_experts=4,
-                n_group=1,
-                topk_group=1,
-                max_position_embeddings=512,
-            ),
+            model=_smoke_model(model),
             corpus=CorpusConfig(
                 parts=[CorpusPart("arithmetic", knobs, documents=400, reasoning_fraction=0.3)],
                 heldout_documents=20,
