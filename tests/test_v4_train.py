@@ -90,11 +90,13 @@ def test_the_preset_matches_tiny_in_parameters():
 def test_pretraining_learns_with_mtp_and_balances_score_routed_experts(dataset, tmp_path):
     """12 steps: the held-out loss falls, MTP's loss is logged and falls, the checkpoint gives the trained
     model's logits exactly, the score-routed layers' correction biases moved (the auxiliary-loss-free update),
-    the hash tables did not (routing is by table), and the CSA indexers are frozen (top-k passes them no
-    gradient) and handed back trainable."""
+    the hash tables did not (routing is by table), and the CSA indexers trained by their KL toward the main
+    attention (logged as loss/indexer, which falls), handed back as inference runs them (top-k, no KL)."""
     torch.manual_seed(0)
     init = random_model(V4)
     tables = hash_tables(init)
+    indexers = [m for m in init.modules() if isinstance(m, Indexer)]
+    before = [p.detach().clone() for m in indexers for p in m.parameters()]
     cfg = TrainConfig(max_steps=12, eval_every=6, eval_sequences=8, **FAST)
     result = pretrain(init, cfg, dataset, tmp_path / "run", progress=False)
     held = column(tmp_path / "run", "loss/heldout")
@@ -110,13 +112,11 @@ def test_pretraining_learns_with_mtp_and_balances_score_routed_experts(dataset, 
     assert all(torch.equal(a, b) for a, b in zip(hash_tables(model), tables))
     biases = [m.gate.e_score_correction_bias for m in model.moe_layers() if not isinstance(m.gate, HashGate)]
     assert len(biases) == 3 and all(b.abs().sum() > 0 for b in biases)  # 2 main layers and the MTP layer
-    indexers = [m for m in init.modules() if isinstance(m, Indexer)]
     assert indexers and all(p.requires_grad for m in indexers for p in m.parameters())
-    assert all(
-        torch.equal(p, q)
-        for m in indexers
-        for p, q in zip(m.parameters(), model.layers[1].self_attn.indexer.parameters())
-    )
+    assert all(not torch.equal(p, q) for p, q in zip(before, (p for m in indexers for p in m.parameters())))
+    kl = column(tmp_path / "run", "loss/indexer")
+    assert len(kl) == 12 and kl[12] < kl[1]
+    assert all(not m.indexer_kl and not m.dense_attention for m in init.dsa_layers())
 
 
 def test_checkpoint_round_trip_keeps_logits_and_the_hash_table(tmp_path):
@@ -159,7 +159,7 @@ def test_resume_equals_the_uninterrupted_run(dataset, tmp_path):
 def test_two_ddp_processes_train_the_one_process_curve(dataset, tmp_path):
     """`torchrun --nproc_per_node 2` (gloo, DDP) with batch 2 per process against one process with batch 4 over 3
     steps: every step's train and MTP losses, gradient norms and the held-out loss within 1e-4 relative (the V3
-    scale-out tolerance). The frozen CSA indexers are no gradient DDP waits for."""
+    scale-out tolerance), the CSA indexers' KL and gradient norm too."""
     torch.manual_seed(0)
     save_pretrained(random_model(V4), tmp_path / "init")
     dataset.tokenizer.save_pretrained(tmp_path / "init")
@@ -171,7 +171,7 @@ def test_two_ddp_processes_train_the_one_process_curve(dataset, tmp_path):
     cmd += ["pretrain", str(tmp_path / "two"), "--batch-size", "2", *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for key in ("loss/train", "loss/mtp", "grad_norm", "loss/heldout"):
+    for key in ("loss/train", "loss/mtp", "grad_norm", "loss/indexer", "grad_norm/indexer", "loss/heldout"):
         one, two = column(tmp_path / "one", key), column(tmp_path / "two", key)
         assert list(one) == list(two) and [two[s] for s in one] == pytest.approx(list(one.values()), rel=1e-4), key
 

@@ -102,14 +102,28 @@ class Indexer(nn.Module):
         keys: the indexer's compressed keys (B, N, d), from the engine's cache; None: computed here from x, a
         whole sequence from position 0."""
         keys = self.compressor(x, rotary) if keys is None else keys
+        index = self.scores(x, q_latent, positions, rotary, keys)
+        return self.select(index, visible(positions, keys.shape[1], self.rate))
+
+    def scores(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        keys: torch.Tensor,
+    ) -> torch.Tensor:
+        """Index scores I (B, T, N) in fp32 of every query against every compressed key (eq. 16)."""
         q = self.q_b_proj(q_latent).unflatten(-1, (self.n_heads, self.head_dim))  # (B, T, H, d)
         cos, sin = rotary(positions)
         q = rope_tail(q, cos, sin)
         scores = F.relu(torch.einsum("bthd,bnd->bthn", q.float(), keys.float())) * self.head_dim**-0.5
         weights = self.weights_proj(x).float() * self.n_heads**-0.5  # (B, T, H)
-        index = (scores * weights[..., None]).sum(dim=2)  # (B, T, N)
-        seen = visible(positions, keys.shape[1], self.rate)
+        return (scores * weights[..., None]).sum(dim=2)  # (B, T, N)
+
+    def select(self, index: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """Each query's top `index_topk` entries among those it may see (`seen`, (B, T, N) bool)."""
         index = index.masked_fill(~seen, float("-inf"))
-        top = index.topk(min(self.topk, keys.shape[1]), dim=-1).indices
+        top = index.topk(min(self.topk, index.shape[-1]), dim=-1).indices
         keep = torch.zeros_like(index, dtype=torch.bool).scatter_(-1, top, True)
         return keep & seen  # early queries see fewer than k entries: their extra picks are not visible

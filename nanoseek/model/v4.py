@@ -204,16 +204,20 @@ class DeepseekV4(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    # V3.2's sparse-attention training hooks, which trainers call on any model: V4 has no DSA layers (its CSA
-    # indexer is not trained through them).
-    def dsa_layers(self) -> list:
-        return []
+    # The lightning indexer's training, as for DeepSeek-V3.2's DSA layers (trainers call these on any model):
+    # V4's CSA layers are the layers with an indexer.
+    def dsa_layers(self) -> list[HybridAttention]:
+        return [m for m in self.modules() if isinstance(m, HybridAttention) and m.indexer is not None]
 
     def set_dsa_stage(self, dense_attention: bool, indexer_kl: bool) -> None:
-        pass
+        """dense_attention: CSA attends every visible entry (a warm-up stage) instead of the indexer's top-k.
+        indexer_kl: training forwards compute the indexers' KL loss (`indexer_loss`)."""
+        for m in self.dsa_layers():
+            m.dense_attention, m.indexer_kl = dense_attention, indexer_kl
 
-    def indexer_loss(self) -> float:
-        return 0.0
+    def indexer_loss(self) -> torch.Tensor | float:
+        """Sum over CSA layers of the indexer KL losses of the last training forward (0 when not asked for)."""
+        return sum((m.indexer_loss for m in self.dsa_layers() if m.indexer_loss is not None), 0.0)
 
     def aux_loss(self) -> torch.Tensor | float:
         """Sum of the sequence-wise balance losses of the last training forward (0 when α = 0)."""

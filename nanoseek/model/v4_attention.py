@@ -72,6 +72,13 @@ class HybridAttention(nn.Module):
             self.compressor = Compressor(D, hd, rate, overlap=self.layer_type == CSA, eps=cfg.rms_norm_eps)
             if self.layer_type == CSA:
                 self.indexer = Indexer(cfg, rate)
+        # Training the CSA indexer as DeepSeek-V3.2 trains its own (`DeepseekV4.set_dsa_stage`): a dense stage
+        # attending every visible entry, and training forwards that compute the indexer's KL toward the main
+        # attention's distribution over the entries it attends (`indexer_loss`), with the indexer's input
+        # detached so that the KL trains the indexer alone and the LM loss the rest.
+        self.dense_attention = False
+        self.indexer_kl = False
+        self.indexer_loss: torch.Tensor | None = None
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, cache: V4Cache | None = None
@@ -88,16 +95,22 @@ class HybridAttention(nn.Module):
             keys, allowed = kv, sliding_window_mask(positions, self.window)
         else:
             keys, allowed = cache.window(self.layer_idx, kv, positions)
+        index = kl = None
         if self.compressor is not None:
             compressed = self._compressed(self.compressor, "kv", x, positions, rotary, cache)  # (B, N, hd)
+            seen = visible(positions, compressed.shape[1], self.compressor.rate)
             if self.indexer is not None:
-                index_keys = self._compressed(self.indexer.compressor, "index", x, positions, rotary, cache)
-                seen = self.indexer(x, q_latent, positions, rotary, index_keys)
-            else:
-                seen = visible(positions, compressed.shape[1], self.compressor.rate)
+                kl = self.training and self.indexer_kl and cache is None
+                x_idx, q_idx = (x.detach(), q_latent.detach()) if kl else (x, q_latent)  # the indexer apart
+                with torch.set_grad_enabled(bool(kl) and torch.is_grad_enabled()):  # top-k gives no gradient
+                    index_keys = self._compressed(self.indexer.compressor, "index", x_idx, positions, rotary, cache)
+                    index = self.indexer.scores(x_idx, q_idx, positions, rotary, index_keys)
+                seen = seen.expand_as(index) if self.dense_attention else self.indexer.select(index, seen)
             keys = torch.cat((keys, compressed), dim=1)
             allowed = torch.cat((allowed.expand(seen.shape[0], -1, -1), seen), dim=-1)
-        out = self._attend(q, keys, allowed)  # (B, T, H, hd)
+        out, probs = self._attend(q, keys, allowed)  # (B, T, H, hd), (B, H, T, S)
+        if self.indexer is not None and self.training:
+            self.indexer_loss = indexer_kl(probs[..., -index.shape[-1] :], index, seen) if kl else None
         out = rope_tail(out, cos, -sin)  # undo the rotation V carried (K = V)
         return self._project(out)
 
@@ -115,16 +128,30 @@ class HybridAttention(nn.Module):
             return compressor(x, rotary)
         return cache.compress((self.layer_idx, kind), compressor, x, positions, rotary)
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Softmax over the allowed keys and the head's sink; the sink's share of mass is dropped."""
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax over the allowed keys and the head's sink; the sink's share of mass is dropped. Returns the
+        output and the attention probabilities (B, H, T, S)."""
         logits = torch.einsum("bthd,bsd->bhts", q, keys) * self.head_dim**-0.5
         logits = logits.masked_fill(~allowed[:, None], float("-inf"))
         sink = self.sinks.to(logits.dtype)[None, :, None, None].expand(*logits.shape[:-1], 1)
         probs = torch.cat((logits, sink), dim=-1).softmax(dim=-1)[..., :-1]
-        return torch.einsum("bhts,bsd->bthd", probs.to(keys.dtype), keys)
+        return torch.einsum("bhts,bsd->bthd", probs.to(keys.dtype), keys), probs
 
     def _project(self, out: torch.Tensor) -> torch.Tensor:
         B, T = out.shape[:2]
         groups = out.reshape(B, T, self.o_groups, -1)  # (B, T, G, H·hd/G)
         w = self.o_a_proj.weight.view(self.o_groups, -1, groups.shape[-1])  # (G, R, H·hd/G)
         return self.o_b_proj(torch.einsum("btgi,gri->btgr", groups, w).flatten(2))
+
+
+def indexer_kl(probs: torch.Tensor, index: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """KL(p_t || softmax(I_t)) over the compressed entries each query attends, mean over the queries that attend
+    any (DeepSeek-V3.2 §2.1.1's indexer loss, on V4's entries): p_t is the main attention's probability on them
+    (B, H, T, N), summed over heads and L1-normalized, without gradient; I the index scores (B, T, N)."""
+    with torch.no_grad():
+        p = probs.float().sum(dim=1) * attended  # (B, T, N)
+        p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    log_q = index.masked_fill(~attended, float("-inf")).log_softmax(dim=-1)
+    kl = (torch.xlogy(p, p) - torch.where(p > 0, p * log_q, torch.zeros_like(p))).sum(dim=-1)  # (B, T)
+    rows = attended.any(dim=-1)
+    return kl[rows].sum() / rows.sum().clamp_min(1)

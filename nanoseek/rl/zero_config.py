@@ -174,14 +174,16 @@ def preset(name: str = "default", seed: int = 0, model: str = "tiny") -> ZeroCon
     A V3.2 model is pretrained from scratch with a dense warm-up of every parameter (the indexer fitted to
     the dense attention by KL) before sparse training; GRPO, evaluation and the engine then run it sparse.
     "tiny-v4" is DeepSeek-V4 at tiny's size (sliding window, CSA and HCA, mHC, hash routing), pretrained
-    without the document mask (its compressed branches pool fixed windows across documents)."""
+    without the document mask (its compressed branches pool fixed windows across documents), its CSA indexers
+    with the same dense warm-up."""
     if model not in MODEL_PRESETS:
         raise ZeroError(f"unknown zero model preset {model!r}; presets: {', '.join(MODEL_PRESETS)}")
     cfg = _preset(name, seed, model)
-    if cfg.model.dsa:
+    v4 = cfg.model.model_type == "deepseek_v4"
+    if cfg.model.dsa or v4:  # V4's CSA indexers train as V3.2's do
         cfg.train.dsa_warmup_steps = cfg.train.max_steps // 6
         cfg.train.dsa_warmup_train_all = True
-    if cfg.model.model_type == "deepseek_v4":
+    if v4:
         cfg.train.doc_mask = False
     return cfg
 

@@ -26,7 +26,7 @@ from nanoseek.train.data import IGNORE_INDEX, PackedBatches
 
 # ---- the objective -------------------------------------------------------------------------------
 def dsa_layers(model: nn.Module) -> list[nn.Module]:
-    """The DeepSeek-V3.2 DSA layers of a model (none for DeepSeek-V4, whose CSA indexer is no DSA layer)."""
+    """The layers of a model whose lightning indexer trains by its KL: DeepSeek-V3.2's DSA layers, V4's CSA ones."""
     return model.dsa_layers() if hasattr(model, "dsa_layers") else []
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from nanoseek.fileio import atomic_write_json
 from nanoseek.model.config import ModelConfig
+from nanoseek.model.v4_config import CSA
 from nanoseek.train.config import TrainConfig, TrainError
 from nanoseek.train.data import Dataset, tokenizer_hash
 from nanoseek.train.state import STATE_FILE, latest_checkpoint
@@ -60,10 +61,11 @@ def check_compatible(cfg: TrainConfig, model_cfg: ModelConfig, ds: Dataset, mtp_
         )
     dsa_flags = {"--dsa-warmup-steps": cfg.dsa_warmup_steps > 0, "--dsa-warmup-train-all": cfg.dsa_warmup_train_all}
     for flag, on in dsa_flags.items():
-        if on and not model_cfg.dsa:
+        has_indexer = model_cfg.dsa or (model_cfg.v4 is not None and CSA in model_cfg.v4.layer_types)
+        if on and not has_indexer:
             raise TrainError(
-                f"{flag} trains DeepSeek Sparse Attention's indexer, but the model is {model_cfg.model_type} "
-                "without one: train a deepseek_v32 model (e.g. --preset tiny-v32)"
+                f"{flag} trains a lightning indexer, but the model is {model_cfg.model_type} without one: train a "
+                "deepseek_v32 model (e.g. --preset tiny-v32) or a deepseek_v4 one with CSA layers (--preset tiny-v4)"
             )
     check_model_flags(cfg, model_cfg)
     if cfg.fsdp and world == 1:

@@ -18,7 +18,8 @@ One optimizer step (DeepSeek-V3 §2, §3.3 and §4.2 in miniature):
   (warmup-stable-decay) to `min_lr_ratio · lr`, global-norm clipping, then the auxiliary-loss-free bias
   update b_i += γ·sign(mean load − load_i) from the step's token counts summed over ranks (V3 §2.1.2).
 - fp32 on CPU; bf16 autocast on CUDA where bf16 is fast (parameters and optimizer state stay fp32).
-- DeepSeek-V3.2 models (DSA, V3.2 §2.1.1): the first `dsa_warmup_steps` steps attend densely and train the
+- DeepSeek-V3.2 models (DSA, V3.2 §2.1.1), and DeepSeek-V4's CSA layers, whose indexers train the same way: the
+  first `dsa_warmup_steps` steps attend densely and train the
   lightning indexers alone by their KL toward the main attention (everything else frozen: no gradient, so
   no update and no weight decay), or everything with `dsa_warmup_train_all`; then attention is sparse
   (top-k), everything trains, and the indexers' KL on the selected keys is added to the backward. Their
@@ -26,8 +27,8 @@ One optimizer step (DeepSeek-V3 §2, §3.3 and §4.2 in miniature):
   clipped apart too, so neither's gradient norm scales the other's step.
 
 - DeepSeek-V4 models (`build_model` picks `DeepseekV4`): the head reads the collapsed mHC streams and MTP the
-  uncollapsed ones; no document mask (doc_mask must be off); the CSA indexers get no gradient (top-k) and no
-  loss of their own, so they stay frozen at initialization; one process or DDP (FSDP2 and expert parallelism
+  uncollapsed ones; no document mask (doc_mask must be off); the CSA indexers train by their KL as above (a
+  dense warm-up attends every visible compressed entry); one process or DDP (FSDP2 and expert parallelism
   are refused).
 
 Logged per step to RUN_DIR/metrics.jsonl: loss/train, loss/mtp, loss/aux, loss/indexer, lr, grad_norm,
@@ -52,7 +53,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.csa import Indexer
 from nanoseek.model.moe import update_bias
 from nanoseek.model.transformer import Transformer, build_model
 from nanoseek.model.v4 import DeepseekV4
@@ -212,11 +212,6 @@ class Trainer:
         check_compatible(cfg, model.config, self.ds, self.mtp_depth, self.world)
         for block in model.mtp[self.mtp_depth :]:  # untrained MTP modules: frozen, so DDP expects no gradient
             block.requires_grad_(False)
-        # DeepSeek-V4's CSA indexers pick entries by top-k, which passes no gradient, and the model computes no
-        # loss of theirs (V3.2's KL): they keep their initialization, frozen so that DDP expects no gradient.
-        self.v4_indexers = [m for m in model.modules() if isinstance(m, Indexer)]
-        for indexer in self.v4_indexers:
-            indexer.requires_grad_(False)
         return model
 
     def _parallelize(self, model: Transformer) -> tuple[nn.Module, nn.Module]:
@@ -395,8 +390,6 @@ class Trainer:
             self.model.set_dsa_stage(dense_attention=False, indexer_kl=False)
             for p in self.main_params:
                 p.requires_grad_(True)
-        for indexer in self.v4_indexers:
-            indexer.requires_grad_(True)
         median = sorted(throughput)[len(throughput) // 2] if throughput else 0.0
         return TrainResult(
             run_dir=self.run_dir,
