@@ -307,6 +307,32 @@ def think_checkpoint_v4(root: Path) -> Path:
     return out
 
 
+def transformers_greedy(model: torch.nn.Module, path: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """transformers' greedy `generate` of n tokens per prompt (EOS ignored) on `model` saved to `path`: the
+    reference the engine's decoding is checked against."""
+    import transformers  # a dev dependency: only where a test compares with it
+
+    save_pretrained(model, path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    out = []
+    for p in prompts:
+        ids = hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out.append(ids[0, len(p) :].tolist())
+    return out
+
+
+def greedy_with_requests_joining(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """The engine's tokens for each prompt when the first two run alone for 10 steps and the rest then join the
+    running batch (continuous batching: rows at different positions in one step)."""
+    ids = [engine.add_request(p, params) for p in prompts[:2]]
+    for _ in range(10):
+        engine.step()
+    ids += [engine.add_request(p, params) for p in prompts[2:]]
+    while engine.has_unfinished():
+        engine.step()
+    return [engine.pop_output(i).outputs[0].token_ids for i in ids]
+
+
 def token_ids(outs) -> list[list[list[int]]]:
     """Each request's samples' token ids, from Engine.generate's outputs."""
     return [[c.token_ids for c in o.outputs] for o in outs]

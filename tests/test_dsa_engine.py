@@ -13,10 +13,8 @@ fp32 throughout; logits agree within 1e-5 absolute.
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
 from nanoseek.bench.decode import DecodeBenchConfig, run
-from nanoseek.checkpoint.hf import save_pretrained
 from nanoseek.cli import main
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.kv_cache import PagedLatentCache
@@ -25,7 +23,7 @@ from nanoseek.model import dsa
 from nanoseek.model.presets import get_preset
 from nanoseek.model.transformer import Transformer
 
-from helpers import CONFIGS, random_model
+from helpers import CONFIGS, greedy_with_requests_joining, random_model, transformers_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,22 +92,8 @@ def small_chunks(monkeypatch):
 @pytest.mark.parametrize("name", ["v32_sparse", "v32_dense"])
 def test_greedy_equals_transformers_generate_with_requests_joining(name, tmp_path, gathers, small_chunks):
     model = random_model(CONFIGS[name]).eval()
-    save_pretrained(model, tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
-    refs = [
-        hf.generate(torch.tensor([p]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)[
-            0, len(p) :
-        ].tolist()
-        for p in PROMPTS
-    ]
-    engine = Engine(model, max_batch_size=8)
-    ids = [engine.add_request(p, GREEDY) for p in PROMPTS[:2]]
-    for _ in range(10):
-        engine.step()
-    ids += [engine.add_request(p, GREEDY) for p in PROMPTS[2:]]  # they join a batch 10 tokens into decoding
-    while engine.has_unfinished():
-        engine.step()
-    assert [engine.pop_output(i).outputs[0].token_ids for i in ids] == refs
+    refs = transformers_greedy(model, tmp_path, PROMPTS, 40)
+    assert greedy_with_requests_joining(Engine(model, max_batch_size=8), PROMPTS, GREEDY) == refs
     k = CONFIGS[name].index_topk
     if name == "v32_sparse":  # each layer's decode steps read k latents per query, never the whole context
         assert len(gathers) >= 3 * 40 and all(shape[1:] == (1, k) for shape in gathers)

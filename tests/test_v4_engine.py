@@ -17,18 +17,23 @@ import openai
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from test_v4 import CONFIGS
 
 from nanoseek.bench.serve import ServerProcess
-from nanoseek.checkpoint.hf import save_pretrained
 from nanoseek.cli.chat import ChatSession
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.engine.v4_cache import PagedV4Cache, v4_block_size
 from nanoseek.model.v4_config import CSA, HCA
 
-from helpers import QA, random_model, think_checkpoint_v4, token_ids
+from helpers import (
+    QA,
+    greedy_with_requests_joining,
+    random_model,
+    think_checkpoint_v4,
+    token_ids,
+    transformers_greedy,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,22 +48,8 @@ def model(request):
 
 
 def test_greedy_equals_transformers_generate_with_requests_joining(model, tmp_path):
-    save_pretrained(model, tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
-    refs = [
-        hf.generate(torch.tensor([p]), max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=0)[
-            0, len(p) :
-        ].tolist()
-        for p in PROMPTS
-    ]
     engine = Engine(model, max_batch_size=8)
-    ids = [engine.add_request(p, GREEDY) for p in PROMPTS[:2]]
-    for _ in range(10):
-        engine.step()
-    ids += [engine.add_request(p, GREEDY) for p in PROMPTS[2:]]  # they join a batch 10 tokens into decoding
-    while engine.has_unfinished():
-        engine.step()
-    assert [engine.pop_output(i).outputs[0].token_ids for i in ids] == refs
+    assert greedy_with_requests_joining(engine, PROMPTS, GREEDY) == transformers_greedy(model, tmp_path, PROMPTS, 64)
     assert engine.cache.n_free == engine.cache.n_blocks and len(engine.cache.free_slots) == engine.cache.n_slots
 
 
