@@ -27,7 +27,6 @@ from nanoseek.model.presets import get_preset
 from nanoseek.model.stats import format_stats, model_stats, parameter_count, v4_cache_bytes_per_token
 from nanoseek.model.transformer import Transformer, build_model
 from nanoseek.model.v4 import DeepseekV4
-from nanoseek.model.v4_attention import indexer_kl
 from nanoseek.model.v4_config import CSA, HCA, SLIDING, V4Config
 from nanoseek.model.v4_moe import ClampedExperts, HashGate
 from nanoseek.plan.serve import cache_read, cache_sizes
@@ -490,49 +489,3 @@ def test_mtp_trains_with_the_main_model():
     loss.backward()
     assert all(p.grad is not None for n, p in model.mtp.named_parameters() if ".indexer." not in n)
     assert model.layers[0].attn_hc.fn.grad is not None
-
-
-# ---- training the CSA indexer (V3.2's KL, on V4's compressed entries) --------------------------------------
-def test_indexer_kl_equals_a_hand_computed_value():
-    """Two queries over three entries: p is the heads' summed attention on the attended entries, L1-normalized;
-    q the index scores' softmax over the same entries; a query attending none is left out of the mean."""
-    probs = torch.tensor([[[[0.2, 0.1, 0.3], [0.0, 0.0, 0.0]], [[0.2, 0.1, 0.1], [0.0, 0.0, 0.0]]]])  # (1, 2, 2, 3)
-    index = torch.tensor([[[1.0, 2.0, 0.5], [0.0, 0.0, 0.0]]], requires_grad=True)
-    attended = torch.tensor([[[True, False, True], [False, False, False]]])
-    p = torch.tensor([0.4, 0.4]) / 0.8  # heads summed over entries 0 and 2
-    q = torch.tensor([1.0, 0.5]).softmax(0)
-    want = float((p * (p / q).log()).sum())
-    got = indexer_kl(probs, index, attended)
-    assert abs(got.detach().item() - want) < 1e-6
-    got.backward()
-    assert index.grad[0, 0, 1] == 0 and index.grad[0, 1].abs().sum() == 0  # nothing through unattended entries
-
-
-@pytest.mark.parametrize("dense", [False, True])
-def test_the_indexer_kl_trains_the_indexers_alone_and_leaves_the_forward_as_it_was(dense):
-    """With indexer_kl on, a training forward gives the same logits and computes each CSA layer's KL; its
-    gradient reaches the indexers' parameters only, and the LM loss reaches none of them. The dense stage
-    attends every visible entry: the logits of the same weights with an indexer that keeps everything."""
-    cfg = CONFIGS["v4_sparse"]
-    model = random_model(cfg).train()
-    x = tokens(cfg, shape=(2, 37))
-    plain = model(x)
-    model.set_dsa_stage(dense_attention=dense, indexer_kl=True)
-    logits = model(x)
-    if dense:
-        wide = random_model(cfg.replace(index_topk=64)).train()
-        torch.testing.assert_close(logits, wide(x), atol=1e-5, rtol=0)
-    else:
-        assert torch.equal(logits, plain)
-    kl = model.indexer_loss()
-    assert len(model.dsa_layers()) == 2 and kl.item() > 0
-    indexer = {id(p) for m in model.dsa_layers() for p in m.indexer.parameters()}
-    params = list(model.parameters())
-    from_kl = torch.autograd.grad(kl, params, retain_graph=True, allow_unused=True)
-    from_lm = torch.autograd.grad(logits.logsumexp(-1).sum(), params, allow_unused=True)
-    for p, g_kl, g_lm in zip(params, from_kl, from_lm):
-        if id(p) in indexer:
-            assert g_lm is None or g_lm.abs().sum() == 0
-        else:
-            assert g_kl is None or g_kl.abs().sum() == 0
-    assert any(g is not None and g.abs().sum() > 0 for p, g in zip(params, from_kl) if id(p) in indexer)
