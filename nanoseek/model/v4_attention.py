@@ -95,16 +95,12 @@ class HybridAttention(nn.Module):
             keys, allowed = kv, sliding_window_mask(positions, self.window)
         else:
             keys, allowed = cache.window(self.layer_idx, kv, positions)
-        index = kl = None
+        kl = self.indexer is not None and self.training and self.indexer_kl and cache is None
         if self.compressor is not None:
             compressed = self._compressed(self.compressor, "kv", x, positions, rotary, cache)  # (B, N, hd)
             seen = visible(positions, compressed.shape[1], self.compressor.rate)
             if self.indexer is not None:
-                kl = self.training and self.indexer_kl and cache is None
-                x_idx, q_idx = (x.detach(), q_latent.detach()) if kl else (x, q_latent)  # the indexer apart
-                with torch.set_grad_enabled(bool(kl) and torch.is_grad_enabled()):  # top-k gives no gradient
-                    index_keys = self._compressed(self.indexer.compressor, "index", x_idx, positions, rotary, cache)
-                    index = self.indexer.scores(x_idx, q_idx, positions, rotary, index_keys)
+                index = self._index(x, q_latent, positions, rotary, cache, kl)  # (B, T, N)
                 seen = seen.expand_as(index) if self.dense_attention else self.indexer.select(index, seen)
             keys = torch.cat((keys, compressed), dim=1)
             allowed = torch.cat((allowed.expand(seen.shape[0], -1, -1), seen), dim=-1)
@@ -113,6 +109,23 @@ class HybridAttention(nn.Module):
             self.indexer_loss = indexer_kl(probs[..., -index.shape[-1] :], index, seen) if kl else None
         out = rope_tail(out, cos, -sin)  # undo the rotation V carried (K = V)
         return self._project(out)
+
+    def _index(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        cache: V4Cache | None,
+        kl: bool,
+    ) -> torch.Tensor:
+        """The CSA indexer's scores (B, T, N). With the KL on, on detached inputs and with gradient (the KL
+        trains the indexer apart); otherwise without gradient, as top-k passes none."""
+        if kl:
+            x, q_latent = x.detach(), q_latent.detach()
+        with torch.set_grad_enabled(kl and torch.is_grad_enabled()):
+            keys = self._compressed(self.indexer.compressor, "index", x, positions, rotary, cache)
+            return self.indexer.scores(x, q_latent, positions, rotary, keys)
 
     def _compressed(
         self,
