@@ -350,9 +350,7 @@ class Engine(PrefillScheduler, Speculator):
         whose fast kernels leave the step bound by per-operator overhead. An fp32 step on a CPU is bound by
         the matrix products themselves: compiled it gained 4-12%, too little to pay for compiling in every
         process by default (docs/engine.md)."""
-        if isinstance(self.cache, PagedV4Cache):
-            return False
-        return self.device.type == "cuda" or self.weights != "fp32"
+        return not self._v4 and (self.device.type == "cuda" or self.weights != "fp32")  # V4: never (see __init__)
 
     @property
     def compile_seconds(self) -> float:
