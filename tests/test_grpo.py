@@ -2,6 +2,7 @@
 the engine following the optimizer, micro-batching, a short run that learns, resume, and the `nanoseek grpo`
 command. The loss and advantages against hand-computed values: test_grpo_loss.py."""
 
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from nanoseek.checkpoint.hf import from_pretrained
 from nanoseek.cli import main
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.model.transformer import Transformer
 from nanoseek.rl.config import GRPOConfig, GRPOError
 from nanoseek.rl.grpo import train_grpo
 from nanoseek.rl.loss import group_advantages, grpo_loss, sequence_logprobs
@@ -27,6 +29,7 @@ from helpers import (
     digit_reward,
     random_model,
     short_prompt,
+    tiny_config,
     tiny_model,
 )
 
@@ -310,6 +313,10 @@ def test_short_run_raises_the_reward():
     assert res.steps == 15 and len(res.history) == 15
     # the routing's balance in each update: max/mean tokens per expert, averaged over the MoE layers, and the worst
     assert all(1.0 <= h["expert_load/mean"] <= h["expert_load/max"] <= 8 for h in res.history)
+    torch.manual_seed(0)
+    with_mtp = Transformer(tiny_config(num_nextn_predict_layers=1))  # its MTP module's MoE routes nothing in GRPO
+    mtp = run(dataclasses.replace(cfg, max_steps=2), model=with_mtp).history
+    assert all(1.0 <= h["expert_load/mean"] for h in mtp)
     for key in (
         "reward/accuracy",
         "reward/format",

@@ -257,7 +257,8 @@ class GRPOTrainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 sums["grad_norm"] += float(grad_norm)  # the same on every rank: DDP averaged the gradients
                 self.optimizer.step()
-                load = self._after_optimizer_step()  # max/mean routed tokens per expert, each MoE layer
+                # max/mean routed tokens per expert, each MoE layer that routed any (the MTP module's does not run)
+                load = [v for v in self._after_optimizer_step() if v > 0]
                 if load:
                     sums["expert_load"] += sum(load) / len(load)
                     sums["expert_load_max"] = max(sums["expert_load_max"], max(load))
