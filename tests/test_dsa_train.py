@@ -115,7 +115,7 @@ def test_sparse_stage_kl_reaches_only_the_indexer(dataset):
         model.set_dsa_stage(dense_attention=False, indexer_kl=kl_on)
         sums, aux, kl = objective(batch.inputs, targets, batch.attention_mask())
         (sums.sum() / 100 + aux + kl).backward()
-        return {n: p.grad for n, p in model.named_parameters()}, float(kl)
+        return {n: p.grad for n, p in model.named_parameters()}, float(kl.detach())
 
     with_kl, kl = grads(True)
     without, no_kl = grads(False)
