@@ -478,6 +478,7 @@ def test_countdown_trace_stats_count_tries_dead_ends_backtracks_and_checks():
         "checked_answer": 0.0,
     }
     assert task.trace_stats(p, "no search at all")["tries"] == 0.0
+    assert task.trace_stats(p, "11 17 16: 17/0=0 -> 16 0")["right_steps"] == 0.0  # a model's division by zero
     assert set(task.trace_stats(p, "")) == set(CountdownTask.trace_rules)
 
 
