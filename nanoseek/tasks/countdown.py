@@ -115,7 +115,12 @@ def evaluate_expression(text: str, numbers: list[int]) -> Fraction | None:
 
 # One line of a search trace: "23 3 7 19: 23+19=42 -> 3 7 42" (" done" or " x" may end it).
 _TRY = re.compile(r"([0-9 ]+): ([0-9]+)([+\-*/])([0-9]+)=([0-9]+) -> ([0-9 ]*?)( x| done)?")
-_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b if b else None}
+_OPS = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a / b if b else None,  # a model's division by zero is a wrong step
+}
 
 
 # ---------------------------------------------------------------- the search behind problems and traces
