@@ -18,6 +18,8 @@ from nanoseek.model.config import ModelConfig
 from nanoseek.model.presets import get_preset
 from nanoseek.model.transformer import Transformer, build_model
 from nanoseek.model.v4_config import CSA, HCA, V4Config
+from nanoseek.rl.loss import sequence_logprobs
+from nanoseek.rl.rollout import RolloutBatch
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.train.data import IGNORE_INDEX
 
@@ -331,6 +333,20 @@ def greedy_with_requests_joining(engine: Engine, prompts: list[list[int]], param
     while engine.has_unfinished():
         engine.step()
     return [engine.pop_output(i).outputs[0].token_ids for i in ids]
+
+
+def assert_policy_logprobs_match(model: torch.nn.Module, rollouts: list, group_size: int) -> None:
+    """GRPO's training forward (`sequence_logprobs`) gives each completion token the log-prob a forward of its
+    sequence alone gives (1e-5), and the engine's sampling log-prob (1e-4)."""
+    batch = RolloutBatch.from_rollouts(rollouts, group_size)
+    with torch.no_grad():
+        logps, _ = sequence_logprobs(model, batch)
+        for i, r in enumerate(rollouts):
+            full = model(torch.tensor([r.prompt_ids + r.completion_ids])).log_softmax(-1)[0]
+            tp = len(r.prompt_ids)
+            want = torch.stack([full[tp + t - 1, tok] for t, tok in enumerate(r.completion_ids)])
+            torch.testing.assert_close(logps[i, : len(want)], want, atol=1e-5, rtol=0)
+    assert float((logps - batch.sample_logps)[batch.token_mask].abs().max()) < 1e-4
 
 
 def token_ids(outs) -> list[list[list[int]]]:

@@ -19,15 +19,14 @@ from nanoseek.cli.zero import _zero_config
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model.transformer import Transformer
-from nanoseek.rl.loss import sequence_logprobs
-from nanoseek.rl.rollout import Rollout, RolloutBatch
+from nanoseek.rl.rollout import Rollout
 from nanoseek.rl.zero_config import preset
 from nanoseek.train.data import PackedBatches, TaskCorpus, build_dataset
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.objective import PretrainObjective
 from nanoseek.train.trainer import TrainConfig, Trainer, pretrain
 
-from helpers import TRAIN_MODEL, random_model, tiny_config
+from helpers import TRAIN_MODEL, assert_policy_logprobs_match, random_model, tiny_config
 
 # TRAIN_MODEL (a dense and a MoE layer, MTP depth 1) behind a 2-head indexer: its top-16 of a 64-token window
 # makes attention sparse in every window.
@@ -246,12 +245,4 @@ def test_grpo_training_forward_on_a_dsa_model():
         for g, (p, o) in enumerate(zip(prompts, outs))
         for c in o.outputs
     ]
-    batch = RolloutBatch.from_rollouts(rs, 3)
-    with torch.no_grad():
-        logps, _ = sequence_logprobs(model, batch)
-        for i, r in enumerate(rs):
-            full = model(torch.tensor([r.prompt_ids + r.completion_ids])).log_softmax(-1)[0]
-            tp = len(r.prompt_ids)
-            want = torch.stack([full[tp + t - 1, tok] for t, tok in enumerate(r.completion_ids)])
-            torch.testing.assert_close(logps[i, : len(want)], want, atol=1e-5, rtol=0)
-    assert float((logps - batch.sample_logps)[batch.token_mask].abs().max()) < 1e-4
+    assert_policy_logprobs_match(model, rs, 3)

@@ -26,6 +26,7 @@ from helpers import (
     SayDigits,
     Score,
     arithmetic_checkpoint,
+    assert_policy_logprobs_match,
     digit_reward,
     random_model,
     short_prompt,
@@ -101,15 +102,7 @@ def test_v4_policy_forward_equals_full_forward_and_engine_logprobs():
     for i, r in enumerate(rs):  # ragged completions
         cut = 20 - (i % 3) * 5
         r.completion_ids, r.sample_logprobs = r.completion_ids[:cut], r.sample_logprobs[:cut]
-    batch = RolloutBatch.from_rollouts(rs, 2)
-    with torch.no_grad():
-        logps, _ = sequence_logprobs(model, batch)
-        for i, r in enumerate(rs):
-            full = model(torch.tensor([r.prompt_ids + r.completion_ids])).log_softmax(-1)[0]
-            tp = len(r.prompt_ids)
-            want = torch.stack([full[tp + t - 1, tok] for t, tok in enumerate(r.completion_ids)])
-            torch.testing.assert_close(logps[i, : len(want)], want, atol=1e-5, rtol=0)
-    assert float((logps - batch.sample_logps)[batch.token_mask].abs().max()) < 1e-4
+    assert_policy_logprobs_match(model, rs, 2)
 
 
 def test_zero_variance_group_contributes_no_gradient():

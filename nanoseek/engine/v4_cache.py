@@ -137,7 +137,7 @@ class PagedV4Cache:
     def bytes_per_token(self) -> int:
         """Bytes of compressed entries one token adds over all layers (the rings are a fixed cost per sequence:
         `bytes_per_sequence`)."""
-        return sum(p[0, 0].numel() * p.dtype.itemsize * p.shape[1] for p in self.entries.values()) // self.block_size
+        return sum(p[0].numel() * p.dtype.itemsize for p in self.entries.values()) // self.block_size
 
     def bytes_per_sequence(self) -> int:
         rings = self.windows + [r for pair in self.pending.values() for r in pair]

@@ -181,14 +181,13 @@ def preset(name: str = "default", seed: int = 0, model: str = "tiny") -> ZeroCon
         raise ZeroError(f"unknown zero model preset {model!r}; presets: {', '.join(MODEL_PRESETS)}")
     cfg = _preset(name, seed, model)
     v4 = cfg.model.model_type == "deepseek_v4"
-    if cfg.model.dsa or v4:  # V4's CSA indexers train as V3.2's do
-        cfg.train.dsa_warmup_steps = cfg.train.max_steps // 6
-        cfg.train.dsa_warmup_train_all = True
     if v4:
         cfg.train.doc_mask = False
         if name == "default":  # as measured on V4 (1.9x V3's time per step): 600 + 40 steps fit the budget
             cfg.train.max_steps, cfg.grpo.max_steps = 600, 40
-            cfg.train.dsa_warmup_steps = cfg.train.max_steps // 6
+    if cfg.model.dsa or v4:  # V4's CSA indexers train as V3.2's do
+        cfg.train.dsa_warmup_steps = cfg.train.max_steps // 6
+        cfg.train.dsa_warmup_train_all = True
     return cfg
 
 
