@@ -18,12 +18,21 @@ import torch
 
 from nanoseek import from_pretrained
 from nanoseek.model.transformer import Transformer
-from nanoseek.rl.config import GRPOConfig
+from nanoseek.rl.config import GRPOConfig, GRPOError
+from nanoseek.rl.distributed import check_world
 from nanoseek.rl.grpo import train_grpo
 from nanoseek.train import parallel
 from nanoseek.train.metrics import read_metrics
 
-from helpers import TOKENIZER, SayDigits, arithmetic_checkpoint, digit_reward, short_prompt, tiny_config
+from helpers import (
+    TOKENIZER,
+    SayDigits,
+    arithmetic_checkpoint,
+    chat_v4_config,
+    digit_reward,
+    short_prompt,
+    tiny_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -51,6 +60,10 @@ KEYS = ("loss", "grad_norm", "entropy", "kl", "clip_ratio/total", "reward/total"
 # relative (5e-7 in the weights after 2 steps of another config; these runs came out bit-identical on this
 # 2-core machine), which Adam (lr 1e-2) carries into the next steps. 1e-4 leaves room for other CPUs' kernels.
 REL = 1e-4
+# Sharded updates sum the ranks' gradients in another order (FSDP2's reduce-scatter, the experts' all_to_all
+# back-propagated): ~1e-7 relative in a gradient, which Adam's m / sqrt(v) turns into up to ~2e-5 in a weight
+# where a gradient is near 0, against steps of lr = 1e-2. 1e-4 is 1% of one step.
+SHARDED_ATOL = 1e-4
 
 
 def policy():
@@ -59,8 +72,8 @@ def policy():
     return Transformer(tiny_config(num_nextn_predict_layers=1))
 
 
-def run_grpo(run_dir, steps, config, resume=False):
-    cfg = GRPOConfig(**COMMON, **CONFIGS[config], max_steps=steps)
+def run_grpo(run_dir, steps, config, resume=False, **sharding):
+    cfg = GRPOConfig(**COMMON, **CONFIGS[config], max_steps=steps, **sharding)
     return train_grpo(
         policy(),
         TOKENIZER,
@@ -83,7 +96,7 @@ def torchrun(*args, module=False, ok=True):
     return proc
 
 
-def assert_same_curve(one, two, steps):
+def assert_same_curve(one, two, steps, weights_atol=1e-5):
     a, b = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
     for ra, rb in zip(a, b):
@@ -92,7 +105,7 @@ def assert_same_curve(one, two, steps):
     assert any(r["loss"] != 0 for r in a) and any(r["clip_ratio/total"] > 0 for r in a)  # not a trivial run
     wa, wb = (from_pretrained(d / "final").state_dict() for d in (one, two))
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(wb[name], wa[name], atol=weights_atol, rtol=1e-4, msg=name)
 
 
 def test_two_processes_match_one(tmp_path):
@@ -113,6 +126,41 @@ def test_two_processes_resume_the_same_curve(tmp_path):
     assert_same_curve(tmp_path / "one", tmp_path / "two_then_one", 3)
 
 
+def test_sharded_updates_match_one(tmp_path):
+    """FSDP2 and expert parallelism (the engine sampling from a gathered copy of the shards) make one
+    process's updates: the dapo config leaves a rank with none of a minibatch's groups, or fewer micro-batches
+    than the other, so it must run stand-ins through the collectives inside each forward."""
+    run_grpo(tmp_path / "one", 3, "dapo")
+    for flag in ("--fsdp", "--expert-parallel"):
+        torchrun(str(tmp_path / flag), "3", "dapo", flag)
+        assert_same_curve(tmp_path / "one", tmp_path / flag, 3, SHARDED_ATOL)
+
+
+def test_sharded_run_resumes_under_another_sharding(tmp_path):
+    """Checkpoints hold full tensors: 2 steps under FSDP2, resumed under expert parallelism, equal one process."""
+    run_grpo(tmp_path / "one", 3, "gspo")
+    torchrun(str(tmp_path / "two"), "2", "gspo", "--fsdp")
+    torchrun(str(tmp_path / "two"), "3", "gspo", "--resume", "--expert-parallel")
+    assert_same_curve(tmp_path / "one", tmp_path / "two", 3, SHARDED_ATOL)
+
+
+@pytest.mark.parametrize(
+    "sharding, world, model_cfg, message",
+    [
+        ({"fsdp": True}, 1, tiny_config(), "--fsdp needs several processes"),
+        ({"expert_parallel": True}, 1, tiny_config(), "--expert-parallel needs several processes"),
+        ({"fsdp": True, "expert_parallel": True}, 2, tiny_config(), "do not combine"),
+        ({"expert_parallel": True}, 3, tiny_config(), "n_routed_experts (4) must divide evenly over 3 ranks"),
+        ({"fsdp": True}, 2, chat_v4_config(TOKENIZER, 320), "not supported for DeepSeek-V4"),
+    ],
+)
+def test_sharding_that_cannot_work_is_refused(sharding, world, model_cfg, message):
+    cfg = GRPOConfig(**{**COMMON, "prompts_per_step": 12}, **sharding)
+    with pytest.raises(GRPOError) as e:
+        check_world(cfg, world, model_cfg)
+    assert message in str(e.value)
+
+
 def test_grpo_command_under_torchrun(tmp_path):
     """`torchrun ... -m nanoseek.cli grpo`: refuses a prompts_per_step the world size does not divide, naming
     both; otherwise runs, rank 0 alone printing and writing."""
@@ -131,7 +179,8 @@ def test_grpo_command_under_torchrun(tmp_path):
 def worker(run_dir: str, steps: str, config: str, *flags: str) -> None:
     torch.set_num_threads(1)
     parallel.init_distributed("cpu")
-    run_grpo(Path(run_dir), int(steps), config, resume="--resume" in flags)
+    sharding = {"fsdp": "--fsdp" in flags, "expert_parallel": "--expert-parallel" in flags}
+    run_grpo(Path(run_dir), int(steps), config, resume="--resume" in flags, **sharding)
     parallel.shutdown_distributed()
 
 

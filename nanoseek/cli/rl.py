@@ -66,6 +66,10 @@ HELP = {
     "save_total_limit": "checkpoints kept",
     "eval_steps": "greedy held-out pass@1 every N steps (0 = never)",
     "eval_problems": "held-out problems per periodic eval",
+    "fsdp": "under torchrun: the update under FSDP2 (weights, gradients, AdamW state sharded); the engine "
+    "samples from a full copy synced after every optimizer step",
+    "expert_parallel": "under torchrun: each rank holds E / WORLD_SIZE routed experts in the update (DDP for "
+    "the rest); the engine samples from a full copy synced after every optimizer step",
 }
 
 BENCH_HELP = {

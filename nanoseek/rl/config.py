@@ -61,6 +61,9 @@ class GRPOConfig:
     save_total_limit: int = 2  # checkpoints kept
     eval_steps: int = 0  # held-out pass@1 every this many steps; 0 = never
     eval_problems: int = 64
+    # ---- scale-out under torchrun (distributed.py); DDP when neither is set ----
+    fsdp: bool = False  # the update under FSDP2: parameters, gradients and AdamW state sharded over the ranks
+    expert_parallel: bool = False  # the update with each rank holding E / W of every layer's routed experts
 
     def __post_init__(self) -> None:
         if self.epsilon is None:  # the loss type's own clip range; stored resolved, so checkpoints compare

@@ -11,6 +11,12 @@ over the ranks so that W processes make the same update as one.
 - The update runs under DDP: each rank's loss is divided by the whole minibatch's counts and multiplied by
   W, so DDP's average of the W gradients is the one-process gradient (grpo / gspo divide by the number of
   sequences, dr_grpo by sequences x max_completion_length, dapo by the tokens: all global counts).
+- Or sharded, for a policy whose training state outgrows one device: `fsdp` (FSDP2, each transformer block
+  its own unit; gradients reduce-scattered as averages, as DDP's) or `expert_parallel` (each rank holds E / W
+  routed experts of every MoE layer, tokens sent to them by all_to_all; DDP for the rest). Both communicate
+  inside every forward, so every rank runs as many micro-batches as the busiest one (stand-ins with a zero
+  loss). The engine then samples from a full copy of the policy, refreshed after every optimizer step by
+  gathering the shards (`gather_full`): the weight sync between a trainer and its inference engine.
 """
 
 from __future__ import annotations
@@ -29,12 +35,26 @@ from nanoseek.rl.rollout import RolloutBatch
 from nanoseek.train import parallel
 
 
-def check_world(cfg: GRPOConfig, world: int) -> None:
-    """A group never spans ranks: each rank rolls out prompts_per_step / W prompts."""
+def check_world(cfg: GRPOConfig, world: int, model_cfg) -> None:
+    """A group never spans ranks: each rank rolls out prompts_per_step / W prompts. Sharding needs several
+    ranks, one kind at a time (as pretraining), experts that divide evenly, and V3's modules (not V4's)."""
     if cfg.prompts_per_step % world:
         raise GRPOError(
             f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the world size ({world}): each rank "
             f"rolls out prompts_per_step / WORLD_SIZE whole groups of num_generations completions"
+        )
+    flags = [flag for flag, on in (("--fsdp", cfg.fsdp), ("--expert-parallel", cfg.expert_parallel)) if on]
+    if not flags:
+        return
+    if world == 1:
+        raise GRPOError(f"{flags[0]} needs several processes: launch with torchrun --nproc-per-node N")
+    if len(flags) == 2:
+        raise GRPOError("--fsdp and --expert-parallel do not combine: expert parallelism runs with DDP")
+    if model_cfg.model_type == "deepseek_v4":
+        raise GRPOError(f"{flags[0]} is not supported for DeepSeek-V4 models: use DDP (torchrun without it)")
+    if cfg.expert_parallel and (not model_cfg.n_routed_experts or model_cfg.n_routed_experts % world):
+        raise GRPOError(
+            f"--expert-parallel: n_routed_experts ({model_cfg.n_routed_experts}) must divide evenly over {world} ranks"
         )
 
 
@@ -54,12 +74,16 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _reduce_device() -> torch.device | None:
+    """Where a small tensor to all-reduce must live: NCCL reduces CUDA tensors only."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+
+
 def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Each value summed over the ranks (identity on one process)."""
     if not parallel.is_distributed():
         return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors only
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=_reduce_device())
     parallel.all_reduce_sum(t)
     return dict(zip(values, t.tolist()))
 
@@ -87,14 +111,28 @@ class PolicyLogprobs(nn.Module):
         return sequence_logprobs(self.model, batch, temperature, with_entropy)
 
 
-def policy_forward(model: nn.Module) -> nn.Module:
-    """The training forward of `model`, under DDP when several processes run. find_unused_parameters: the
-    MTP module (and a DSA model's indexers) take no part in GRPO's loss."""
+def policy_forward(model: nn.Module, cfg: GRPOConfig) -> nn.Module:
+    """The training forward of `model`, under DDP, FSDP2 or expert parallelism when several processes run
+    (`model` is sharded in place). find_unused_parameters: the MTP module (and a DSA model's indexers) take
+    no part in GRPO's loss; under FSDP2 the MTP module stays with the root unit, gathered but unused."""
     policy = PolicyLogprobs(model)
     if not parallel.is_distributed():
         return policy
+    if cfg.fsdp:
+        return parallel.apply_fsdp(policy, list(model.layers))
+    if cfg.expert_parallel:
+        parallel.apply_expert_parallel(model)
     device = str(next(model.parameters()).device)
     return parallel.wrap_ddp(policy, device, find_unused_parameters=True)
+
+
+def max_over_ranks(n: int) -> int:
+    """The largest of the ranks' n (n itself on one process)."""
+    if not parallel.is_distributed():
+        return n
+    t = torch.tensor([n], device=_reduce_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
 
 
 @dataclass

@@ -40,11 +40,13 @@ Where this departs from the papers (each also how TRL's GRPOTrainer behaves, unl
   `router_bias_update_speed` > 0 (default 0: routing is frozen during RL).
 - Optimizer: AdamW (β2 = 0.99, no weight decay), gradient norm clipped to `max_grad_norm`, linear warmup.
 
-Under torchrun each rank rolls out its share of every step's prompts and the update runs under DDP, equal
-to one process's (distributed.py). The pieces: config.py (GRPOConfig, GRPOError), rollout.py (Rollout,
-RolloutBatch, rollout metrics), loss.py (advantages, the loss, the shared-prompt training forward), trainer.py
-(GRPOTrainer: one step), distributed.py (how the ranks share a step), and this module: the run (`train_grpo`)
-with its checkpoints, resume and the synced reference policy on disk.
+Under torchrun each rank rolls out its share of every step's prompts and the update runs under DDP, FSDP2
+(`fsdp`) or expert parallelism (`expert_parallel`), equal to one process's (distributed.py).
+
+The pieces: config.py (GRPOConfig, GRPOError), rollout.py (Rollout, RolloutBatch, rollout metrics), loss.py
+(advantages, the loss, the shared-prompt training forward), trainer.py (GRPOTrainer: one step), distributed.py
+(how the ranks share a step), and this module: the run (`train_grpo`) with its checkpoints, resume and the
+synced reference policy on disk.
 """
 
 from __future__ import annotations
@@ -83,7 +85,11 @@ class GRPOResult:
 
 # ---- checkpoints, resume, the run -----------------------------------------------------------------------------
 # Fields a resumed run may change; any other difference from the checkpoint's config is refused.
-RESUME_MAY_CHANGE = {"max_steps", "save_steps", "save_total_limit", "eval_steps", "eval_problems"}
+# Checkpoints hold full tensors whatever the sharding, so a run may resume under another one.
+RESUME_MAY_CHANGE = {
+    *("max_steps", "save_steps", "save_total_limit", "eval_steps", "eval_problems"),
+    *("fsdp", "expert_parallel"),
+}
 REF_POLICY_DIR = "reference"
 
 
@@ -147,6 +153,7 @@ def resume_trainer(trainer: GRPOTrainer, checkpoint: Path) -> None:
         trainer.ref_model.load_state_dict(from_pretrained(ref_dir).state_dict())
         trainer.ref_step = ref_step
     trainer.model.eval()
+    trainer.refresh_rollout_model()
 
 
 def train_grpo(
@@ -241,6 +248,6 @@ def _eval_metrics(trainer: GRPOTrainer) -> dict[str, float]:
 def _save_final(trainer: GRPOTrainer, out: Path) -> Path:
     """The trained policy as a plain HF-format directory (model + tokenizer), replaced atomically."""
     with atomic_directory(out) as tmp:
-        save_pretrained(trainer.model, tmp)
+        save_pretrained(trainer.rollout_model, tmp)  # full weights, whatever the update's sharding
         trainer.tokenizer.save_pretrained(tmp)
     return out

@@ -22,6 +22,7 @@ from nanoseek.rl.distributed import (
     StepShard,
     check_world,
     gather_rows,
+    max_over_ranks,
     policy_forward,
     share,
     sum_over_ranks,
@@ -80,14 +81,20 @@ class GRPOTrainer:
     ):
         self.model, self.tokenizer, self.task, self.cfg = model, tokenizer, task, cfg
         self.rank, self.world = parallel.rank(), parallel.world_size()
-        check_world(cfg, self.world)
+        check_world(cfg, self.world, model.config)
+        self.sharded = cfg.fsdp or cfg.expert_parallel
+        if self.sharded and engine is not None:
+            raise GRPOError("a sharded update (fsdp / expert_parallel) builds its own engine over a full copy")
         # DeepSeek-V3.2 (DSA): the policy trains on the sparse attention the engine samples with; the indexer
         # is left as pretraining made it (no KL here, and its top-k selection passes no gradient).
         model.set_dsa_stage(dense_attention=False, indexer_kl=False)
         self.reward_fn = reward_fn or task_reward_fn(task, RewardWeights(**cfg.reward_weights))
         self.prompt_fn = prompt_fn or prompt_text
+        # The full weights the engine samples from (and π_old is computed with): the policy itself, or under
+        # a sharded update a copy that `refresh_rollout_model` gathers the shards into after every step.
+        self.rollout_model = self._frozen_copy(model) if self.sharded else model
         self.engine = engine or Engine(
-            model,
+            self.rollout_model,
             tokenizer,
             max_batch_size=min(cfg.batch_size, 256),
             cache_tokens=max(1 << 16, cfg.batch_size * (cfg.max_completion_length + 256)),
@@ -95,7 +102,7 @@ class GRPOTrainer:
         # β = 0: no reference model at all (no memory, no forward).
         self.ref_model = self._frozen_copy(model) if cfg.beta > 0 else None
         self.ref_step = 0  # the step whose policy the reference is
-        self.policy = policy_forward(model)  # the training forward, under DDP when several processes run
+        self.policy = policy_forward(model, cfg)  # the training forward; shards `model` if asked
         self.optimizer = adamw(model, cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
@@ -111,8 +118,15 @@ class GRPOTrainer:
     def sync_reference(self) -> None:
         """R1-Zero: the reference becomes the current policy (every ref_model_sync_steps steps)."""
         if self.ref_model is not None:
-            self.ref_model.load_state_dict(self.model.state_dict())
+            self.ref_model.load_state_dict(self.rollout_model.state_dict())
             self.ref_step = self.step
+
+    def refresh_rollout_model(self) -> None:
+        """After the policy changed: the engine's weights become the policy's (gathered from the shards if the
+        update is sharded; collective) and prompt latents cached with the old weights are dropped."""
+        if self.rollout_model is not self.model:
+            self.rollout_model.load_state_dict(parallel.gather_full(self.model, self.model.state_dict()))
+        self.engine.reset_prefix_cache()
 
     # ---- 1. rollouts -----------------------------------------------------------------------------
     def generate(self, problems: list[Any], seeds: list[int], first_group: int = 0) -> list[Rollout]:
@@ -134,7 +148,7 @@ class GRPOTrainer:
             )
             for seed in seeds
         ]
-        self.model.eval()
+        self.rollout_model.eval()
         outs = self.engine.generate(prompts, params)
         rollouts = []
         for g, (problem, ids, out) in enumerate(zip(problems, prompts, outs)):
@@ -236,8 +250,8 @@ class GRPOTrainer:
                     raise GRPOError("old_logprobs='engine' but the rollouts carry no engine log-probs")
                 batch.old_logps = batch.sample_logps
             else:
-                self.model.eval()
-                batch.old_logps = self._fill_logps(self.model, batch)
+                self.rollout_model.eval()
+                batch.old_logps = self._fill_logps(self.rollout_model, batch)
         gen = torch.Generator().manual_seed(hash_seed(cfg.seed, step))
         local = {p: g for g, p in enumerate(shard.positions) if p >= 0}  # kept position -> group of `batch`
         sums = dict.fromkeys(SUMS, 0.0)
@@ -254,8 +268,9 @@ class GRPOTrainer:
                 groups = [local[p] for p in positions if p in local]
                 self.optimizer.zero_grad(set_to_none=True)
                 self._accumulate(batch, groups, n_seqs, n_tokens, sums, gap=it == 0 and mb == 0)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                sums["grad_norm"] += float(grad_norm)  # the same on every rank: DDP averaged the gradients
+                parallel.finish_expert_grads(self.model)
+                # the global norm (expert slices and FSDP shards included): the same on every rank
+                sums["grad_norm"] += parallel.clip_grad_norm(self.model, cfg.max_grad_norm)
                 self.optimizer.step()
                 # max/mean routed tokens per expert, each MoE layer that routed any (the MTP module's does not run)
                 load = [v for v in self._after_optimizer_step() if v > 0]
@@ -287,14 +302,18 @@ class GRPOTrainer:
     ) -> None:
         """Forward and backward of this rank's `groups` of a minibatch, micro-batch by micro-batch, adding the
         loss's statistics to `sums`. DDP all-reduces the gradients after the last micro-batch only. A rank
-        holding none of the minibatch's groups still takes part in DDP's all-reduce, with a zero loss."""
+        holding none of the minibatch's groups still takes part in DDP's all-reduce, with a stand-in
+        micro-batch and a zero loss; a sharded update (which communicates in every forward) runs stand-ins
+        until it has run as many micro-batches as the busiest rank."""
         cfg = self.cfg
-        micros = self._micro_groups(batch, groups) if groups else [[0]]
-        for i, micro_groups in enumerate(micros):
-            micro = batch.select(micro_groups)
-            sync = i == len(micros) - 1
+        micros = self._micro_groups(batch, groups)
+        n_micros = max_over_ranks(len(micros)) if self.sharded else max(len(micros), 1)
+        for i in range(n_micros):
+            real = i < len(micros)
+            micro = batch.select(micros[i] if real else [0])
+            sync = i == n_micros - 1
             no_sync = contextlib.nullcontext() if sync else parallel.no_gradient_sync(self.policy)
-            with no_sync, contextlib.nullcontext() if groups else uncounted(self.model):
+            with no_sync, contextlib.nullcontext() if real else uncounted(self.model):
                 logps, entropy = self.policy(micro, cfg.temperature, with_entropy=True)
                 old = micro.old_logps if micro.old_logps is not None else logps.detach()
                 out = grpo_loss(
@@ -312,8 +331,8 @@ class GRPOTrainer:
                     num_tokens=n_tokens,
                 )
                 # DDP averages the W ranks' gradients; the loss is already divided by the global counts
-                (out.loss * (self.world if groups else 0.0)).backward()
-            if not groups:
+                (out.loss * (self.world if real else 0.0)).backward()
+            if not real:
                 continue
             real = micro.token_mask
             sums["loss"] += float(out.loss.detach())
@@ -333,7 +352,7 @@ class GRPOTrainer:
         """Count routed tokens into the router bias (if γ > 0) and make the engine decode with the new weights.
         Returns each MoE layer's load imbalance (max/mean tokens per expert) over the update's forwards."""
         load = update_bias(self.model, self.cfg.router_bias_update_speed)
-        self.engine.reset_prefix_cache()  # prompt latents cached with the old weights are stale
+        self.refresh_rollout_model()
         return load
 
     def _local_batch(self, rollouts: StepRollouts) -> tuple[RolloutBatch, StepShard]:

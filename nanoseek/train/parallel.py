@@ -114,6 +114,7 @@ class ExpertParallelExperts(Experts):
         self.n_local = n_experts // self.ep_size
         super().__init__(self.n_local, dim, inter_dim)
         self.n_experts, self.group = n_experts, group
+        self.ran = False  # has a forward run since the last `finish_expert_grads`
         lo = self.ep_rank * self.n_local
         with torch.no_grad():
             for name in ("gate_proj", "up_proj", "down_proj"):
@@ -122,6 +123,7 @@ class ExpertParallelExperts(Experts):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (M, D) this rank's tokens sorted by global expert id; counts: (E,). Returns (M, D), same order."""
         W, El = self.ep_size, self.n_local
+        self.ran = True
         send = counts.view(W, El)  # tokens for each rank's each local expert
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send.contiguous(), group=self.group)  # recv[src, e]: from src, for my e
@@ -242,16 +244,19 @@ def no_gradient_sync(wrapped: nn.Module):
 
 def finish_expert_grads(model: nn.Module) -> None:
     """After backward: expert-slice gradients are sums over all W ranks' losses; DDP averages the rest, so
-    divide these by W too. A slice that received no token this step gets a zero gradient, as it would in a
-    single-process run where the stacked expert tensor always has one."""
+    divide these by W too. A slice whose layer ran but received no token gets a zero gradient, as it would in
+    a single-process run where the stacked expert tensor always has one; a layer that did not run (GRPO's
+    MTP module) gets none, as there."""
     for name, mod in expert_parallel_params(model).items():
         p = getattr(mod, name.rsplit(".", 1)[1])
-        if not p.requires_grad:  # frozen this step (a DSA warm-up): no gradient, no update
+        if not p.requires_grad or not mod.ran:  # frozen (a DSA warm-up) or unused: no gradient, no update
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         else:
             p.grad.div_(mod.ep_size)
+    for mod in set(expert_parallel_params(model).values()):
+        mod.ran = False
 
 
 def average_grads(params: list[nn.Parameter]) -> None:
