@@ -224,7 +224,9 @@ class MoE(FP32Buffers):
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
         # Sort the N*k (token, expert) pairs by expert so each expert sees one contiguous slice.
         order = indices.flatten().argsort(stable=True)
-        routed = self.experts(x[order // self.top_k], counts)
+        # index_select, not x[...]: its backward is an index_add, several times faster on a CPU than indexing's
+        # accumulating index_put
+        routed = self.experts(x.index_select(0, order // self.top_k), counts)
         unsorted = torch.empty_like(routed).index_copy_(0, order, routed).view(-1, self.top_k, shape[-1])
         y = (unsorted * weights.to(x.dtype)[..., None]).sum(dim=1)
         if self.shared_experts is not None:

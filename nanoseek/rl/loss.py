@@ -134,7 +134,7 @@ class SharedPromptCache:
         if not self.completing:
             self.index_prefix[layer_idx] = keys  # (P, Tp, d)
             return keys, None
-        return torch.cat((self.index_prefix[layer_idx][self.group_of], keys), dim=1), self.keep
+        return torch.cat((self.index_prefix[layer_idx].index_select(0, self.group_of), keys), dim=1), self.keep
 
     def update(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
         if not self.completing:
@@ -147,7 +147,9 @@ class SharedPromptCache:
                 ~self.mask, float("-inf")
             )
         p_kv, p_pe = self.prefix[layer_idx]
-        return (torch.cat((p_kv[self.group_of], c_kv), dim=1), torch.cat((p_pe[self.group_of], k_pe), dim=1), self.mask)
+        # index_select: a backward of index_add, several times faster on a CPU than indexing's index_put
+        g = self.group_of
+        return torch.cat((p_kv.index_select(0, g), c_kv), 1), torch.cat((p_pe.index_select(0, g), k_pe), 1), self.mask
 
 
 def sequence_logprobs(
