@@ -309,11 +309,11 @@ class GRPOTrainer:
         micros = self._micro_groups(batch, groups)
         n_micros = max_over_ranks(len(micros)) if self.sharded else max(len(micros), 1)
         for i in range(n_micros):
-            real = i < len(micros)
-            micro = batch.select(micros[i] if real else [0])
+            stand_in = i >= len(micros)
+            micro = batch.select([0] if stand_in else micros[i])
             sync = i == n_micros - 1
             no_sync = contextlib.nullcontext() if sync else parallel.no_gradient_sync(self.policy)
-            with no_sync, contextlib.nullcontext() if real else uncounted(self.model):
+            with no_sync, uncounted(self.model) if stand_in else contextlib.nullcontext():
                 logps, entropy = self.policy(micro, cfg.temperature, with_entropy=True)
                 old = micro.old_logps if micro.old_logps is not None else logps.detach()
                 out = grpo_loss(
@@ -330,9 +330,9 @@ class GRPOTrainer:
                     num_sequences=n_seqs,
                     num_tokens=n_tokens,
                 )
-                # DDP averages the W ranks' gradients; the loss is already divided by the global counts
-                (out.loss * (self.world if real else 0.0)).backward()
-            if not real:
+                # DDP / FSDP2 average the W ranks' gradients; the loss is already divided by the global counts
+                (out.loss * (0.0 if stand_in else self.world)).backward()
+            if stand_in:
                 continue
             real = micro.token_mask
             sums["loss"] += float(out.loss.detach())
