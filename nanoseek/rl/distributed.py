@@ -36,26 +36,19 @@ from nanoseek.train import parallel
 
 
 def check_world(cfg: GRPOConfig, world: int, model_cfg) -> None:
-    """A group never spans ranks: each rank rolls out prompts_per_step / W prompts. Sharding needs several
-    ranks, one kind at a time (as pretraining), experts that divide evenly, and V3's modules (not V4's)."""
+    """A group never spans ranks: each rank rolls out prompts_per_step / W prompts. Sharding is refused as
+    pretraining refuses it (`parallel.sharding_problem`), and for DeepSeek-V4 (sharded as V3's modules)."""
     if cfg.prompts_per_step % world:
         raise GRPOError(
             f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the world size ({world}): each rank "
             f"rolls out prompts_per_step / WORLD_SIZE whole groups of num_generations completions"
         )
-    flags = [flag for flag, on in (("--fsdp", cfg.fsdp), ("--expert-parallel", cfg.expert_parallel)) if on]
-    if not flags:
-        return
-    if world == 1:
-        raise GRPOError(f"{flags[0]} needs several processes: launch with torchrun --nproc-per-node N")
-    if len(flags) == 2:
-        raise GRPOError("--fsdp and --expert-parallel do not combine: expert parallelism runs with DDP")
-    if model_cfg.model_type == "deepseek_v4":
-        raise GRPOError(f"{flags[0]} is not supported for DeepSeek-V4 models: use DDP (torchrun without it)")
-    if cfg.expert_parallel and (not model_cfg.n_routed_experts or model_cfg.n_routed_experts % world):
-        raise GRPOError(
-            f"--expert-parallel: n_routed_experts ({model_cfg.n_routed_experts}) must divide evenly over {world} ranks"
-        )
+    problem = parallel.sharding_problem(cfg.fsdp, cfg.expert_parallel, world, model_cfg.n_routed_experts)
+    if problem:
+        raise GRPOError(problem)
+    if (cfg.fsdp or cfg.expert_parallel) and model_cfg.model_type == "deepseek_v4":
+        flag = "--fsdp" if cfg.fsdp else "--expert-parallel"
+        raise GRPOError(f"{flag} is not supported for DeepSeek-V4 models: use DDP (torchrun without it)")
 
 
 def share(n: int, rank: int, world: int) -> slice:

@@ -40,6 +40,21 @@ class DistributedError(NanoseekError):
 
 
 # ---- process group ---------------------------------------------------------------------------------
+def sharding_problem(fsdp: bool, expert_parallel: bool, world: int, n_routed_experts: int) -> str | None:
+    """Why FSDP2 / expert parallelism cannot run as asked, or None: each needs several processes, the two do
+    not combine, and expert parallelism needs routed experts that divide evenly over the ranks."""
+    flags = [flag for flag, on in (("--fsdp", fsdp), ("--expert-parallel", expert_parallel)) if on]
+    if not flags:
+        return None
+    if world == 1:
+        return f"{flags[0]} needs several processes: launch with torchrun --nproc_per_node N"
+    if len(flags) == 2:
+        return "--fsdp and --expert-parallel do not combine: expert parallelism runs with DDP"
+    if expert_parallel and (not n_routed_experts or n_routed_experts % world):
+        return f"--expert-parallel: n_routed_experts ({n_routed_experts}) must divide evenly over {world} ranks"
+    return None
+
+
 def init_distributed(device: str = "cpu") -> tuple[int, int]:
     """Start the process group when launched by torchrun; returns (rank, world_size). gloo on CPU, nccl on CUDA."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:

@@ -14,6 +14,7 @@ from typing import Any
 from nanoseek.fileio import atomic_write_json
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.v4_config import CSA
+from nanoseek.train import parallel
 from nanoseek.train.config import TrainConfig, TrainError
 from nanoseek.train.data import Dataset, tokenizer_hash
 from nanoseek.train.state import STATE_FILE, latest_checkpoint
@@ -68,16 +69,9 @@ def check_compatible(cfg: TrainConfig, model_cfg: ModelConfig, ds: Dataset, mtp_
                 "deepseek_v32 model (e.g. --preset tiny-v32) or a deepseek_v4 one with CSA layers (--preset tiny-v4)"
             )
     check_model_flags(cfg, model_cfg)
-    if cfg.fsdp and world == 1:
-        raise TrainError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
-    if cfg.fsdp and cfg.expert_parallel:
-        raise TrainError("--fsdp and --expert-parallel do not combine: expert parallelism runs with DDP")
-    if cfg.expert_parallel and world == 1:
-        raise TrainError("--expert-parallel needs several processes: launch with torchrun --nproc_per_node N")
-    if cfg.expert_parallel and model_cfg.n_routed_experts % world:
-        raise TrainError(
-            f"--expert-parallel: n_routed_experts ({model_cfg.n_routed_experts}) must divide evenly over {world} ranks"
-        )
+    problem = parallel.sharding_problem(cfg.fsdp, cfg.expert_parallel, world, model_cfg.n_routed_experts)
+    if problem:
+        raise TrainError(problem)
 
 
 def check_model_flags(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
